@@ -1,0 +1,39 @@
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL := models/demo-base
+
+.PHONY: install serve test unit e2e demo-model clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` beside CPU torch.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(MODEL)/config.json: | $(STAMP)
+	$(VENV)/bin/loraplex demo-model --out $(MODEL)
+
+demo-model: $(MODEL)/config.json
+
+serve: $(STAMP) $(MODEL)/config.json
+	$(VENV)/bin/loraplex serve
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+e2e: $(STAMP)
+	$(PY) -m pytest tests/e2e -q
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) models build *.egg-info

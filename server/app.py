@@ -1,0 +1,109 @@
+"""The FastAPI app: builds the gateway's parts from Settings, starts and stops the engine with the app."""
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import basemodel, openai_api
+from .basemodel import BaseModel
+from .config import Settings
+from .engine import EngineClient, EngineProcess
+from .protocol import APIError, error_response
+from .registry import Registry
+from .residency import Residency
+from .routing import Backend, Router
+
+log = logging.getLogger("loraplex")
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs, built once per app."""
+
+    settings: Settings
+    registry: Registry
+    base: BaseModel
+    client: httpx.AsyncClient
+    router: Router
+    processes: list[EngineProcess] = field(default_factory=list)
+    ready: bool = False
+    started: float = field(default_factory=time.time)
+
+
+async def _start_engines(gw: Gateway) -> None:
+    try:
+        for proc in gw.processes:
+            await proc.wait_ready(gw.client, gw.settings.engine_start_timeout)
+        gw.ready = True
+        log.info("engine ready; serving %s", gw.settings.model_name)
+    except Exception:
+        log.exception("engine failed to start")
+
+
+def _param(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p != "body") or "body"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        base = await asyncio.to_thread(basemodel.load, settings.base_model)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        client = httpx.AsyncClient(timeout=httpx.Timeout(settings.request_timeout, connect=5.0), limits=limits)
+        processes = [] if settings.engine_urls else [EngineProcess(settings, str(base.path))]
+        urls = settings.engine_urls or [p.url for p in processes]
+        backends = [
+            Backend(engine, Residency(engine, settings.max_resident_adapters))
+            for engine in (EngineClient(url, client) for url in urls)
+        ]
+        gw = Gateway(settings, Registry(settings.registry), base, client, Router(backends), processes)
+        app.state.gateway = gw
+        for proc in processes:
+            proc.start()
+        starting = asyncio.create_task(_start_engines(gw))
+        try:
+            yield
+        finally:
+            starting.cancel()
+            await client.aclose()
+            for proc in processes:
+                await asyncio.to_thread(proc.stop)
+
+    app = FastAPI(title="loraplex", lifespan=lifespan)
+    app.include_router(openai_api.router)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = _param(first.get("loc", ()))
+        return error_response(400, f"{param}: {first.get('msg')}", param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), type=kind)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        gw: Gateway = request.app.state.gateway
+        engines = [await b.engine.healthy() for b in gw.router.backends] if gw.ready else []
+        ok = any(engines)
+        return JSONResponse({"ready": ok, "engines": engines}, status_code=200 if ok else 503)
+
+    return app

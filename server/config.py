@@ -1,0 +1,54 @@
+"""The one settings object; every value can be set as LORAPLEX_<NAME> in the environment."""
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface the gateway listens on.")
+    port: int = Field(8000, description="Port the gateway listens on.")
+    base_model: str = Field("models/demo-base", description="Base model: a local path or a hub id.")
+    served_model_name: str | None = Field(
+        None, description="Name of the base model in the API; defaults to the last part of BASE_MODEL."
+    )
+    registry: Path = Field(Path("adapters"), description="Adapter registry directory.")
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated URLs of running vLLM engines; empty starts one local engine.",
+    )
+    max_lora_rank: int = Field(64, description="Largest LoRA rank the engine accepts.")
+    max_loras: int = Field(8, description="Adapters the engine batches together (vLLM --max-loras).")
+    max_resident_adapters: int = Field(
+        32, description="Adapters the gateway keeps loaded on each engine before unloading the least recently used."
+    )
+    max_model_len: int | None = Field(None, description="Context length passed to the engine; default: the model's.")
+    dtype: str = Field("auto", description="Engine weight dtype (vLLM --dtype).")
+    engine_kvcache_gib: int = Field(1, description="KV cache size in GiB for the vLLM CPU engine.")
+    engine_start_timeout: float = Field(600.0, description="Seconds to wait for a spawned engine to become healthy.")
+    engine_args: str = Field("", description="Extra command-line arguments for the spawned vLLM engine.")
+    request_timeout: float = Field(600.0, description="Seconds the gateway waits on the engine for one request.")
+    log_level: str = Field("info", description="Log level of the gateway.")
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, v):
+        if isinstance(v, str):
+            return [u.strip().rstrip("/") for u in v.split(",") if u.strip()]
+        return v
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_supported(cls, v):
+        supported = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+        if v not in supported:
+            raise ValueError(f"must be one of {supported} (the ranks vLLM supports)")
+        return v
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.base_model.rstrip("/").split("/")[-1]

@@ -1,0 +1,79 @@
+"""Which adapter versions are loaded on one engine: single-flight loads, leases, LRU unloading."""
+
+import asyncio
+import logging
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+
+log = logging.getLogger("loraplex.residency")
+
+
+class Residency:
+    """Loads a version on first use, keeps at most `capacity` idle ones, never unloads one in use."""
+
+    def __init__(self, engine, capacity: int):
+        self.engine = engine
+        self.capacity = capacity
+        self._leases: OrderedDict[str, int] = OrderedDict()  # key -> requests using it; order is LRU
+        self._loading: dict[str, asyncio.Task] = {}
+        self._unloading: dict[str, asyncio.Task] = {}
+        self.loads = 0
+        self.unloads = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._leases
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    @asynccontextmanager
+    async def lease(self, key: str, path: str):
+        """Holds `key` loaded on the engine for the duration of the block."""
+        await self._acquire(key, path)
+        try:
+            await self._trim()
+            yield
+        finally:
+            self._leases[key] -= 1
+            await self._trim()
+
+    async def _acquire(self, key: str, path: str) -> None:
+        while True:
+            if key in self._leases:
+                self._leases[key] += 1
+                self._leases.move_to_end(key)
+                return
+            if key in self._unloading:
+                await asyncio.shield(self._unloading[key])
+                continue
+            task = self._loading.get(key)
+            if task is None:
+                # A task of its own, so a caller that goes away does not cancel the load for the others.
+                task = self._loading[key] = asyncio.create_task(self._load(key, path))
+            await asyncio.shield(task)
+
+    async def _load(self, key: str, path: str) -> None:
+        try:
+            await self.engine.load_lora(key, path)
+            self.loads += 1
+            self._leases[key] = 0
+        finally:
+            del self._loading[key]
+
+    async def _trim(self) -> None:
+        while len(self._leases) > self.capacity:
+            victim = next((k for k, n in self._leases.items() if n == 0), None)
+            if victim is None:
+                return  # every resident version is serving a request; trim again when one is released
+            del self._leases[victim]
+            task = self._unloading[victim] = asyncio.create_task(self._unload(victim))
+            await asyncio.shield(task)
+
+    async def _unload(self, key: str) -> None:
+        try:
+            await self.engine.unload_lora(key)
+            self.unloads += 1
+        except Exception:
+            log.exception("unloading %s failed", key)
+        finally:
+            del self._unloading[key]
