@@ -1,0 +1,18 @@
+import pytest
+from pydantic import ValidationError
+
+from server.config import Settings
+
+
+def test_defaults_and_env(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_ENGINE_URLS", "http://a:1/, http://b:2")
+    monkeypatch.setenv("LORAPLEX_BASE_MODEL", "org/Some-Model")
+    s = Settings()
+    assert s.engine_urls == ["http://a:1", "http://b:2"]
+    assert s.model_name == "Some-Model" and s.host == "127.0.0.1" and s.port == 8000
+
+
+def test_unsupported_rank(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_MAX_LORA_RANK", "12")
+    with pytest.raises(ValidationError, match="max_lora_rank"):
+        Settings()

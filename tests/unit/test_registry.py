@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from server.registry import InvalidReference, NotFound, Ref, Registry, parse_ref
+from server.validation import InvalidAdapter
+
+
+@pytest.mark.parametrize("text,ref", [
+    ("acme", Ref("acme")),
+    ("acme@3", Ref("acme", version=3)),
+    ("acme@stable", Ref("acme", alias="stable")),
+    ("acme-support.v2_x@latest", Ref("acme-support.v2_x", alias="latest")),
+])
+def test_parse_ref(text, ref):
+    assert parse_ref(text) == ref
+    assert str(parse_ref(text)) == text
+
+
+@pytest.mark.parametrize("text", ["", "Acme", "-acme", "acme@", "acme@0", "acme@03", "acme@-1", "acme@1@2",
+                                  "../etc", "a/b", "acme@Stable", "x" * 65, "acme@3x"])
+def test_parse_ref_rejects(text):
+    with pytest.raises(InvalidReference):
+        parse_ref(text)
+
+
+def register(reg, base, src, name="acme", **kw):
+    return reg.register(name, src, base=base, base_model="base", max_rank=64, **kw)
+
+
+def test_versions_latest_and_aliases(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    v1 = register(reg, base, adapter_factory(seed=1), tenant="t1")
+    v2 = register(reg, base, adapter_factory(seed=2, rank=8))
+    assert (v1.version, v2.version) == (1, 2)
+    assert reg.resolve("acme").version == 2
+    assert reg.resolve("acme@latest").version == 2
+    assert reg.resolve("acme@1").key == "acme@1"
+    assert reg.resolve("acme@1").manifest["tenant"] == "t1"
+    reg.set_alias("acme", "stable", 1)
+    assert reg.resolve("acme@stable").version == 1
+    assert reg.aliases("acme") == {"stable": 1, "latest": 2}
+    assert reg.names() == ["acme"]
+    m = v2.manifest
+    assert m["rank"] == 8 and m["target_modules"] == ["q_proj"] and m["base_fingerprint"] == base.fingerprint
+    for fname, meta in m["files"].items():
+        assert (v2.path / fname).stat().st_size == meta["size"] and len(meta["sha256"]) == 64
+
+
+def test_not_found(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(NotFound):
+        reg.resolve("ghost")
+    register(reg, base, adapter_factory())
+    with pytest.raises(NotFound):
+        reg.resolve("acme@2")
+    with pytest.raises(NotFound):
+        reg.resolve("acme@stable")
+    with pytest.raises(NotFound):
+        reg.set_alias("acme", "stable", 7)
+
+
+def test_versions_are_never_reused(tmp_path, base, adapter_factory):
+    import shutil
+
+    reg = Registry(tmp_path / "reg")
+    register(reg, base, adapter_factory())
+    v2 = register(reg, base, adapter_factory(seed=3))
+    shutil.rmtree(v2.path)
+    assert register(reg, base, adapter_factory(seed=4)).version == 3
+
+
+def test_failed_registration_leaves_nothing(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    register(reg, base, adapter_factory())
+    before = sorted(p.relative_to(reg.root) for p in reg.root.rglob("*"))
+    with pytest.raises(InvalidAdapter):
+        register(reg, base, adapter_factory(rank=128))
+    with pytest.raises(InvalidReference):
+        register(reg, base, adapter_factory(), name="../evil")
+    assert sorted(p.relative_to(reg.root) for p in reg.root.rglob("*")) == before
+    assert reg.versions("acme") == [1]
+
+
+def test_registered_copy_is_independent_of_source(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    src = adapter_factory()
+    v = register(reg, base, src)
+    (src / "adapter_config.json").write_text("{}")
+    assert json.loads((v.path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_invalid_alias(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    register(reg, base, adapter_factory())
+    for alias in ("latest", "3", "Stable", "../x"):
+        with pytest.raises(InvalidReference):
+            reg.set_alias("acme", alias, 1)

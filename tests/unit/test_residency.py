@@ -1,0 +1,101 @@
+import asyncio
+
+import pytest
+
+from server.engine import EngineError
+from server.residency import Residency
+from server.routing import Backend, Router
+
+
+class FakeEngine:
+    def __init__(self, delay: float = 0.01, fail: set[str] = frozenset()):
+        self.delay, self.fail = delay, set(fail)
+        self.loaded: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+
+    async def load_lora(self, name, path):
+        self.calls.append(("load", name))
+        await asyncio.sleep(self.delay)
+        if name in self.fail:
+            raise EngineError(400, "bad adapter")
+        self.loaded.add(name)
+
+    async def unload_lora(self, name):
+        self.calls.append(("unload", name))
+        await asyncio.sleep(self.delay)
+        self.loaded.discard(name)
+
+
+async def use(res: Residency, key: str, hold: float = 0.0):
+    async with res.lease(key, f"/r/{key}"):
+        assert key in res.engine.loaded
+        await asyncio.sleep(hold)
+
+
+async def test_concurrent_first_use_loads_once():
+    engine = FakeEngine(delay=0.05)
+    res = Residency(engine, capacity=4)
+    await asyncio.gather(*(use(res, "a@1") for _ in range(20)))
+    assert engine.calls == [("load", "a@1")]
+
+
+async def test_lru_unloads_least_recently_used():
+    engine = FakeEngine()
+    res = Residency(engine, capacity=2)
+    for key in ("a@1", "b@1", "a@1", "c@1"):
+        await use(res, key)
+    assert engine.loaded == {"a@1", "c@1"}
+    assert ("unload", "b@1") in engine.calls and len(res) == 2
+
+
+async def test_version_in_use_is_never_unloaded():
+    engine = FakeEngine()
+    res = Residency(engine, capacity=1)
+    long_request = asyncio.create_task(use(res, "a@1", hold=0.2))
+    await asyncio.sleep(0.05)
+    await use(res, "a@2")  # a new version arrives while the old one is still serving
+    assert "a@1" in engine.loaded and not long_request.done()
+    await long_request
+    await use(res, "a@2")
+    assert engine.loaded == {"a@2"}
+
+
+async def test_failed_load_reaches_every_waiter_and_is_retried():
+    engine = FakeEngine(fail={"bad@1"})
+    res = Residency(engine, capacity=2)
+    results = await asyncio.gather(*(use(res, "bad@1") for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, EngineError) for r in results)
+    assert engine.calls.count(("load", "bad@1")) == 1 and "bad@1" not in res
+    engine.fail.clear()
+    await use(res, "bad@1")
+    assert "bad@1" in res
+
+
+async def test_cancelled_caller_does_not_cancel_the_load():
+    engine = FakeEngine(delay=0.1)
+    res = Residency(engine, capacity=2)
+    first = asyncio.create_task(use(res, "a@1"))
+    await asyncio.sleep(0.02)
+    first.cancel()
+    await use(res, "a@1")
+    assert engine.calls == [("load", "a@1")]
+
+
+async def test_reload_waits_for_pending_unload():
+    engine = FakeEngine(delay=0.05)
+    res = Residency(engine, capacity=1)
+    await use(res, "a@1")
+    # b's load evicts a while a is asked for again: a must be loaded for its request and the books must agree.
+    await asyncio.gather(use(res, "b@1"), use(res, "a@1"), use(res, "b@1"), use(res, "a@1"))
+    assert set(res._leases) == engine.loaded and len(engine.loaded) == 1
+
+
+def test_router_prefers_resident_then_least_busy():
+    e1, e2 = FakeEngine(), FakeEngine()
+    b1, b2 = Backend(e1, Residency(e1, 4)), Backend(e2, Residency(e2, 4))
+    router = Router([b1, b2])
+    b1.in_flight = 3
+    assert router.choose(None) is b2
+    assert router.choose("a@1") is b2
+    b1.residency._leases["a@1"] = 0
+    assert router.choose("a@1") is b1

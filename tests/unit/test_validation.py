@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from server.validation import InvalidAdapter, check_adapter
+
+Q = "model.layers.0.self_attn.q_proj"
+UP = "model.layers.0.mlp.up_proj"
+
+
+def test_valid_adapter(base, adapter_factory):
+    info = check_adapter(adapter_factory(rank=4, modules=(Q, UP)), base, max_rank=8)
+    assert (info.rank, info.alpha, info.target_modules) == (4, 8.0, ["q_proj", "up_proj"])
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(rank=16), "exceeds the engine's limit of 8"),
+    (dict(config={"peft_type": "IA3"}), "peft_type"),
+    (dict(config={"use_dora": True}), "DoRA"),
+    (dict(config={"r": 0}), "positive integer"),
+    (dict(tensors={f"base_model.model.{Q}.lora_A.weight": torch.ones(4, 8)}), "lacks lora_A or lora_B"),
+    (dict(tensors={f"base_model.model.{Q}.lora_A.weight": torch.ones(4, 9),
+                   f"base_model.model.{Q}.lora_B.weight": torch.ones(8, 4)}), "do not fit"),
+    (dict(tensors={"base_model.model.model.layers.0.nope.lora_A.weight": torch.ones(4, 8),
+                   "base_model.model.model.layers.0.nope.lora_B.weight": torch.ones(8, 4)}), "does not exist"),
+    (dict(tensors={f"base_model.model.{Q}.lora_A.weight": torch.full((4, 8), float("nan")),
+                   f"base_model.model.{Q}.lora_B.weight": torch.ones(8, 4)}), "NaN"),
+    (dict(tensors={f"base_model.model.{Q}.lora_A.weight": torch.ones(4, 8, dtype=torch.int32),
+                   f"base_model.model.{Q}.lora_B.weight": torch.ones(8, 4)}), "F32, F16 or BF16"),
+    (dict(tensors={"base_model.model.lm_head.weight": torch.ones(2, 2)}), "unexpected tensor"),
+    (dict(tensors={}), "no LoRA tensors"),
+])
+def test_rejections(base, adapter_factory, kw, message):
+    with pytest.raises(InvalidAdapter, match=message):
+        check_adapter(adapter_factory(**kw), base, max_rank=8)
+
+
+def test_missing_and_corrupt_files(base, adapter_factory):
+    d = adapter_factory()
+    (d / "adapter_model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(InvalidAdapter, match="truncated"):
+        check_adapter(d, base, max_rank=8)
+    (d / "adapter_model.safetensors").unlink()
+    (d / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(InvalidAdapter, match="only safetensors"):
+        check_adapter(d, base, max_rank=8)
+    (d / "adapter_config.json").write_text("{not json")
+    with pytest.raises(InvalidAdapter, match="not valid JSON"):
+        check_adapter(d, base, max_rank=8)
+
+
+def test_fingerprint_tracks_weights(tmp_path, base):
+    from safetensors.torch import save_file
+
+    from server import basemodel
+
+    again = basemodel.load(str(base.path))
+    assert again.fingerprint == base.fingerprint
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.ones(8, 8)}, base.path / "model.safetensors")
+    assert basemodel.load(str(base.path)).fingerprint != base.fingerprint
