@@ -17,7 +17,8 @@ def _settings_help() -> str:
     lines = ["Settings (environment variables):\n"]
     for name, f in Settings.model_fields.items():
         default = f.default_factory() if f.default_factory else f.default
-        lines.append(f"LORAPLEX_{name.upper()}  {f.description} Default: {default!r}.\n")
+        shown = ",".join(default) if isinstance(default, list) else ("" if default is None else str(default))
+        lines.append(f"LORAPLEX_{name.upper()}  {f.description} Default: '{shown}'.\n")
     return "\n".join(lines)
 
 
@@ -48,6 +49,7 @@ def serve(
 
     settings = load_settings(host=host, port=port)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call otherwise
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=30)
 

@@ -16,3 +16,11 @@ def test_unsupported_rank(monkeypatch):
     monkeypatch.setenv("LORAPLEX_MAX_LORA_RANK", "12")
     with pytest.raises(ValidationError, match="max_lora_rank"):
         Settings()
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    missing = [n for n in Settings.model_fields if f"`LORAPLEX_{n.upper()}`" not in readme]
+    assert not missing
