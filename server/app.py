@@ -2,9 +2,11 @@
 
 import asyncio
 import logging
+import shutil
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -12,10 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import basemodel, openai_api
+from . import admin_api, basemodel, openai_api
+from .audit import AuditLog
+from .auth import KeyStore, admin_token
 from .basemodel import BaseModel
 from .config import Settings
 from .engine import EngineClient, EngineProcess
+from .limits import BodyLimit
 from .protocol import APIError, error_response
 from .registry import Registry
 from .residency import Residency
@@ -33,9 +38,25 @@ class Gateway:
     base: BaseModel
     client: httpx.AsyncClient
     router: Router
+    keys: KeyStore
+    audit: AuditLog
+    admin_token: str
     processes: list[EngineProcess] = field(default_factory=list)
     ready: bool = False
     started: float = field(default_factory=time.time)
+    _cleanups: set = field(default_factory=set)
+
+    def retire(self, deleted: list[tuple[str, Path]]) -> None:
+        """Unloads deleted versions from every engine once their requests finish, then removes their files."""
+        async def cleanup():
+            for key, trash in deleted:
+                for backend in self.router.backends:
+                    await backend.residency.retire(key)
+                await asyncio.to_thread(shutil.rmtree, trash, True)
+
+        task = asyncio.create_task(cleanup())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
 
 async def _start_engines(gw: Gateway) -> None:
@@ -64,8 +85,12 @@ def create_app(settings: Settings) -> FastAPI:
             Backend(engine, Residency(engine, settings.max_resident_adapters))
             for engine in (EngineClient(url, client) for url in urls)
         ]
-        gw = Gateway(settings, Registry(settings.registry), base, client, Router(backends), processes)
+        keys = KeyStore(settings.state_dir)
+        gw = Gateway(settings, Registry(settings.registry), base, client, Router(backends), keys,
+                     AuditLog(settings.state_dir), admin_token(settings), processes)
         app.state.gateway = gw
+        if not keys.enabled():
+            log.warning("no API keys configured: /v1 is open to every caller (create one with `loraplex keys create`)")
         for proc in processes:
             proc.start()
         starting = asyncio.create_task(_start_engines(gw))
@@ -79,6 +104,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="loraplex", lifespan=lifespan)
     app.include_router(openai_api.router)
+    app.include_router(admin_api.router)
+    app.add_middleware(BodyLimit, default=settings.max_request_bytes,
+                       per_path={"/admin/adapters": settings.max_upload_bytes})
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -87,6 +115,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            reason = (first.get("ctx") or {}).get("error", "")
+            return error_response(400, f"request body is not valid JSON: {reason}".rstrip(": "), code="invalid_json")
         param = _param(first.get("loc", ()))
         return error_response(400, f"{param}: {first.get('msg')}", param=param, code="invalid_value")
 

@@ -9,8 +9,12 @@ from pydantic import ValidationError
 from .config import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Multi-tenant LoRA serving over vLLM.")
-adapters_app = typer.Typer(no_args_is_help=True, help="Manage adapters in the local registry.")
+adapters_app = typer.Typer(no_args_is_help=True, help="Manage adapters: `add` locally, the rest on a running server.")
+keys_app = typer.Typer(no_args_is_help=True, help="Manage tenant API keys (stored hashed in STATE_DIR).")
+registry_app = typer.Typer(no_args_is_help=True, help="Inspect the local registry.")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(keys_app, name="keys")
+app.add_typer(registry_app, name="registry")
 
 
 def _settings_help() -> str:
@@ -79,8 +83,9 @@ def adapters_add(
 ) -> None:
     """Register a PEFT adapter directory as the next version of NAME (no server needed)."""
     from . import basemodel
+    from .audit import AuditLog
     from .registry import Registry, RegistryError
-    from .validation import InvalidAdapter
+    from .validation import WEIGHTS_FILE, InvalidAdapter
 
     settings = load_settings()
     if not path.is_dir():
@@ -92,13 +97,181 @@ def adapters_add(
             tenant=tenant, public=public, origin=f"cli:{path.resolve()}",
         )
     except (InvalidAdapter, RegistryError) as e:
+        AuditLog(settings.state_dir).record(_actor(), "add", name, result=f"refused: {e}")
         fail(str(e))
     except FileNotFoundError as e:
         fail(f"base model LORAPLEX_BASE_MODEL={settings.base_model}: {e}")
+    AuditLog(settings.state_dir).record(_actor(), "add", name, version.version,
+                                        version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant)
     typer.echo(f"registered {version.key} (latest) rank {version.manifest['rank']} at {version.path}")
+
+
+def _actor() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+def _admin(method: str, path: str, url: str | None, token: str | None, **kwargs):
+    """One admin API call; a failure ends the command with the server's error message."""
+    import httpx
+
+    from .auth import ADMIN_TOKEN_FILE
+
+    settings = load_settings(url=url)
+    if token is None and settings.admin_token is not None:
+        token = settings.admin_token.get_secret_value()
+    if token is None and (settings.state_dir / ADMIN_TOKEN_FILE).exists():
+        token = (settings.state_dir / ADMIN_TOKEN_FILE).read_text().strip()
+    if token is None:
+        fail(f"no admin token: pass --token, set LORAPLEX_ADMIN_TOKEN, or run beside {settings.state_dir}")
+    try:
+        r = httpx.request(method, settings.server_url + path, headers={"Authorization": f"Bearer {token}"},
+                          timeout=600, **kwargs)
+    except httpx.TransportError as e:
+        fail(f"cannot reach {settings.server_url}: {e}")
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"error": {"message": r.text[:300]}}
+    if r.status_code >= 400:
+        fail(f"{r.status_code}: {body.get('error', {}).get('message', body)}")
+    return body
+
+
+def _echo_json(data) -> None:
+    import json
+
+    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+URL = typer.Option(None, "--url", help="Server URL (LORAPLEX_URL; default http://LORAPLEX_HOST:LORAPLEX_PORT).")
+TOKEN = typer.Option(None, "--token", help="Admin token (LORAPLEX_ADMIN_TOKEN, else STATE_DIR/admin_token).")
+
+
+@adapters_app.command("list")
+def adapters_list(tenant: str = typer.Option(None, help="Only this tenant's adapters."),
+                  url: str = URL, token: str = TOKEN) -> None:
+    """List the server's adapters with versions and aliases."""
+    _echo_json(_admin("GET", "/admin/adapters", url, token, params={"tenant": tenant} if tenant else None)["data"])
+
+
+@adapters_app.command("show")
+def adapters_show(name: str, url: str = URL, token: str = TOKEN) -> None:
+    """Show one adapter: every version's manifest and its aliases."""
+    _echo_json(_admin("GET", f"/admin/adapters/{name}", url, token))
+
+
+@adapters_app.command("upload")
+def adapters_upload(
+    name: str,
+    path: Path = typer.Argument(..., help="A PEFT adapter directory, or a .tar.gz/.tgz/.zip of one."),
+    tenant: str = typer.Option(..., help="Tenant that owns the adapter."),
+    alias: str = typer.Option(None, help="Also point this alias at the new version."),
+    public: bool = typer.Option(False, help="Let every tenant use it."),
+    url: str = URL, token: str = TOKEN,
+) -> None:
+    """Upload an adapter to a running server as the next version of NAME."""
+    import io
+    import tarfile
+
+    from .validation import ALLOWED_FILES
+
+    if path.is_dir():
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for fname in sorted(ALLOWED_FILES):
+                if (path / fname).is_file():
+                    tar.add(path / fname, arcname=fname)
+        content, filename = buf.getvalue(), f"{name}.tar.gz"
+    elif path.is_file():
+        content, filename = path.read_bytes(), path.name
+    else:
+        fail(f"PATH: {path} does not exist")
+    form = {"name": name, "tenant": tenant, "public": str(public).lower(), **({"alias": alias} if alias else {})}
+    _echo_json(_admin("POST", "/admin/adapters", url, token, data=form, files={"file": (filename, content)}))
+
+
+@adapters_app.command("alias")
+def adapters_alias(name: str, alias: str, version: int, url: str = URL, token: str = TOKEN) -> None:
+    """Point ALIAS of NAME at VERSION."""
+    _echo_json(_admin("PUT", f"/admin/adapters/{name}/aliases/{alias}", url, token, json={"version": version}))
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(name: str, alias: str = typer.Option("stable", help="Alias to move back."),
+                      url: str = URL, token: str = TOKEN) -> None:
+    """Move ALIAS (stable) back to the version it pointed to before."""
+    _echo_json(_admin("POST", f"/admin/adapters/{name}/rollback", url, token, json={"alias": alias}))
+
+
+@adapters_app.command("delete")
+def adapters_delete(name: str, version: int = typer.Option(None, help="Delete only this version."),
+                    url: str = URL, token: str = TOKEN) -> None:
+    """Delete an adapter (or one version); requests already running on it finish."""
+    path = f"/admin/adapters/{name}" + (f"/versions/{version}" if version is not None else "")
+    _echo_json(_admin("DELETE", path, url, token))
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Option(..., help="Tenant the key acts for.")) -> None:
+    """Create an API key for TENANT; the key is printed once, as the last word."""
+    from .audit import AuditLog
+    from .auth import KeyStore
+    from .registry import InvalidReference, check_name
+
+    settings = load_settings()
+    try:
+        check_name(tenant, "tenant")
+    except InvalidReference as e:
+        fail(f"--tenant: {e}")
+    key_id, key = KeyStore(settings.state_dir).create(tenant)
+    AuditLog(settings.state_dir).record(_actor(), "key_create", tenant=tenant, key_id=key_id)
+    typer.echo(f"created {key_id} for tenant {tenant}; store this key now, it is not shown again: {key}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List API keys (id, tenant, creation time; never the keys)."""
+    from .auth import KeyStore
+
+    _echo_json(KeyStore(load_settings().state_dir).list())
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key by id; a running server refuses it from the next request."""
+    from .audit import AuditLog
+    from .auth import KeyStore
+
+    settings = load_settings()
+    if not KeyStore(settings.state_dir).revoke(key_id):
+        fail(f"KEY_ID: no key {key_id!r}")
+    AuditLog(settings.state_dir).record(_actor(), "key_revoke", key_id=key_id)
+    typer.echo(f"revoked {key_id}")
+
+
+@registry_app.command("check")
+def registry_check() -> None:
+    """Verify every version's manifest and file hashes; exit 1 if any is damaged."""
+    from .registry import Registry
+
+    reg = Registry(load_settings().registry)
+    problems, notes = reg.check()
+    for note in notes:
+        typer.echo(f"note: {note}")
+    for problem in problems:
+        typer.echo(f"problem: {problem}")
+    versions = sum(len(reg.versions(n)) for n in reg.names())
+    typer.echo(f"{'FAILED' if problems else 'ok'}: {versions} versions of {len(reg.names())} adapters checked, "
+               f"{len(problems)} problems")
+    if problems:
+        raise typer.Exit(1)
 
 
 def main() -> None:
     app()
+
+
 if __name__ == "__main__":
     main()

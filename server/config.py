@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     engine_args: str = Field("", description="Extra command-line arguments for the spawned vLLM engine.")
     request_timeout: float = Field(600.0, description="Seconds the gateway waits on the engine for one request.")
     log_level: str = Field("info", description="Log level of the gateway.")
+    state_dir: Path = Field(Path(".loraplex"), description="Admin token file, API keys (hashed) and audit log.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /admin; if unset, one is generated into STATE_DIR/admin_token."
+    )
+    url: str | None = Field(None, description="Server URL the admin CLI talks to; default http://HOST:PORT.")
+    max_request_bytes: int = Field(16 << 20, description="Largest /v1 request body.")
+    max_upload_bytes: int = Field(2 << 30, description="Largest adapter archive accepted by upload.")
+    max_archive_members: int = Field(16, description="Most entries an adapter archive may hold.")
+    max_unpacked_bytes: int = Field(4 << 30, description="Largest total size an adapter archive may unpack to.")
 
     @field_validator("engine_urls", mode="before")
     @classmethod
@@ -48,6 +57,10 @@ class Settings(BaseSettings):
         if v not in supported:
             raise ValueError(f"must be one of {supported} (the ranks vLLM supports)")
         return v
+
+    @property
+    def server_url(self) -> str:
+        return (self.url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def model_name(self) -> str:

@@ -1,14 +1,14 @@
 """The OpenAI-compatible /v1 routes: resolve the adapter, lease it on an engine, forward, stream back."""
 
-import time
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 import anyio
 import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
+from .auth import caller_tenant
 from .engine import EngineError
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from .registry import InvalidReference, NotFound, Version
@@ -19,8 +19,14 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/v1")
 
 
-def resolve_target(gw: "Gateway", body) -> Version | None:
-    """The adapter version a request names in `adapter`, or else in `model`; None for the base model."""
+def visible(manifest: dict, tenant: str | None) -> bool:
+    return tenant is None or manifest.get("tenant") == tenant or bool(manifest.get("public"))
+
+
+def resolve_target(gw: "Gateway", body, tenant: str | None) -> Version | None:
+    """The adapter version a request names in `adapter`, or else in `model`; None for the base model.
+
+    Another tenant's adapter is answered exactly like a missing one, so its existence does not leak."""
     if body.adapter:
         ref, param = body.adapter, "adapter"
     elif body.model and body.model != gw.settings.model_name:
@@ -33,8 +39,10 @@ def resolve_target(gw: "Gateway", body) -> Version | None:
         if param == "adapter":
             raise APIError(400, str(e), param=param, code="invalid_adapter") from None
         raise APIError(404, f"model {ref!r} not found", param=param, code="model_not_found") from None
-    except NotFound as e:
-        raise APIError(404, str(e), param=param, code="adapter_not_found") from None
+    except NotFound:
+        version = None
+    if version is None or not visible(version.manifest, tenant):
+        raise APIError(404, f"adapter {ref!r} not found", param=param, code="adapter_not_found")
     manifest = version.manifest
     if manifest.get("base_fingerprint") != gw.base.fingerprint:
         raise APIError(400, f"adapter {version.key} was registered for another base model "
@@ -46,10 +54,10 @@ def resolve_target(gw: "Gateway", body) -> Version | None:
     return version
 
 
-async def forward(gw: "Gateway", body, path: str) -> Response:
+async def forward(gw: "Gateway", body, path: str, tenant: str | None) -> Response:
     if not gw.ready:
         raise APIError(503, "the engine is not ready yet", type="server_error", code="engine_unavailable")
-    version = resolve_target(gw, body)
+    version = resolve_target(gw, body, tenant)
     key = version.key if version else None
     payload = body.model_dump(exclude_unset=True, exclude={"adapter"})
     payload["model"] = key or gw.settings.model_name
@@ -99,28 +107,35 @@ async def _relay(upstream: httpx.Response, stack: AsyncExitStack):
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await forward(request.app.state.gateway, body, "/v1/completions")
+async def completions(body: CompletionRequest, request: Request,
+                      tenant: str | None = Depends(caller_tenant)) -> Response:
+    return await forward(request.app.state.gateway, body, "/v1/completions", tenant)
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await forward(request.app.state.gateway, body, "/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           tenant: str | None = Depends(caller_tenant)) -> Response:
+    return await forward(request.app.state.gateway, body, "/v1/chat/completions", tenant)
 
 
-@router.get("/models", response_model=ModelList)
-async def models(request: Request) -> ModelList:
+@router.get("/models", response_model=ModelList, response_model_exclude_none=True)
+async def models(request: Request, tenant: str | None = Depends(caller_tenant)) -> ModelList:
+    """The base model and the adapters the caller may use, with only the versions and aliases it may use."""
     gw: Gateway = request.app.state.gateway
     base = gw.settings.model_name
     cards = [ModelCard(id=base, created=int(gw.started), owned_by="loraplex", root=gw.settings.base_model)]
     for name in gw.registry.names():
         try:
+            manifests = {v: gw.registry.get(name, v).manifest for v in gw.registry.versions(name)}
             aliases = gw.registry.aliases(name)
-            latest = gw.registry.get(name, aliases["latest"]).manifest
         except NotFound:
             continue  # deleted while listing
+        usable = {v: m for v, m in manifests.items() if visible(m, tenant)}
+        if not usable:
+            continue
+        newest = usable[max(usable)]
         cards.append(ModelCard(
-            id=name, created=int(latest.get("created", time.time())), owned_by=latest.get("tenant", "default"),
-            root=name, parent=base, versions=gw.registry.versions(name), aliases=aliases,
+            id=name, created=int(newest["created"]), owned_by=newest["tenant"], root=name, parent=base,
+            versions=sorted(usable), aliases={a: v for a, v in aliases.items() if v in usable},
         ))
     return ModelList(data=cards)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .atomic import fsync_dir, write_json
 from .basemodel import BaseModel
 from .validation import CONFIG_FILE, WEIGHTS_FILE, check_adapter
 
@@ -37,6 +38,10 @@ class InvalidReference(RegistryError, ValueError):
 
 class NotFound(RegistryError, LookupError):
     """No such adapter, version or alias."""
+
+
+class Conflict(RegistryError):
+    """The name belongs to another tenant."""
 
 
 @dataclass(frozen=True)
@@ -91,29 +96,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class Registry:
@@ -197,6 +179,9 @@ class Registry:
                 files[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
             with FileLock(adapter_dir / ".lock"):
                 state = self._state(name)
+                owner = state.get("tenant")
+                if owner is not None and owner != tenant and self.versions(name):
+                    raise Conflict(f"adapter {name!r} belongs to another tenant")
                 version = max([state.get("next_version", 1), *(v + 1 for v in self.versions(name))])
                 manifest = {
                     "name": name, "version": version, "tenant": tenant, "public": public,
@@ -206,22 +191,117 @@ class Registry:
                     "files": files, "created": time.time(), "source": origin,
                     **(extra or {}),
                 }
-                write_json_atomic(staging / MANIFEST_FILE, manifest)
-                _fsync_dir(staging)
+                write_json(staging / MANIFEST_FILE, manifest)
+                fsync_dir(staging)
                 os.rename(staging, adapter_dir / str(version))
-                _fsync_dir(adapter_dir)
-                state["next_version"] = version + 1
-                write_json_atomic(adapter_dir / STATE_FILE, state)
+                fsync_dir(adapter_dir)
+                state.update(next_version=version + 1, tenant=tenant)
+                write_json(adapter_dir / STATE_FILE, state)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.get(name, version)
 
+    def _update_state(self, name: str, change) -> dict:
+        """Applies `change(state)` under the adapter's lock and writes the state atomically."""
+        adapter_dir = self.root / check_name(name)
+        with FileLock(adapter_dir / ".lock"):
+            state = self._state(name)
+            change(state)
+            write_json(adapter_dir / STATE_FILE, state)
+        return state
+
     def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Points `alias` at `version`, remembering where it pointed so that rollback can return there."""
         if not ALIAS_RE.match(alias) or alias == LATEST:
             raise InvalidReference(f"invalid alias {alias!r}: must match {ALIAS_RE.pattern} and not be {LATEST!r}")
         self.get(name, version)
-        adapter_dir = self.root / name
-        with FileLock(adapter_dir / ".lock"):
-            state = self._state(name)
+
+        def change(state):
+            previous = state["aliases"].get(alias)
+            if previous is not None and previous != version:
+                state.setdefault("alias_history", {}).setdefault(alias, []).append(previous)
             state["aliases"][alias] = version
-            write_json_atomic(adapter_dir / STATE_FILE, state)
+
+        self._update_state(name, change)
+
+    def rollback(self, name: str, alias: str = "stable") -> int:
+        """Moves `alias` back to the most recent earlier version that still exists; returns it."""
+        present = set(self.versions(name))
+        if not present:
+            raise NotFound(f"adapter {name!r} not found")
+        result = {}
+
+        def change(state):
+            history = state.setdefault("alias_history", {}).get(alias, [])
+            while history and history[-1] not in present:
+                history.pop()
+            if alias not in state["aliases"] or not history:
+                raise NotFound(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
+            result["version"] = state["aliases"][alias] = history.pop()
+
+        self._update_state(name, change)
+        return result["version"]
+
+    def tenant(self, name: str) -> str | None:
+        return self._state(check_name(name)).get("tenant")
+
+    def delete_version(self, name: str, version: int) -> Path:
+        """Hides a version at once by renaming it aside; returns the new place, for removal once unused."""
+        self.get(name, version)
+        adapter_dir = self.root / name
+        trash = adapter_dir / f".trash-{version}-{os.urandom(4).hex()}"
+        with FileLock(adapter_dir / ".lock"):
+            os.rename(adapter_dir / str(version), trash)
+            fsync_dir(adapter_dir)
+        return trash
+
+    def delete(self, name: str) -> list[tuple[int, Path]]:
+        """Hides every version; the name becomes free but its version numbers are never reused."""
+        versions = self.versions(name)
+        if not versions:
+            raise NotFound(f"adapter {name!r} not found")
+        trashed = [(v, self.delete_version(name, v)) for v in versions]
+
+        def change(state):
+            state.update(aliases={}, alias_history={})
+            state.pop("tenant", None)
+
+        self._update_state(name, change)
+        return trashed
+
+    def check(self) -> tuple[list[str], list[str]]:
+        """Verifies every version's manifest and file hashes; returns (problems, notes)."""
+        problems, notes = [], []
+        if not self.root.is_dir():
+            return problems, notes
+        for adapter_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if not NAME_RE.match(adapter_dir.name):
+                notes.append(f"{adapter_dir.name}: not an adapter name, ignored")
+                continue
+            for entry in sorted(adapter_dir.iterdir()):
+                if entry.name.startswith((".staging-", ".trash-")):
+                    notes.append(f"{adapter_dir.name}/{entry.name}: leftover of an interrupted write or delete "
+                                 "(invisible; safe to remove)")
+                elif entry.name.isdigit():
+                    problems += self._check_version(adapter_dir.name, entry)
+        return problems, notes
+
+    @staticmethod
+    def _check_version(name: str, path: Path) -> list[str]:
+        where = f"{name}@{path.name}"
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+        except (OSError, ValueError) as e:
+            return [f"{where}: manifest unreadable: {e}"]
+        problems = []
+        if manifest.get("name") != name or str(manifest.get("version")) != path.name:
+            problems.append(f"{where}: manifest names {manifest.get('name')}@{manifest.get('version')}")
+        for fname, meta in manifest.get("files", {}).items():
+            f = path / fname
+            if not f.is_file():
+                problems.append(f"{where}: {fname} is missing")
+            elif f.stat().st_size != meta.get("size") or sha256_file(f) != meta.get("sha256"):
+                problems.append(f"{where}: {fname} does not match its sha256 in the manifest")
+        if set(manifest.get("files", {})) != {CONFIG_FILE, WEIGHTS_FILE}:
+            problems.append(f"{where}: manifest does not list {CONFIG_FILE} and {WEIGHTS_FILE}")
+        return problems

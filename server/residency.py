@@ -17,6 +17,7 @@ class Residency:
         self._leases: OrderedDict[str, int] = OrderedDict()  # key -> requests using it; order is LRU
         self._loading: dict[str, asyncio.Task] = {}
         self._unloading: dict[str, asyncio.Task] = {}
+        self._released = asyncio.Condition()
         self.loads = 0
         self.unloads = 0
 
@@ -35,7 +36,17 @@ class Residency:
             yield
         finally:
             self._leases[key] -= 1
+            async with self._released:
+                self._released.notify_all()
             await self._trim()
+
+    async def retire(self, key: str) -> None:
+        """Unloads `key` once the requests using it have finished (its version was deleted)."""
+        async with self._released:
+            await self._released.wait_for(lambda: self._leases.get(key, 0) == 0 and key not in self._loading)
+        if self._leases.pop(key, None) is not None:
+            task = self._unloading[key] = asyncio.create_task(self._unload(key))
+            await asyncio.shield(task)
 
     async def _acquire(self, key: str, path: str) -> None:
         while True:

@@ -3,6 +3,7 @@
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .basemodel import BaseModel, read_safetensors_header
 
@@ -108,3 +109,107 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
         declared_base=config.get("base_model_name_or_path"),
     )
+
+
+ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    size: int
+    kind: str  # "file", "dir" or what else it is
+
+
+def _member_name(raw: str) -> str:
+    """The member's file name once a single top-level folder is allowed for; refuses unsafe paths."""
+    if not raw or raw.startswith(("/", "\\")) or "\\" in raw or ":" in raw.split("/")[0]:
+        raise InvalidAdapter(f"archive member {raw!r} has an absolute or unsafe path")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidAdapter(f"archive member {raw!r} points outside the archive (..)")
+    if len(parts) > 2:
+        raise InvalidAdapter(f"archive member {raw!r} is nested too deep (files must be at the top or in one folder)")
+    return "/".join(parts)
+
+
+def _tar_members(tar) -> list[tuple[_Member, object]]:
+    out = []
+    for m in tar.getmembers():
+        kind = "file" if m.isreg() else "dir" if m.isdir() else "link" if (m.issym() or m.islnk()) else "special"
+        out.append((_Member(m.name, m.size, kind), m))
+    return out
+
+
+def _zip_members(zf) -> list[tuple[_Member, object]]:
+    import stat
+
+    out = []
+    for info in zf.infolist():
+        mode = info.external_attr >> 16
+        kind = ("dir" if info.is_dir() else "link" if stat.S_ISLNK(mode)
+                else "special" if mode and not stat.S_ISREG(mode) else "file")
+        out.append((_Member(info.filename, info.file_size, kind), info))
+    return out
+
+
+def unpack_archive(archive: BinaryIO, dest: Path, max_members: int, max_bytes: int) -> None:
+    """Extracts a .tar.gz/.tgz/.zip adapter archive (a binary file) into `dest`, refusing anything unsafe."""
+    import tarfile
+    import zipfile
+    import zlib
+
+    if zipfile.is_zipfile(archive):
+        archive.seek(0)
+        try:
+            container = zipfile.ZipFile(archive)
+        except zipfile.BadZipFile as e:
+            raise InvalidAdapter(f"archive is corrupt: {e}") from None
+        members = _zip_members(container)
+        opener = container.open
+    else:
+        archive.seek(0)
+        try:
+            container = tarfile.open(fileobj=archive, mode="r:*")
+        except (tarfile.TarError, EOFError, OSError):
+            raise InvalidAdapter("file must be a .tar.gz, .tgz or .zip archive") from None
+        try:
+            members = _tar_members(container)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise InvalidAdapter(f"archive is corrupt: {e}") from None
+        opener = container.extractfile
+    with container:
+        if len(members) > max_members:
+            raise InvalidAdapter(f"archive has {len(members)} members; at most {max_members} are allowed")
+        if sum(m.size for m, _ in members) > max_bytes:
+            raise InvalidAdapter(f"archive unpacks to more than {max_bytes} bytes")
+        files: dict[str, tuple[_Member, object]] = {}
+        for member, handle in members:
+            name = _member_name(member.name)
+            if member.kind in ("link", "special"):
+                raise InvalidAdapter(f"archive member {member.name!r} is a {member.kind}; only regular files are accepted")
+            if member.kind == "dir":
+                continue
+            base = name.rsplit("/", 1)[-1]
+            if base.endswith(_PICKLE_SUFFIXES):
+                raise InvalidAdapter(f"archive member {member.name!r}: only safetensors weights are accepted, "
+                                     "not pickled (.bin/.pt) ones")
+            if base not in ALLOWED_FILES:
+                raise InvalidAdapter(f"archive member {member.name!r} is not part of a PEFT adapter "
+                                     f"(allowed: {', '.join(sorted(ALLOWED_FILES))})")
+            if base in files:
+                raise InvalidAdapter(f"archive holds {base} twice")
+            files[base] = (member, handle)
+        written = 0
+        try:
+            for base, (member, handle) in files.items():
+                # Count real bytes too: a zip's declared sizes can lie.
+                with opener(handle) as src, open(dest / base, "xb") as out:
+                    while block := src.read(1 << 20):
+                        written += len(block)
+                        if written > max_bytes:
+                            raise InvalidAdapter(f"archive unpacks to more than {max_bytes} bytes")
+                        out.write(block)
+        except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as e:
+            raise InvalidAdapter(f"archive is corrupt: {e}") from None

@@ -122,6 +122,16 @@ def server(workdir, base_model, adapter_dirs):
         _stop(proc)
 
 
+@dataclass(frozen=True)
+class Output:
+    token_ids: list[int]
+    text: str
+
+    def matches(self, token_ids: list[int], text: str) -> bool:
+        """Token for token; the text too, unless it ends in a partial UTF-8 character the engine holds back."""
+        return token_ids == self.token_ids and (text == self.text or self.text.endswith("\ufffd"))
+
+
 class Reference:
     """Greedy generations of PEFT + transformers in float32, the outputs the engine must reproduce."""
 
@@ -143,18 +153,19 @@ class Reference:
             self.models[adapter_dir] = PeftModel.from_pretrained(base, adapter_dir).eval()
         return self.models[adapter_dir]
 
-    def _generate(self, adapter_dir, ids: list[int], max_tokens: int) -> str:
+    def _generate(self, adapter_dir, ids: list[int], max_tokens: int) -> "Output":
         with self.torch.no_grad():
             out = self._model(adapter_dir).generate(
                 input_ids=self.torch.tensor([ids]), attention_mask=self.torch.ones(1, len(ids), dtype=self.torch.long),
                 max_new_tokens=max_tokens, do_sample=False,
             )
-        return self.tokenizer.decode(out[0][len(ids):], skip_special_tokens=True)
+        new = out[0][len(ids):].tolist()
+        return Output(new, self.tokenizer.decode(new, skip_special_tokens=True))
 
-    def complete(self, adapter_dir, prompt: str, max_tokens: int) -> str:
+    def complete(self, adapter_dir, prompt: str, max_tokens: int) -> "Output":
         return self._generate(adapter_dir, self.tokenizer(prompt)["input_ids"], max_tokens)
 
-    def chat(self, adapter_dir, messages: list[dict], max_tokens: int) -> str:
+    def chat(self, adapter_dir, messages: list[dict], max_tokens: int) -> "Output":
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=False)
         return self._generate(adapter_dir, ids, max_tokens)

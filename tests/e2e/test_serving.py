@@ -14,16 +14,23 @@ MAX_TOKENS = 16
 
 
 def complete(client, prompt, max_tokens=MAX_TOKENS, **extra) -> dict:
-    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra})
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                             "return_token_ids": True, **extra})
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def chat(client, messages, max_tokens=MAX_TOKENS, **extra) -> dict:
     r = client.post("/v1/chat/completions",
-                    json={"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra})
+                    json={"messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                          "return_token_ids": True, **extra})
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def same(choice: dict, expected) -> bool:
+    text = choice["text"] if "text" in choice else choice["message"]["content"]
+    return expected.matches(choice["token_ids"], text)
 
 
 def streamed_text(client, path, body) -> str:
@@ -54,22 +61,22 @@ def test_completions_equal_peft(client, server, reference, name):
         got = complete(client, prompt, adapter=f"{name}@1")
         assert got["model"] == f"{name}@1"
         assert got["usage"]["completion_tokens"] > 0
-        assert got["choices"][0]["text"] == reference.complete(server.adapter_dirs[name], prompt, MAX_TOKENS)
+        assert same(got["choices"][0], reference.complete(server.adapter_dirs[name], prompt, MAX_TOKENS))
 
 
 @pytest.mark.parametrize("name", ["alpha", "beta"])
 def test_chat_equals_peft(client, server, reference, name):
     for messages in CHATS:
         got = chat(client, messages, adapter=name)
-        assert got["choices"][0]["message"]["content"] == reference.chat(server.adapter_dirs[name], messages, MAX_TOKENS)
+        assert same(got["choices"][0], reference.chat(server.adapter_dirs[name], messages, MAX_TOKENS))
 
 
 def test_base_answers_without_adapter_and_differs(client, server, reference):
     for prompt in PROMPTS:
-        base = complete(client, prompt)["choices"][0]["text"]
-        assert base == reference.complete(None, prompt, MAX_TOKENS)
+        base = complete(client, prompt)["choices"][0]
+        assert same(base, reference.complete(None, prompt, MAX_TOKENS))
         for name in ("alpha", "beta"):
-            assert complete(client, prompt, adapter=f"{name}@1")["choices"][0]["text"] != base
+            assert complete(client, prompt, adapter=f"{name}@1")["choices"][0]["token_ids"] != base["token_ids"]
     base_model = complete(client, PROMPTS[0], model=server.env["LORAPLEX_BASE_MODEL"].rsplit("/", 1)[-1])
     assert base_model["choices"][0]["text"] == complete(client, PROMPTS[0])["choices"][0]["text"]
 
@@ -77,7 +84,7 @@ def test_base_answers_without_adapter_and_differs(client, server, reference):
 def test_model_field_names_adapter(client, server, reference):
     got = complete(client, PROMPTS[1], model="beta@1")
     assert got["model"] == "beta@1"
-    assert got["choices"][0]["text"] == reference.complete(server.adapter_dirs["beta"], PROMPTS[1], MAX_TOKENS)
+    assert same(got["choices"][0], reference.complete(server.adapter_dirs["beta"], PROMPTS[1], MAX_TOKENS))
     # `adapter` wins over `model`
     assert complete(client, PROMPTS[1], model="alpha", adapter="beta@1")["model"] == "beta@1"
 
@@ -99,12 +106,12 @@ def test_openai_client(server, reference):
     oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     base_name = server.env["LORAPLEX_BASE_MODEL"].rsplit("/", 1)[-1]
     c = oa.completions.create(model=base_name, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
-                              extra_body={"adapter": "alpha@1"})
-    assert c.choices[0].text == reference.complete(server.adapter_dirs["alpha"], PROMPTS[0], MAX_TOKENS)
+                              extra_body={"adapter": "alpha@1", "return_token_ids": True})
+    assert same(c.choices[0].model_dump(), reference.complete(server.adapter_dirs["alpha"], PROMPTS[0], MAX_TOKENS))
     assert c.usage.completion_tokens > 0
     ch = oa.chat.completions.create(model=base_name, messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0,
-                                    extra_body={"adapter": "beta@1"})
-    assert ch.choices[0].message.content == reference.chat(server.adapter_dirs["beta"], CHATS[0], MAX_TOKENS)
+                                    extra_body={"adapter": "beta@1", "return_token_ids": True})
+    assert same(ch.choices[0].model_dump(), reference.chat(server.adapter_dirs["beta"], CHATS[0], MAX_TOKENS))
     stream = oa.chat.completions.create(model="beta@1", messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0,
                                         stream=True)
     assert "".join(ev.choices[0].delta.content or "" for ev in stream if ev.choices) == ch.choices[0].message.content
@@ -122,13 +129,13 @@ def test_adapter_added_while_running_is_served(client, server, reference):
     assert cli.returncode == 0, cli.stderr
     got = complete(client, PROMPTS[0], adapter="gamma")
     assert got["model"] == "gamma@1"
-    assert got["choices"][0]["text"] == reference.complete(server.adapter_dirs["gamma"], PROMPTS[0], MAX_TOKENS)
+    assert same(got["choices"][0], reference.complete(server.adapter_dirs["gamma"], PROMPTS[0], MAX_TOKENS))
     # A second version: the bare name moves to it, the first version still answers as before.
     assert server.cli("adapters", "add", "gamma", str(server.adapter_dirs["beta"])).returncode == 0
     v2 = complete(client, PROMPTS[0], adapter="gamma")
     assert v2["model"] == "gamma@2"
-    assert v2["choices"][0]["text"] == reference.complete(server.adapter_dirs["beta"], PROMPTS[0], MAX_TOKENS)
-    assert complete(client, PROMPTS[0], adapter="gamma@1")["choices"][0]["text"] == got["choices"][0]["text"]
+    assert same(v2["choices"][0], reference.complete(server.adapter_dirs["beta"], PROMPTS[0], MAX_TOKENS))
+    assert complete(client, PROMPTS[0], adapter="gamma@1")["choices"][0]["token_ids"] == got["choices"][0]["token_ids"]
 
 
 def test_alias_resolves(client, server):

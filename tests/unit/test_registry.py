@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from server.registry import InvalidReference, NotFound, Ref, Registry, parse_ref
+from server.registry import Conflict, InvalidReference, NotFound, Ref, Registry, parse_ref
 from server.validation import InvalidAdapter
 
 
@@ -31,7 +31,7 @@ def register(reg, base, src, name="acme", **kw):
 def test_versions_latest_and_aliases(tmp_path, base, adapter_factory):
     reg = Registry(tmp_path / "reg")
     v1 = register(reg, base, adapter_factory(seed=1), tenant="t1")
-    v2 = register(reg, base, adapter_factory(seed=2, rank=8))
+    v2 = register(reg, base, adapter_factory(seed=2, rank=8), tenant="t1")
     assert (v1.version, v2.version) == (1, 2)
     assert reg.resolve("acme").version == 2
     assert reg.resolve("acme@latest").version == 2
@@ -96,3 +96,58 @@ def test_invalid_alias(tmp_path, base, adapter_factory):
     for alias in ("latest", "3", "Stable", "../x"):
         with pytest.raises(InvalidReference):
             reg.set_alias("acme", alias, 1)
+
+
+def test_name_belongs_to_its_tenant(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    register(reg, base, adapter_factory(), tenant="acme")
+    with pytest.raises(Conflict):
+        register(reg, base, adapter_factory(), tenant="globex")
+    assert reg.versions("acme") == [1] and reg.tenant("acme") == "acme"
+    reg.delete("acme")
+    assert register(reg, base, adapter_factory(), tenant="globex").version == 2  # numbers are never reused
+
+
+def test_rollback_returns_to_previous_version(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    for seed in range(3):
+        register(reg, base, adapter_factory(seed=seed))
+    with pytest.raises(NotFound):
+        reg.rollback("acme")
+    reg.set_alias("acme", "stable", 1)
+    reg.set_alias("acme", "stable", 2)
+    reg.set_alias("acme", "stable", 3)
+    assert reg.rollback("acme") == 2 and reg.resolve("acme@stable").version == 2
+    reg.delete_version("acme", 1)
+    with pytest.raises(NotFound):
+        reg.rollback("acme")  # the only earlier version is gone
+    assert reg.resolve("acme@stable").version == 2
+
+
+def test_delete_version_hides_it_at_once(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    register(reg, base, adapter_factory(seed=1))
+    register(reg, base, adapter_factory(seed=2))
+    reg.set_alias("acme", "stable", 2)
+    trash = reg.delete_version("acme", 2)
+    assert trash.exists() and reg.versions("acme") == [1]
+    assert reg.resolve("acme").version == 1
+    with pytest.raises(NotFound):
+        reg.resolve("acme@stable")
+    problems, notes = reg.check()
+    assert problems == [] and any(".trash-2-" in n for n in notes)
+
+
+def test_check_finds_tampering(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    v = register(reg, base, adapter_factory())
+    assert reg.check() == ([], [])
+    with open(v.path / "adapter_model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)[0]
+        f.seek(-1, 2)
+        f.write(bytes([last ^ 0xFF]))
+    (v.path / "adapter_config.json").unlink()
+    problems, _ = reg.check()
+    assert any("adapter_model.safetensors does not match" in p for p in problems)
+    assert any("adapter_config.json is missing" in p for p in problems)

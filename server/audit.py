@@ -1,0 +1,24 @@
+"""The audit log: one JSON line per admin action, appended to STATE_DIR/audit.log."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+
+class AuditLog:
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "audit.log"
+
+    def record(self, actor: str, action: str, adapter: str | None = None, version: int | None = None,
+               sha256: str | None = None, result: str = "ok", **detail) -> None:
+        entry = {"time": time.time(), "actor": actor, "action": action, "adapter": adapter, "version": version,
+                 "sha256": sha256, "result": result, **detail}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One write() of one line on an O_APPEND descriptor: concurrent writers never interleave within a line.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
