@@ -36,6 +36,13 @@ def _not_found(e: NotFound) -> APIError:
     return APIError(404, str(e), type="not_found_error", code="adapter_not_found")
 
 
+def _sha(gw: "Gateway", name: str, version: int) -> str | None:
+    try:
+        return gw.registry.get(name, version).manifest["files"][WEIGHTS_FILE]["sha256"]
+    except (NotFound, InvalidReference, KeyError):
+        return None
+
+
 def _summary(gw: "Gateway", name: str) -> dict:
     aliases = gw.registry.aliases(name)
     return {"name": name, "tenant": gw.registry.tenant(name), "versions": gw.registry.versions(name),
@@ -130,7 +137,7 @@ async def set_alias(name: str, alias: str, body: AliasBody, request: Request,
         raise APIError(400, str(e), param="alias", code="invalid_alias") from None
     except NotFound as e:
         raise _not_found(e) from None
-    gw.audit.record(actor, "alias", name, body.version, alias=alias)
+    gw.audit.record(actor, "alias", name, body.version, _sha(gw, name, body.version), alias=alias)
     return {"name": name, "alias": alias, "version": body.version}
 
 
@@ -143,19 +150,20 @@ async def rollback(name: str, request: Request, body: RollbackBody | None = None
         version = gw.registry.rollback(name, alias)
     except (NotFound, InvalidReference) as e:
         raise _not_found(NotFound(str(e))) from None
-    gw.audit.record(actor, "rollback", name, version, alias=alias)
+    gw.audit.record(actor, "rollback", name, version, _sha(gw, name, version), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
 
 @router.delete("/adapters/{name}/versions/{version}")
 async def delete_version(name: str, version: int, request: Request, actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
+    sha = _sha(gw, name, version)
     try:
         trash = gw.registry.delete_version(name, version)
     except (NotFound, InvalidReference):
         raise _not_found(NotFound(f"adapter {name}@{version} not found")) from None
     gw.retire([(f"{name}@{version}", trash)])
-    gw.audit.record(actor, "delete_version", name, version)
+    gw.audit.record(actor, "delete_version", name, version, sha)
     return {"name": name, "version": version, "deleted": True}
 
 

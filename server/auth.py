@@ -104,7 +104,8 @@ class KeyStore:
         return found[0]
 
     def list(self) -> list[dict]:
-        return [{"id": i, "tenant": k["tenant"], "created": k["created"]} for i, k in self._read()["keys"].items()]
+        keys = sorted(self._read()["keys"].items(), key=lambda item: item[1]["created"])
+        return [{"id": i, "tenant": k["tenant"], "created": k["created"]} for i, k in keys]
 
 
 def bearer(request: Request) -> str | None:

@@ -148,8 +148,9 @@ def _zip_members(zf) -> list[tuple[_Member, object]]:
     out = []
     for info in zf.infolist():
         mode = info.external_attr >> 16
+        # Zips made off Unix carry no file type bits; those entries are plain files.
         kind = ("dir" if info.is_dir() else "link" if stat.S_ISLNK(mode)
-                else "special" if mode and not stat.S_ISREG(mode) else "file")
+                else "special" if stat.S_IFMT(mode) and not stat.S_ISREG(mode) else "file")
         out.append((_Member(info.filename, info.file_size, kind), info))
     return out
 

@@ -26,6 +26,7 @@ ADAPTERS = {
     "gamma": (32, ["o_proj", "up_proj", "down_proj"]),
 }
 # The console script `make serve` runs.
+ADMIN_TOKEN = "e2e-admin-token"
 LOADER = [str(Path(sys.executable).parent / "loraplex")]
 
 
@@ -94,6 +95,9 @@ def server(workdir, base_model, adapter_dirs):
         "LORAPLEX_PORT": str(port),
         "LORAPLEX_MAX_LORAS": "2",
         "LORAPLEX_MAX_RESIDENT_ADAPTERS": "2",  # fewer than the adapters used, so eviction is exercised
+        "LORAPLEX_STATE_DIR": str(workdir / "state"),
+        "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LORAPLEX_MAX_UPLOAD_BYTES": str(8 << 20),
     })
     srv = Server(f"http://127.0.0.1:{port}", env, workdir / "serve.log", adapter_dirs, False)
     for name in ("alpha", "beta"):  # gamma is registered while the server runs
@@ -174,6 +178,12 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(base_model) -> Reference:
     return Reference(base_model)
+
+
+@pytest.fixture
+def admin(server):
+    with httpx.Client(base_url=server.url, timeout=300, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
+        yield c
 
 
 @pytest.fixture

@@ -1,0 +1,58 @@
+import json
+import stat
+
+import pytest
+
+from server.auth import KeyStore, admin_token, hash_key, same_secret
+from server.config import Settings
+
+
+def test_keys_are_stored_hashed_and_resolve_to_tenants(tmp_path):
+    store = KeyStore(tmp_path)
+    assert not store.enabled()
+    key_id, key = store.create("acme")
+    _, other = store.create("globex")
+    raw = (tmp_path / "keys.json").read_text()
+    assert key not in raw and hash_key(key) in raw
+    assert stat.S_IMODE((tmp_path / "keys.json").stat().st_mode) == 0o600
+    assert store.enabled() and store.tenant_for(key) == "acme" and store.tenant_for(other) == "globex"
+    assert store.tenant_for(key + "x") is None
+    assert [k["tenant"] for k in store.list()] == ["acme", "globex"]
+    assert all("sha256" not in k for k in store.list())
+
+
+def test_changes_by_another_process_are_seen(tmp_path):
+    server_view, cli_view = KeyStore(tmp_path), KeyStore(tmp_path)
+    assert not server_view.enabled()
+    key_id, key = cli_view.create("acme")
+    assert server_view.tenant_for(key) == "acme"
+    assert cli_view.revoke(key_id) and not cli_view.revoke(key_id)
+    assert server_view.tenant_for(key) is None and not server_view.enabled()
+
+
+def test_generated_admin_token_is_private_and_stable(tmp_path):
+    settings = Settings(state_dir=tmp_path / "state")
+    token = admin_token(settings)
+    path = tmp_path / "state" / "admin_token"
+    assert len(token) >= 32 and path.read_text().strip() == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert admin_token(settings) == token
+    assert admin_token(Settings(state_dir=tmp_path / "state", admin_token="configured")) == "configured"
+
+
+@pytest.mark.parametrize("given,expected,ok", [("abc", "abc", True), ("abd", "abc", False), (None, "abc", False),
+                                               ("", "abc", False), ("abcd", "abc", False)])
+def test_same_secret(given, expected, ok):
+    assert same_secret(given, expected) is ok
+
+
+def test_audit_log_appends_json_lines(tmp_path):
+    from server.audit import AuditLog
+
+    log = AuditLog(tmp_path)
+    log.record("admin@x", "upload", "acme", 1, "ab" * 32, tenant="t")
+    log.record("cli:root", "delete", "acme", result="refused: nope")
+    lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [(e["actor"], e["action"], e["version"], e["result"]) for e in lines] == [
+        ("admin@x", "upload", 1, "ok"), ("cli:root", "delete", None, "refused: nope")]
+    assert {"time", "actor", "action", "adapter", "version", "sha256", "result"} <= set(lines[0])
