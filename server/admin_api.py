@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from .auth import require_admin
 from .protocol import APIError
 from .registry import LATEST, Conflict, InvalidReference, NotFound, check_name
-from .validation import WEIGHTS_FILE, InvalidAdapter, unpack_archive
+from .validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest, unpack_archive
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -96,6 +96,7 @@ def _unpack_and_register(gw: "Gateway", work: str, file: UploadFile, name, tenan
     unpacked.mkdir()
     file.file.seek(0)
     unpack_archive(file.file, unpacked, s.max_archive_members, s.max_unpacked_bytes)
+    check_exported_manifest(unpacked, gw.base)
     return gw.registry.register(name, unpacked, base=gw.base, base_model=s.base_model, max_rank=s.max_lora_rank,
                                 tenant=tenant, public=public, origin=f"upload:{file.filename}")
 

@@ -13,6 +13,7 @@ _SAMPLED_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class BaseModel:
+    name: str
     path: Path
     fingerprint: str
     weight_shapes: dict[str, tuple[int, ...]]
@@ -20,8 +21,13 @@ class BaseModel:
     def linear_shape(self, module: str) -> tuple[int, ...] | None:
         return self.weight_shapes.get(f"{module}.weight")
 
-    def module_names(self) -> set[str]:
-        return {k[: -len(".weight")] for k in self.weight_shapes if k.endswith(".weight")}
+    def answers_to(self, declared: str) -> bool:
+        """Whether a declared base model (hub id or path) names this one; only the last part is compared,
+        since one model is often a hub id in one place and a local directory in another."""
+        def last(s: str) -> str:
+            return s.rstrip("/").rsplit("/", 1)[-1].lower()
+
+        return last(declared) in {last(self.name), last(str(self.path))}
 
 
 def local_dir(base_model: str) -> Path:
@@ -68,4 +74,4 @@ def load(base_model: str) -> BaseModel:
             f.seek(start)
             h.update(f.read(_SAMPLED_BYTES))
         shapes.update({name: tuple(t["shape"]) for name, t in header.items()})
-    return BaseModel(path=path, fingerprint=h.hexdigest(), weight_shapes=shapes)
+    return BaseModel(name=base_model, path=path, fingerprint=h.hexdigest(), weight_shapes=shapes)

@@ -18,13 +18,12 @@ from filelock import FileLock
 
 from .atomic import fsync_dir, write_json
 from .basemodel import BaseModel
-from .validation import CONFIG_FILE, WEIGHTS_FILE, check_adapter
+from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_adapter
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Aliases start with a letter so that "name@3" is always a version and "name@stable" an alias.
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 LATEST = "latest"
-MANIFEST_FILE = "manifest.json"
 STATE_FILE = "state.json"
 
 

@@ -102,6 +102,9 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
         rank = max(rank, r)
     if rank > max_rank:
         raise InvalidAdapter(f"LoRA rank {rank} exceeds the engine's limit of {max_rank}")
+    declared = config.get("base_model_name_or_path")
+    if declared and not base.answers_to(declared):
+        raise InvalidAdapter(f"{CONFIG_FILE} declares base model {declared!r}; this server serves {base.name!r}")
     _check_finite(weights)
     return AdapterInfo(
         rank=rank,
@@ -111,7 +114,8 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
     )
 
 
-ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+MANIFEST_FILE = "manifest.json"
+ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md", MANIFEST_FILE}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -214,3 +218,17 @@ def unpack_archive(archive: BinaryIO, dest: Path, max_members: int, max_bytes: i
                         out.write(block)
         except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as e:
             raise InvalidAdapter(f"archive is corrupt: {e}") from None
+
+
+def check_exported_manifest(directory: Path, base: BaseModel) -> None:
+    """An archive exported from a registry carries its manifest: its base fingerprint must be the served one."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        return
+    try:
+        fingerprint = json.loads(path.read_text()).get("base_fingerprint")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise InvalidAdapter(f"{MANIFEST_FILE} is not a JSON object") from None
+    if fingerprint is not None and fingerprint != base.fingerprint:
+        raise InvalidAdapter(f"{MANIFEST_FILE} says the adapter was made for base model fingerprint "
+                             f"{str(fingerprint)[:12]}..., not the served {base.fingerprint[:12]}...")

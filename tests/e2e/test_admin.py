@@ -116,11 +116,17 @@ def bad_archives(server, workdir, base_model) -> dict:
         "not lora": (archive(src, {"adapter_config.json": json.dumps({**cfg, "peft_type": "IA3"}).encode()},
                              skip=("adapter_config.json",)), "peft_type"),
         "not an archive": (b"hello, world", "must be a .tar.gz, .tgz or .zip"),
+        "other base by name": (archive(src, {"adapter_config.json": json.dumps(
+            {**cfg, "base_model_name_or_path": "meta-llama/Llama-3.1-8B"}).encode()}, skip=("adapter_config.json",)),
+            "declares base model"),
+        "other base by fingerprint": (archive(src, {"manifest.json": json.dumps(
+            {"base_fingerprint": "0" * 64}).encode()}), "fingerprint"),
     }
 
 
 CASES = ["path traversal", "absolute path", "pickle weights", "executable", "missing weights", "rank above limit",
-         "wrong shapes", "unknown module", "nan values", "truncated weights", "not lora", "not an archive"]
+         "wrong shapes", "unknown module", "nan values", "truncated weights", "not lora", "not an archive",
+         "other base by name", "other base by fingerprint"]
 
 
 @pytest.mark.parametrize("case", CASES)

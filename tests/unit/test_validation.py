@@ -28,6 +28,7 @@ def test_valid_adapter(base, adapter_factory):
                    f"base_model.model.{Q}.lora_B.weight": torch.ones(8, 4)}), "F32, F16 or BF16"),
     (dict(tensors={"base_model.model.lm_head.weight": torch.ones(2, 2)}), "unexpected tensor"),
     (dict(tensors={}), "no LoRA tensors"),
+    (dict(config={"base_model_name_or_path": "org/other-model"}), "declares base model 'org/other-model'"),
 ])
 def test_rejections(base, adapter_factory, kw, message):
     with pytest.raises(InvalidAdapter, match=message):
@@ -57,3 +58,22 @@ def test_fingerprint_tracks_weights(tmp_path, base):
     assert again.fingerprint == base.fingerprint
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.ones(8, 8)}, base.path / "model.safetensors")
     assert basemodel.load(str(base.path)).fingerprint != base.fingerprint
+
+
+def test_declared_base_may_be_hub_id_or_path(base, adapter_factory):
+    for declared in ("some-org/base", str(base.path), "BASE", None):
+        check_adapter(adapter_factory(config={"base_model_name_or_path": declared}), base, max_rank=8)
+
+
+def test_exported_manifest_must_carry_the_served_fingerprint(base, adapter_factory):
+    import json
+
+    from server.validation import check_exported_manifest
+
+    d = adapter_factory()
+    check_exported_manifest(d, base)  # no manifest: nothing to compare
+    (d / "manifest.json").write_text(json.dumps({"base_fingerprint": base.fingerprint}))
+    check_exported_manifest(d, base)
+    (d / "manifest.json").write_text(json.dumps({"base_fingerprint": "f" * 64}))
+    with pytest.raises(InvalidAdapter, match="fingerprint"):
+        check_exported_manifest(d, base)
