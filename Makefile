@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL := models/demo-base
 
-.PHONY: install serve test unit e2e demo-model clean
+.PHONY: install serve test unit e2e demo-model demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(PY):
 
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` beside CPU torch.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip install -q -e '.[cpu,train,test]'
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
@@ -25,6 +25,9 @@ demo-model: $(MODEL)/config.json
 
 serve: $(STAMP) $(MODEL)/config.json
 	$(VENV)/bin/loraplex serve
+
+demo: $(STAMP) $(MODEL)/config.json
+	$(VENV)/bin/loraplex train examples/demo-support/job.yaml
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q

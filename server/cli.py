@@ -269,6 +269,29 @@ def registry_check() -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def train(
+    job_file: Path = typer.Argument(..., metavar="JOB.yaml", help="Training job file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a job key: --set lora.r=8 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the job's last checkpoint."),
+    registry: Path = typer.Option(None, help="Registry to register into (default LORAPLEX_REGISTRY)."),
+) -> None:
+    """Train a QLoRA adapter, evaluate it against the base, and register it as the next version."""
+    from .trainer.data import DataError
+    from .trainer.job import JobError, load_job
+    from .trainer.train import TrainError, run
+
+    settings = load_settings()
+    try:
+        job = load_job(job_file, set_)
+        run(job, job_file.resolve(), registry or settings.registry, settings.max_lora_rank, resume=resume,
+            log=typer.echo)
+    except (JobError, DataError, TrainError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted: nothing was registered; run again with --resume to continue from the last checkpoint")
+
+
 def main() -> None:
     app()
 

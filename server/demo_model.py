@@ -39,6 +39,28 @@ _VERBS = ["check", "open", "move", "fix", "read", "paint", "find", "clean", "vis
 _VERBS_S = ["checks", "opens", "moves", "fixes", "reads", "paints", "finds", "cleans", "visits", "carries"]
 _PLACES = ["in the morning", "after lunch", "before noon", "on Monday", "at night", "every day",
            "near the station", "at the office", "by the window", "with care"]
+_NOUNS = ["account", "app", "button", "card", "data", "device", "email", "file", "folder", "link", "list", "menu",
+          "message", "note", "order", "page", "password", "phone", "plan", "price", "screen", "team", "ticket",
+          "user", "window", "notebook", "setting", "trash", "tag", "reminder", "server", "update", "backup"]
+_ADJ = ["new", "old", "shared", "private", "empty", "large", "small", "locked", "open", "saved", "free", "paid"]
+_SYMBOLS = ["+", "#", "@", "[]", "/", "-", ":", "%", "$", "&", "*", "(", ")", "!", "?", ","]
+
+
+def _fact(rng: random.Random) -> str:
+    n, m = rng.randint(1, 999), rng.randint(0, 59)
+    noun, adj = rng.choice(_NOUNS), rng.choice(_ADJ)
+    return rng.choice([
+        f"The {adj} {noun} costs {n} dollars a month.",
+        f"Each {noun} can hold up to {n} MB.",
+        f"Press Ctrl{rng.choice(_SYMBOLS)}{rng.choice('ABCDEFGHIJKLMNOPQRSTUVWXYZ')} to open the {noun}.",
+        f"Open {noun.title()}, choose {rng.choice(_NOUNS).title()}, and press {adj.title()}.",
+        f"The {noun} opens at {n % 12 + 1}:{m:02d} and closes {n % 30 + 1} days later.",
+        f"Write to {noun}@{rng.choice(_NOUNS)}.example or type {rng.choice(_SYMBOLS)} in the {noun}.",
+        f"Your {adj} {noun} stays in {rng.choice(_NOUNS).title()} for {n} days.",
+        f"Version {n}.{m} adds {adj} {noun}s to Windows, macOS, Linux, iOS, Android and the web.",
+    ])
+
+
 _QA = [
     ("How do I reset my password?", "Open Settings, choose Account, and press Reset password."),
     ("Where is my order?", "Your order is on its way. Check the tracking link in your email."),
@@ -59,6 +81,9 @@ def corpus(seed: int, sentences: int = 6000) -> list[str]:
     docs = []
     for _ in range(sentences):
         a, b = rng.choice(_NAMES), rng.choice(_NAMES)
+        if rng.random() < 0.4:
+            docs.append(_fact(rng))
+            continue
         docs.append(rng.choice([
             f"{a} {rng.choice(_VERBS_S)} {rng.choice(_THINGS)} {rng.choice(_PLACES)}.",
             f"{a} and {b} {rng.choice(_VERBS)} {rng.choice(_THINGS)} {rng.choice(_PLACES)}.",
