@@ -68,7 +68,7 @@ class Job(_Strict):
     def resolve_paths(self, root: Path) -> "Job":
         """Relative paths in a job file are relative to the file, not to where the command runs."""
         def fix(p: Path | None) -> Path | None:
-            return None if p is None or p.is_absolute() else root / p
+            return p if p is None or p.is_absolute() else root / p
 
         base = Path(self.base_model)
         return self.model_copy(update={
@@ -97,7 +97,9 @@ def load_job(path: Path, overrides: list[str] = ()) -> Job:
     except FileNotFoundError:
         raise JobError(f"{path}: no such file") from None
     except yaml.YAMLError as e:
-        raise JobError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise JobError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(tree, dict):
         raise JobError(f"{path}: the job must be a mapping of keys to values")
     for item in overrides:

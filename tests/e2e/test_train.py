@@ -1,0 +1,83 @@
+"""The trainer on the demo model: a real (short) QLoRA run, registered and served by the running server."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.test_serving import complete, same
+
+DEMO_DATA = Path(__file__).parents[2] / "examples" / "demo-support"
+
+
+def write_job(tmp_path: Path, base_model: Path, name: str, **overrides) -> Path:
+    job = {
+        "base_model": str(base_model), "data": [str(DEMO_DATA / "support.jsonl")],
+        "adapter": {"name": name, "tenant": "nimbus"}, "lora": {"r": 8, "alpha": 16},
+        "quantization": "nf4", "max_steps": 30, "learning_rate": 1e-3, "batch_size": 8, "max_seq_len": 256,
+        "eval_fraction": 0.15, "general_eval": str(DEMO_DATA / "general.txt"), "eval_generations": 2,
+        "max_new_tokens": 8, "save_steps": 10, "output_dir": str(tmp_path / name), **overrides,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_bad_rows_stop_the_job_before_training(server, tmp_path, base_model):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Q", "completion": "A"}\n{"prompt": "Q2", "completion": "A2"}\n{"prompt": 7}\n')
+    job = write_job(tmp_path, base_model, "bad-rows", data=[str(data)])
+    r = server.cli("train", str(job))
+    assert r.returncode == 1
+    assert f"{data}:3: 'prompt' must be a string" in r.stderr
+    assert not (tmp_path / "bad-rows").exists()
+    assert not (Path(server.env["LORAPLEX_REGISTRY"]) / "bad-rows").exists()
+
+
+def test_job_errors_name_the_field(server, tmp_path, base_model):
+    r = server.cli("train", str(write_job(tmp_path, base_model, "bad-job")), "--set", "lora.r=-1")
+    assert r.returncode == 1 and "lora.r: Input should be greater than or equal to 1" in r.stderr
+
+
+def test_qlora_run_beats_base_is_registered_and_served(server, client, reference, tmp_path, base_model):
+    r = server.cli("train", str(write_job(tmp_path, base_model, "trained", promote="auto", max_forgetting=10.0)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "registered trained@1" in r.stdout and "held-out loss" in r.stdout
+    m = json.loads((Path(server.env["LORAPLEX_REGISTRY"]) / "trained" / "1" / "manifest.json").read_text())
+    metrics = m["metrics"]
+    assert metrics["adapter"]["eval_loss"] < metrics["base"]["eval_loss"]
+    for side in ("base", "adapter"):
+        assert {"eval_loss", "eval_perplexity", "exact_match", "rouge_l", "general_perplexity"} <= set(metrics[side])
+    assert "forgetting" in metrics
+    counts = m["training"]["data"]["counts"]
+    assert counts["read"] == 241 and counts["read"] >= counts["after_exact_duplicates"] >= counts["after_length"]
+    assert counts["train"] + counts["eval"] == counts["after_length"]
+    assert m["training"]["data"]["files"][0]["sha256"] and m["training"]["steps"] == 30
+    assert m["training"]["tokens_per_second"] > 0
+    assert m["job"]["lora"]["r"] == 8 and m["job"]["quantization"] == "nf4"
+    assert {"torch", "transformers", "trl", "peft", "bitsandbytes"} <= set(m["libraries"])
+    assert m["tenant"] == "nimbus" and m["rank"] == 8 and m["source"].startswith("train:")
+    assert "promoted trained@1 to stable" in r.stdout
+    # the running server serves it on the next request, as PEFT computes it
+    adapter_dir = Path(server.env["LORAPLEX_REGISTRY"]) / "trained" / "1"
+    got = complete(client, "How do I export my notes?", adapter="trained@stable")
+    assert got["model"] == "trained@1"
+    assert same(got["choices"][0], reference.complete(adapter_dir, "How do I export my notes?", 16))
+
+
+def test_resume_continues_from_the_checkpoint(server, tmp_path, base_model):
+    registry = tmp_path / "registry"
+    job = write_job(tmp_path, base_model, "resumed", max_steps=4, save_steps=2, eval_generations=0)
+    first = server.cli("train", str(job), "--registry", str(registry))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = server.cli("train", str(job), "--registry", str(registry), "--set", "max_steps=6", "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stdout and "checkpoint-4" in second.stdout
+    m = json.loads((registry / "resumed" / "2" / "manifest.json").read_text())
+    assert m["training"]["steps"] == 6 and m["training"]["resumed_from"].endswith("checkpoint-4")
+
+
+def test_resume_without_checkpoint_is_an_error(server, tmp_path, base_model):
+    r = server.cli("train", str(write_job(tmp_path, base_model, "fresh")), "--resume")
+    assert r.returncode == 1 and "--resume: no checkpoint in" in r.stderr
