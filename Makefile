@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL := models/demo-base
 
-.PHONY: install serve test unit e2e demo-model demo clean
+.PHONY: install tools serve test unit e2e demo-model demo bench-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The monitoring tests run Debian's Prometheus and promtool.
+tools:
+	@command -v prometheus >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 $(MODEL)/config.json: | $(STAMP)
 	$(VENV)/bin/loraplex demo-model --out $(MODEL)
@@ -32,10 +37,13 @@ demo: $(STAMP) $(MODEL)/config.json
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q
 
-e2e: $(STAMP)
+bench-train: $(STAMP) $(MODEL)/config.json
+	$(PY) loadtest/train_bench.py
+
+e2e: $(STAMP) tools
 	$(PY) -m pytest tests/e2e -q
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest -q
 
 clean:

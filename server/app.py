@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import admin_api, basemodel, openai_api
@@ -21,6 +22,7 @@ from .basemodel import BaseModel
 from .config import Settings
 from .engine import EngineClient, EngineProcess
 from .limits import BodyLimit
+from .metrics import Metrics
 from .protocol import APIError, error_response
 from .registry import Registry
 from .residency import Residency
@@ -40,6 +42,7 @@ class Gateway:
     router: Router
     keys: KeyStore
     audit: AuditLog
+    metrics: Metrics
     admin_token: str
     processes: list[EngineProcess] = field(default_factory=list)
     ready: bool = False
@@ -81,13 +84,14 @@ def create_app(settings: Settings) -> FastAPI:
         client = httpx.AsyncClient(timeout=httpx.Timeout(settings.request_timeout, connect=5.0), limits=limits)
         processes = [] if settings.engine_urls else [EngineProcess(settings, str(base.path))]
         urls = settings.engine_urls or [p.url for p in processes]
+        metrics = Metrics(settings.metrics_max_adapters)
         backends = [
-            Backend(engine, Residency(engine, settings.max_resident_adapters))
+            Backend(engine, Residency(engine, settings.max_resident_adapters, metrics))
             for engine in (EngineClient(url, client) for url in urls)
         ]
         keys = KeyStore(settings.state_dir)
         gw = Gateway(settings, Registry(settings.registry), base, client, Router(backends), keys,
-                     AuditLog(settings.state_dir), admin_token(settings), processes)
+                     AuditLog(settings.state_dir), metrics, admin_token(settings), processes)
         app.state.gateway = gw
         if not keys.enabled():
             log.warning("no API keys configured: /v1 is open to every caller (create one with `loraplex keys create`)")
@@ -125,6 +129,29 @@ def create_app(settings: Settings) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), type=kind)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        gw: Gateway = request.app.state.gateway
+        for i, b in enumerate(gw.router.backends):
+            gw.metrics.resident.labels(str(i)).set(len(b.residency))
+            gw.metrics.engine_up.labels(str(i)).set(1 if gw.ready and await b.engine.healthy() else 0)
+        gw.metrics.registered.set(len(gw.registry.names()))
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/metrics/engine/{index}")
+    async def engine_metrics(index: int, request: Request) -> Response:
+        """The engine's own vLLM metrics (KV cache, queue), so one scrape target reaches spawned engines too."""
+        gw: Gateway = request.app.state.gateway
+        if not 0 <= index < len(gw.router.backends):
+            raise APIError(404, f"no engine {index}", type="not_found_error", code="engine_not_found")
+        engine = gw.router.backends[index].engine
+        try:
+            r = await engine.client.get(f"{engine.url}/metrics", timeout=10)
+        except httpx.TransportError as e:
+            raise APIError(503, f"engine unavailable: {type(e).__name__}", type="server_error",
+                           code="engine_unavailable") from None
+        return Response(r.content, status_code=r.status_code, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> dict:

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     engine_args: str = Field("", description="Extra command-line arguments for the spawned vLLM engine.")
     request_timeout: float = Field(600.0, description="Seconds the gateway waits on the engine for one request.")
     log_level: str = Field("info", description="Log level of the gateway.")
+    metrics_max_adapters: int = Field(
+        100, description="Adapters that get their own metrics label; the rest share the label 'other'."
+    )
     state_dir: Path = Field(Path(".loraplex"), description="Admin token file, API keys (hashed) and audit log.")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin; if unset, one is generated into STATE_DIR/admin_token."

@@ -1,5 +1,6 @@
 """The OpenAI-compatible /v1 routes: resolve the adapter, lease it on an engine, forward, stream back."""
 
+import json
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from .auth import caller_tenant
 from .engine import EngineError
+from .metrics import RequestTimer
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from .registry import InvalidReference, NotFound, Version
 
@@ -55,12 +57,33 @@ def resolve_target(gw: "Gateway", body, tenant: str | None) -> Version | None:
 
 
 async def forward(gw: "Gateway", body, path: str, tenant: str | None) -> Response:
-    if not gw.ready:
-        raise APIError(503, "the engine is not ready yet", type="server_error", code="engine_unavailable")
-    version = resolve_target(gw, body, tenant)
+    route = path.removeprefix("/v1/")
+    gw.metrics.in_flight.labels(route).inc()
+    timer = None
+    try:
+        if not gw.ready:
+            raise APIError(503, "the engine is not ready yet", type="server_error", code="engine_unavailable")
+        version = resolve_target(gw, body, tenant)
+        timer = RequestTimer(gw.metrics, route, gw.metrics.adapter_label(version.name if version else None))
+        response = await _send(gw, body, path, version, timer)
+    except BaseException as e:
+        gw.metrics.in_flight.labels(route).dec()
+        (timer or RequestTimer(gw.metrics, route, "(unresolved)")).done(e.status if isinstance(e, APIError) else 500)
+        raise
+    if not isinstance(response, StreamingResponse):
+        gw.metrics.in_flight.labels(route).dec()
+        timer.done(response.status_code)
+    return response
+
+
+async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: RequestTimer) -> Response:
     key = version.key if version else None
     payload = body.model_dump(exclude_unset=True, exclude={"adapter"})
     payload["model"] = key or gw.settings.model_name
+    client_wants_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+    if body.stream:
+        # Token counts for metrics come from the engine's usage chunk, which is dropped again if not asked for.
+        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     backend = gw.router.choose(key)
     engine = backend.engine
     stack = AsyncExitStack()
@@ -90,20 +113,51 @@ async def forward(gw: "Gateway", body, path: str, tenant: str | None) -> Respons
             content = await upstream.aread()
         finally:
             await stack.aclose()
+        if upstream.status_code == 200:
+            timer.usage(json.loads(content).get("usage"))
         return Response(content, status_code=upstream.status_code, headers=headers)
-    return StreamingResponse(_relay(upstream, stack), status_code=200, headers=headers)
+    route = path.removeprefix("/v1/")
+    stack.callback(lambda: (gw.metrics.in_flight.labels(route).dec(), timer.done(200)))
+    return EngineStream(_relay(upstream, timer, client_wants_usage), stack, headers=headers)
 
 
-async def _relay(upstream: httpx.Response, stack: AsyncExitStack):
-    """Passes engine chunks through as they come; the lease and upstream connection end with the stream."""
-    try:
-        async for chunk in upstream.aiter_raw():
-            yield chunk
-    finally:
-        # A client disconnect cancels this generator; the shield lets the lease release and the upstream close,
-        # and closing the upstream connection is what makes vLLM abort the request.
-        with anyio.CancelScope(shield=True):
-            await stack.aclose()
+class EngineStream(StreamingResponse):
+    """A stream from the engine that owns the request's lease and upstream connection until it ends."""
+
+    def __init__(self, content, stack: AsyncExitStack, headers: dict):
+        super().__init__(content, status_code=200, headers=headers)
+        self.stack = stack
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Also when the client went away, even before the first chunk: the shield lets the lease release and
+            # the upstream connection close, and closing that connection is what makes vLLM abort the request.
+            with anyio.CancelScope(shield=True):
+                await self.stack.aclose()
+
+
+async def _relay(upstream: httpx.Response, timer: RequestTimer, keep_usage: bool):
+    """Passes engine events through one by one as they come, timing them and reading the usage event."""
+    pending = b""
+    async for chunk in upstream.aiter_raw():
+        pending += chunk
+        *events, pending = pending.split(b"\n\n")
+        out = []
+        for event in events:
+            if event.startswith(b"data: {"):
+                if b'"usage":{' in event and b'"choices":[]' in event:
+                    timer.usage(json.loads(event[6:]).get("usage"))
+                    if not keep_usage:
+                        continue
+                else:
+                    timer.chunk()
+            out.append(event + b"\n\n")
+        if out:
+            yield b"".join(out)
+    if pending:
+        yield pending
 
 
 @router.post("/completions")

