@@ -27,6 +27,7 @@ from .protocol import APIError, error_response
 from .registry import Registry
 from .residency import Residency
 from .routing import Backend, Router
+from .supervisor import Supervisor
 
 log = logging.getLogger("loraplex")
 
@@ -44,8 +45,6 @@ class Gateway:
     audit: AuditLog
     metrics: Metrics
     admin_token: str
-    processes: list[EngineProcess] = field(default_factory=list)
-    ready: bool = False
     started: float = field(default_factory=time.time)
     _cleanups: set = field(default_factory=set)
 
@@ -62,16 +61,6 @@ class Gateway:
         task.add_done_callback(self._cleanups.discard)
 
 
-async def _start_engines(gw: Gateway) -> None:
-    try:
-        for proc in gw.processes:
-            await proc.wait_ready(gw.client, gw.settings.engine_start_timeout)
-        gw.ready = True
-        log.info("engine ready; serving %s", gw.settings.model_name)
-    except Exception:
-        log.exception("engine failed to start")
-
-
 def _param(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p != "body") or "body"
 
@@ -82,28 +71,27 @@ def create_app(settings: Settings) -> FastAPI:
         base = await asyncio.to_thread(basemodel.load, settings.base_model)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         client = httpx.AsyncClient(timeout=httpx.Timeout(settings.request_timeout, connect=5.0), limits=limits)
-        processes = [] if settings.engine_urls else [EngineProcess(settings, str(base.path))]
-        urls = settings.engine_urls or [p.url for p in processes]
         metrics = Metrics(settings.metrics_max_adapters)
-        backends = [
-            Backend(engine, Residency(engine, settings.max_resident_adapters, metrics))
-            for engine in (EngineClient(url, client) for url in urls)
-        ]
+        spawned = [] if settings.engine_urls else [EngineProcess(settings, str(base.path))]
+        engines = [(EngineClient(p.url, client), p) for p in spawned] or [
+            (EngineClient(url, client), None) for url in settings.engine_urls]
+        backends = [Backend(e, Residency(e, settings.max_resident_adapters, metrics), p) for e, p in engines]
         keys = KeyStore(settings.state_dir)
         gw = Gateway(settings, Registry(settings.registry), base, client, Router(backends), keys,
-                     AuditLog(settings.state_dir), metrics, admin_token(settings), processes)
+                     AuditLog(settings.state_dir), metrics, admin_token(settings))
         app.state.gateway = gw
         if not keys.enabled():
             log.warning("no API keys configured: /v1 is open to every caller (create one with `loraplex keys create`)")
-        for proc in processes:
+        for proc in spawned:
             proc.start()
-        starting = asyncio.create_task(_start_engines(gw))
+        supervisor = asyncio.create_task(
+            Supervisor(backends, metrics, settings.engine_start_timeout).run())
         try:
             yield
         finally:
-            starting.cancel()
+            supervisor.cancel()
             await client.aclose()
-            for proc in processes:
+            for proc in spawned:
                 await asyncio.to_thread(proc.stop)
 
     app = FastAPI(title="loraplex", lifespan=lifespan)
@@ -135,7 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
         gw: Gateway = request.app.state.gateway
         for i, b in enumerate(gw.router.backends):
             gw.metrics.resident.labels(str(i)).set(len(b.residency))
-            gw.metrics.engine_up.labels(str(i)).set(1 if gw.ready and await b.engine.healthy() else 0)
+            gw.metrics.engine_up.labels(str(i)).set(1 if b.up else 0)
         gw.metrics.registered.set(len(gw.registry.names()))
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -160,7 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
         gw: Gateway = request.app.state.gateway
-        engines = [await b.engine.healthy() for b in gw.router.backends] if gw.ready else []
+        engines = [b.up for b in gw.router.backends]
         ok = any(engines)
         return JSONResponse({"ready": ok, "engines": engines}, status_code=200 if ok else 503)
 

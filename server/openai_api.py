@@ -61,8 +61,6 @@ async def forward(gw: "Gateway", body, path: str, tenant: str | None) -> Respons
     gw.metrics.in_flight.labels(route).inc()
     timer = None
     try:
-        if not gw.ready:
-            raise APIError(503, "the engine is not ready yet", type="server_error", code="engine_unavailable")
         version = resolve_target(gw, body, tenant)
         timer = RequestTimer(gw.metrics, route, gw.metrics.adapter_label(version.name if version else None))
         response = await _send(gw, body, path, version, timer)
@@ -85,6 +83,8 @@ async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: 
         # Token counts for metrics come from the engine's usage chunk, which is dropped again if not asked for.
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     backend = gw.router.choose(key)
+    if backend is None:
+        raise APIError(503, "no engine is ready", type="server_error", code="engine_unavailable")
     engine = backend.engine
     stack = AsyncExitStack()
     backend.in_flight += 1

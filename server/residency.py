@@ -20,6 +20,7 @@ class Residency:
         self._loading: dict[str, asyncio.Task] = {}
         self._unloading: dict[str, asyncio.Task] = {}
         self._released = asyncio.Condition()
+        self._generation = 0  # bumped when the engine restarted and lost every adapter
         self.loads = 0
         self.unloads = 0
 
@@ -33,14 +34,21 @@ class Residency:
     async def lease(self, key: str, path: str):
         """Holds `key` loaded on the engine for the duration of the block."""
         await self._acquire(key, path)
+        generation = self._generation
         try:
             await self._trim()
             yield
         finally:
-            self._leases[key] -= 1
+            if generation == self._generation:
+                self._leases[key] -= 1
             async with self._released:
                 self._released.notify_all()
             await self._trim()
+
+    def forget_all(self) -> None:
+        """The engine restarted empty: every version must be loaded again on its next use."""
+        self._generation += 1
+        self._leases.clear()
 
     async def retire(self, key: str) -> None:
         """Unloads `key` once the requests using it have finished (its version was deleted)."""

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .engine import EngineClient
+from .engine import EngineClient, EngineProcess
 from .residency import Residency
 
 
@@ -10,6 +10,8 @@ from .residency import Residency
 class Backend:
     engine: EngineClient
     residency: Residency
+    process: EngineProcess | None = None  # set when the gateway spawned this engine
+    up: bool = False
     in_flight: int = 0
 
 
@@ -17,7 +19,10 @@ class Router:
     def __init__(self, backends: list[Backend]):
         self.backends = backends
 
-    def choose(self, key: str | None) -> Backend:
-        """Prefers engines where `key` is resident (no load needed), then the fewest requests in flight."""
-        candidates = [b for b in self.backends if key is not None and key in b.residency] or self.backends
+    def choose(self, key: str | None) -> Backend | None:
+        """Among engines that are up: those where `key` is resident (no load needed), then the least busy."""
+        up = [b for b in self.backends if b.up]
+        if not up:
+            return None
+        candidates = [b for b in up if key is not None and key in b.residency] or up
         return min(candidates, key=lambda b: b.in_flight)

@@ -29,9 +29,14 @@ def alert_queries() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def traffic(server, client):
+def traffic(server):
     r = server.cli("adapters", "add", "mon-third", str(server.adapter_dirs["gamma"]))
     assert r.returncode == 0, r.stderr
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        _send_traffic(client)
+
+
+def _send_traffic(client):
     for _ in range(2):
         for adapter in ADAPTERS:
             complete(client, "Ada and", max_tokens=8, adapter=adapter)
@@ -55,7 +60,7 @@ def test_metrics_per_adapter(client, traffic):
         assert sum(series(text, "loraplex_request_duration_seconds_count", adapter=adapter)) >= 6
         assert sum(series(text, "loraplex_time_to_first_token_seconds_count", adapter=adapter)) >= 4
         assert sum(series(text, "loraplex_inter_token_latency_seconds_count", adapter=adapter)) > 0
-        assert sum(series(text, "loraplex_completion_tokens_total", adapter=adapter)) >= 6 * 8
+        assert sum(series(text, "loraplex_completion_tokens_total", adapter=adapter)) >= 6  # at least one per request
         assert sum(series(text, "loraplex_prompt_tokens_total", adapter=adapter)) > 0
     assert series(text, "loraplex_requests_total", adapter="(unresolved)", status="404")
     assert series(text, "loraplex_engine_up", engine="0") == [1.0]

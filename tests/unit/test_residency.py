@@ -92,10 +92,26 @@ async def test_reload_waits_for_pending_unload():
 
 def test_router_prefers_resident_then_least_busy():
     e1, e2 = FakeEngine(), FakeEngine()
-    b1, b2 = Backend(e1, Residency(e1, 4)), Backend(e2, Residency(e2, 4))
+    b1, b2 = Backend(e1, Residency(e1, 4), up=True), Backend(e2, Residency(e2, 4), up=True)
     router = Router([b1, b2])
     b1.in_flight = 3
     assert router.choose(None) is b2
     assert router.choose("a@1") is b2
     b1.residency._leases["a@1"] = 0
     assert router.choose("a@1") is b1
+    b1.up = False
+    assert router.choose("a@1") is b2
+    b2.up = False
+    assert router.choose(None) is None
+
+
+async def test_engine_restart_forgets_everything_and_old_leases_do_not_count():
+    engine = FakeEngine()
+    res = Residency(engine, capacity=2)
+    old = asyncio.create_task(use(res, "a@1", hold=0.1))
+    await asyncio.sleep(0.05)
+    res.forget_all()
+    engine.loaded.clear()  # the restarted engine is empty
+    await use(res, "a@1")  # loads again
+    await old  # finishing the request from before the restart must not release the new lease
+    assert engine.calls.count(("load", "a@1")) == 2 and res._leases["a@1"] == 0

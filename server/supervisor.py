@@ -1,0 +1,52 @@
+"""Keeps track of which engines serve, and restarts a spawned engine that dies, with backoff."""
+
+import asyncio
+import logging
+
+from .routing import Backend
+
+log = logging.getLogger("loraplex.supervisor")
+
+
+class Supervisor:
+    def __init__(self, backends: list[Backend], metrics, start_timeout: float, interval: float = 1.0,
+                 max_backoff: float = 60.0):
+        self.backends, self.metrics = backends, metrics
+        self.start_timeout, self.interval, self.max_backoff = start_timeout, interval, max_backoff
+
+    async def run(self) -> None:
+        """Starts spawned engines, then watches every engine until cancelled."""
+        await asyncio.gather(*(self._start(i, b) for i, b in enumerate(self.backends) if b.process))
+        backoff = {i: 1.0 for i in range(len(self.backends))}
+        while True:
+            await asyncio.sleep(self.interval)
+            for i, b in enumerate(self.backends):
+                if b.process is not None and b.process.proc.poll() is not None:
+                    await self._restart(i, b, backoff)
+                else:
+                    was_up, b.up = b.up, await b.engine.healthy()
+                    if was_up != b.up:
+                        log.warning("engine %d (%s) is %s", i, b.engine.url, "up" if b.up else "down")
+                    if not b.up and b.process is None:
+                        b.residency.forget_all()  # a remote engine that comes back may have restarted empty
+
+    async def _start(self, i: int, b: Backend) -> None:
+        try:
+            await b.process.wait_ready(b.engine.client, self.start_timeout)
+            b.up = True
+            log.info("engine %d ready at %s", i, b.engine.url)
+        except Exception:
+            log.exception("engine %d failed to start", i)
+
+    async def _restart(self, i: int, b: Backend, backoff: dict[int, float]) -> None:
+        b.up = False
+        b.residency.forget_all()
+        log.error("engine %d exited with code %s; restarting in %.0f s", i, b.process.proc.returncode, backoff[i])
+        await asyncio.to_thread(b.process.stop)  # whatever is left of its process group
+        await asyncio.sleep(backoff[i])
+        backoff[i] = min(backoff[i] * 2, self.max_backoff)
+        b.process.start()
+        self.metrics.engine_restarts.labels(str(i)).inc()
+        await self._start(i, b)
+        if b.up:
+            backoff[i] = 1.0
