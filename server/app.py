@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import admin_api, basemodel, openai_api
+from .admission import Admission
 from .audit import AuditLog
 from .auth import KeyStore, admin_token
 from .basemodel import BaseModel
@@ -44,6 +45,7 @@ class Gateway:
     keys: KeyStore
     audit: AuditLog
     metrics: Metrics
+    admission: Admission
     admin_token: str
     started: float = field(default_factory=time.time)
     _cleanups: set = field(default_factory=set)
@@ -78,7 +80,9 @@ def create_app(settings: Settings) -> FastAPI:
         backends = [Backend(e, Residency(e, settings.max_resident_adapters, metrics), p) for e, p in engines]
         keys = KeyStore(settings.state_dir)
         gw = Gateway(settings, Registry(settings.registry), base, client, Router(backends), keys,
-                     AuditLog(settings.state_dir), metrics, admin_token(settings))
+                     AuditLog(settings.state_dir), metrics,
+                     Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
+                               settings.retry_after), admin_token(settings))
         app.state.gateway = gw
         if not keys.enabled():
             log.warning("no API keys configured: /v1 is open to every caller (create one with `loraplex keys create`)")

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     engine_args: str = Field("", description="Extra command-line arguments for the spawned vLLM engine.")
     request_timeout: float = Field(600.0, description="Seconds the gateway waits on the engine for one request.")
     log_level: str = Field("info", description="Log level of the gateway.")
+    max_in_flight_per_engine: int = Field(256, description="Requests one engine may hold; past it, 429.")
+    max_in_flight_per_tenant: int = Field(64, description="Requests one tenant (API key) may hold; past it, 429.")
+    retry_after: int = Field(1, description="Seconds a 429 asks the client to wait (Retry-After).")
     metrics_max_adapters: int = Field(
         100, description="Adapters that get their own metrics label; the rest share the label 'other'."
     )

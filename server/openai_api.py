@@ -1,5 +1,6 @@
 """The OpenAI-compatible /v1 routes: resolve the adapter, lease it on an engine, forward, stream back."""
 
+import asyncio
 import json
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
@@ -56,14 +57,14 @@ def resolve_target(gw: "Gateway", body, tenant: str | None) -> Version | None:
     return version
 
 
-async def forward(gw: "Gateway", body, path: str, tenant: str | None) -> Response:
+async def forward(gw: "Gateway", body, path: str, tenant: str | None, request: Request) -> Response:
     route = path.removeprefix("/v1/")
     gw.metrics.in_flight.labels(route).inc()
     timer = None
     try:
         version = resolve_target(gw, body, tenant)
         timer = RequestTimer(gw.metrics, route, gw.metrics.adapter_label(version.name if version else None))
-        response = await _send(gw, body, path, version, timer)
+        response = await _send(gw, body, path, version, timer, tenant, request)
     except BaseException as e:
         gw.metrics.in_flight.labels(route).dec()
         (timer or RequestTimer(gw.metrics, route, "(unresolved)")).done(e.status if isinstance(e, APIError) else 500)
@@ -74,7 +75,8 @@ async def forward(gw: "Gateway", body, path: str, tenant: str | None) -> Respons
     return response
 
 
-async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: RequestTimer) -> Response:
+async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: RequestTimer,
+                tenant: str | None, client: Request) -> Response:
     key = version.key if version else None
     payload = body.model_dump(exclude_unset=True, exclude={"adapter"})
     payload["model"] = key or gw.settings.model_name
@@ -87,13 +89,13 @@ async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: 
         raise APIError(503, "no engine is ready", type="server_error", code="engine_unavailable")
     engine = backend.engine
     stack = AsyncExitStack()
-    backend.in_flight += 1
-    stack.callback(lambda: setattr(backend, "in_flight", backend.in_flight - 1))
+    stack.enter_context(gw.admission.admit(tenant, backend))
     try:
         if version is not None:
             await stack.enter_async_context(backend.residency.lease(key, str(version.path.resolve())))
         request = engine.client.build_request("POST", f"{engine.url}{path}", json=payload)
-        upstream = await engine.client.send(request, stream=True)
+        # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile.
+        upstream = await _unless_client_leaves(engine.client.send(request, stream=True), client)
         stack.push_async_callback(upstream.aclose)
     except EngineError as e:
         await stack.aclose()
@@ -110,15 +112,28 @@ async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: 
     headers = {"content-type": upstream.headers.get("content-type", "application/json")}
     if not body.stream or upstream.status_code != 200:
         try:
-            content = await upstream.aread()
+            content = await _unless_client_leaves(upstream.aread(), client)
         finally:
-            await stack.aclose()
+            await stack.aclose()  # closing the upstream connection early is what makes vLLM abort the request
         if upstream.status_code == 200:
             timer.usage(json.loads(content).get("usage"))
         return Response(content, status_code=upstream.status_code, headers=headers)
     route = path.removeprefix("/v1/")
     stack.callback(lambda: (gw.metrics.in_flight.labels(route).dec(), timer.done(200)))
     return EngineStream(_relay(upstream, timer, client_wants_usage), stack, headers=headers)
+
+
+async def _unless_client_leaves(awaitable, client: Request):
+    """Awaits an engine call, abandoning it if the client disconnects first (FastAPI would not notice)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await client.is_disconnected():
+                raise APIError(499, "client closed the request", code="client_closed_request")
+        return task.result()
+    finally:
+        task.cancel()
 
 
 class EngineStream(StreamingResponse):
@@ -163,13 +178,13 @@ async def _relay(upstream: httpx.Response, timer: RequestTimer, keep_usage: bool
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request,
                       tenant: str | None = Depends(caller_tenant)) -> Response:
-    return await forward(request.app.state.gateway, body, "/v1/completions", tenant)
+    return await forward(request.app.state.gateway, body, "/v1/completions", tenant, request)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            tenant: str | None = Depends(caller_tenant)) -> Response:
-    return await forward(request.app.state.gateway, body, "/v1/chat/completions", tenant)
+    return await forward(request.app.state.gateway, body, "/v1/chat/completions", tenant, request)
 
 
 @router.get("/models", response_model=ModelList, response_model_exclude_none=True)

@@ -115,3 +115,21 @@ async def test_engine_restart_forgets_everything_and_old_leases_do_not_count():
     await use(res, "a@1")  # loads again
     await old  # finishing the request from before the restart must not release the new lease
     assert engine.calls.count(("load", "a@1")) == 2 and res._leases["a@1"] == 0
+
+
+def test_admission_bounds_engine_and_tenant():
+    from server.admission import Admission
+    from server.protocol import APIError
+
+    adm = Admission(per_engine=3, per_tenant=2, retry_after=7)
+    b = Backend(FakeEngine(), Residency(FakeEngine(), 1), up=True)
+    with adm.admit("acme", b), adm.admit("acme", b):
+        with pytest.raises(APIError) as e:
+            with adm.admit("acme", b):
+                pass
+        assert e.value.status == 429 and e.value.headers == {"Retry-After": "7"} and "tenant" in e.value.message
+        with adm.admit(None, b):  # open mode: no tenant bound, the engine's still holds
+            with pytest.raises(APIError, match="engine"):
+                with adm.admit("globex", b):
+                    pass
+    assert b.in_flight == 0 and adm.tenants == {}

@@ -1,0 +1,113 @@
+"""Overload, client disconnects and graceful shutdown, on a second gateway in front of the session's engine."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from server.engine import free_port
+from tests.e2e.conftest import LOADER
+from tests.e2e.test_monitoring import series
+
+LONG = {"prompt": "Ada and", "max_tokens": 900, "temperature": 0, "ignore_eos": True}
+
+
+def running_in_engine(server) -> float:
+    return sum(series(httpx.get(f"{server.engine_url()}/metrics").text, "vllm:num_requests_running"))
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic() < deadline
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture
+def second_gateway(server, tmp_path):
+    port = free_port()
+    env = {**server.env, "LORAPLEX_PORT": str(port), "LORAPLEX_ENGINE_URLS": server.engine_url(),
+           "LORAPLEX_STATE_DIR": str(tmp_path / "state"), "LORAPLEX_MAX_IN_FLIGHT_PER_ENGINE": "2"}
+    log = open(tmp_path / "gateway.log", "w")
+    proc = subprocess.Popen([*LOADER, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{url}/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    assert wait_until(ready, 120), (tmp_path / "gateway.log").read_text()
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_disconnected_clients_abort_engine_work(server):
+    assert wait_until(lambda: running_in_engine(server) == 0, 30)
+    for stream in (False, True):
+        try:
+            with httpx.Client(timeout=1.0) as c:
+                if stream:
+                    with c.stream("POST", f"{server.url}/v1/completions", json={**LONG, "stream": True}) as r:
+                        for _ in r.iter_lines():
+                            if running_in_engine(server) >= 1:
+                                break
+                else:
+                    c.post(f"{server.url}/v1/completions", json=LONG)
+        except httpx.TimeoutException:
+            pass
+        # 900 tokens take about 7 s here; the count falls back sooner only because the engine aborted them.
+        t0 = time.monotonic()
+        assert wait_until(lambda: running_in_engine(server) == 0, 3), f"stream={stream}: engine still generating"
+        print(f"stream={stream}: engine idle {time.monotonic() - t0:.2f} s after the client left")
+    started = time.monotonic()
+    assert httpx.post(f"{server.url}/v1/completions", json=LONG, timeout=60).status_code == 200
+    assert time.monotonic() - started > 4, "the request is too short to show an abort"
+
+
+async def _race(url: str, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        async def one():
+            return await c.post("/v1/completions", json={**LONG, "max_tokens": 200})
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def test_overload_gets_429_with_retry_after(second_gateway):
+    _, url = second_gateway
+    responses = asyncio.run(_race(url, 6))
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "too_many_requests"
+
+
+def test_sigterm_lets_requests_finish(second_gateway):
+    proc, url = second_gateway
+    result = {}
+
+    def long_request():
+        with httpx.Client(timeout=120) as c:
+            with c.stream("POST", f"{url}/v1/completions", json={**LONG, "max_tokens": 300, "stream": True}) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        result["lines"] = lines
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=2)  # no longer accepting
+    t.join(60)
+    assert result["lines"][-1] == "data: [DONE]" and len(result["lines"]) == 301
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
