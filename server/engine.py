@@ -98,17 +98,17 @@ class EngineProcess:
         raise TimeoutError(f"engine did not become healthy within {timeout:.0f} s")
 
     def stop(self, grace: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """Ends the whole process group: SIGTERM, then SIGKILL for whatever is left after `grace` seconds."""
+        if self.proc is None:
             return
         pgid = self.proc.pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-        # The API server can exit before its EngineCore and workers; end whatever is left of the group.
+        if self.proc.poll() is None:
+            try:
+                os.killpg(pgid, signal.SIGTERM)
+                self.proc.wait(timeout=grace)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                pass
+        # The API server can be gone while its EngineCore and workers live on (a SIGKILL leaves them running).
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
