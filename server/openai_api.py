@@ -92,7 +92,7 @@ async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: 
     stack.enter_context(gw.admission.admit(tenant, backend))
     try:
         if version is not None:
-            await stack.enter_async_context(backend.residency.lease(key, str(version.path.resolve())))
+            await stack.enter_async_context(backend.residency.lease(key, str(version.path)))
         request = engine.client.build_request("POST", f"{engine.url}{path}", json=payload)
         # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile.
         upstream = await _unless_client_leaves(engine.client.send(request, stream=True), client)
@@ -118,8 +118,7 @@ async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: 
         if upstream.status_code == 200:
             timer.usage(json.loads(content).get("usage"))
         return Response(content, status_code=upstream.status_code, headers=headers)
-    route = path.removeprefix("/v1/")
-    stack.callback(lambda: (gw.metrics.in_flight.labels(route).dec(), timer.done(200)))
+    stack.callback(lambda: (gw.metrics.in_flight.labels(timer.route).dec(), timer.done(200)))
     return EngineStream(_relay(upstream, timer, client_wants_usage), stack, headers=headers)
 
 

@@ -99,7 +99,7 @@ def sha256_file(path: Path) -> str:
 
 class Registry:
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # engines get absolute paths, whatever directory they run in
         self._manifests: dict[tuple[str, int, int], dict] = {}
 
     def names(self) -> list[str]:

@@ -21,8 +21,6 @@ class Residency:
         self._unloading: dict[str, asyncio.Task] = {}
         self._released = asyncio.Condition()
         self._generation = 0  # bumped when the engine restarted and lost every adapter
-        self.loads = 0
-        self.unloads = 0
 
     def __contains__(self, key: str) -> bool:
         return key in self._leases
@@ -78,7 +76,6 @@ class Residency:
         start = time.perf_counter()
         try:
             await self.engine.load_lora(key, path)
-            self.loads += 1
             self._leases[key] = 0
         except Exception:
             if self.metrics:
@@ -101,7 +98,6 @@ class Residency:
     async def _unload(self, key: str) -> None:
         try:
             await self.engine.unload_lora(key)
-            self.unloads += 1
             if self.metrics:
                 self.metrics.unloads.inc()
         except Exception:
