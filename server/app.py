@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,7 +25,7 @@ from .config import Settings
 from .engine import EngineClient, EngineProcess
 from .limits import BodyLimit
 from .metrics import Metrics
-from .protocol import APIError, error_response
+from .protocol import ERROR_RESPONSES, APIError, error_response
 from .registry import Registry
 from .residency import Residency
 from .routing import Backend, Router
@@ -67,6 +68,39 @@ def _param(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p != "body") or "body"
 
 
+def create_admin_app(settings: Settings, main: FastAPI) -> FastAPI:
+    """/admin alone, for its own port or interface (ADMIN_PORT); it shares the main app's gateway."""
+    admin = FastAPI(title="loraplex admin", responses=ERROR_RESPONSES)
+    admin.include_router(admin_api.router)
+    admin.state = main.state
+    _install_errors(admin, settings)
+    return admin
+
+
+def _install_errors(app: FastAPI, settings: Settings) -> None:
+    """Every error, ours or the framework's, leaves as an OpenAI error body; bodies over their limit get 413."""
+    app.add_middleware(BodyLimit, default=settings.max_request_bytes,
+                       per_path={"/admin/adapters": settings.max_upload_bytes})
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            reason = (first.get("ctx") or {}).get("error", "")
+            return error_response(400, f"request body is not valid JSON: {reason}".rstrip(": "), code="invalid_json")
+        param = _param(first.get("loc", ()))
+        return error_response(400, f"{param}: {first.get('msg')}", param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), type=kind)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -98,31 +132,18 @@ def create_app(settings: Settings) -> FastAPI:
             for proc in spawned:
                 await asyncio.to_thread(proc.stop)
 
-    app = FastAPI(title="loraplex", lifespan=lifespan)
+    app = FastAPI(title="loraplex", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.include_router(openai_api.router)
-    app.include_router(admin_api.router)
-    app.add_middleware(BodyLimit, default=settings.max_request_bytes,
-                       per_path={"/admin/adapters": settings.max_upload_bytes})
+    if settings.admin_port is None:
+        app.include_router(admin_api.router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    _install_errors(app, settings)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    prometheus_text = {200: {"content": {"text/plain": {}}}}
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
-            reason = (first.get("ctx") or {}).get("error", "")
-            return error_response(400, f"request body is not valid JSON: {reason}".rstrip(": "), code="invalid_json")
-        param = _param(first.get("loc", ()))
-        return error_response(400, f"{param}: {first.get('msg')}", param=param, code="invalid_value")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type=kind)
-
-    @app.get("/metrics")
+    @app.get("/metrics", responses=prometheus_text)
     async def metrics(request: Request) -> Response:
         gw: Gateway = request.app.state.gateway
         for i, b in enumerate(gw.router.backends):
@@ -131,7 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
         gw.metrics.registered.set(len(gw.registry.names()))
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/metrics/engine/{index}")
+    @app.get("/metrics/engine/{index}", responses=prometheus_text)
     async def engine_metrics(index: int, request: Request) -> Response:
         """The engine's own vLLM metrics (KV cache, queue), so one scrape target reaches spawned engines too."""
         gw: Gateway = request.app.state.gateway

@@ -17,6 +17,7 @@ class BaseModel:
     path: Path
     fingerprint: str
     weight_shapes: dict[str, tuple[int, ...]]
+    context_len: int | None = None
 
     def linear_shape(self, module: str) -> tuple[int, ...] | None:
         return self.weight_shapes.get(f"{module}.weight")
@@ -74,4 +75,5 @@ def load(base_model: str) -> BaseModel:
             f.seek(start)
             h.update(f.read(_SAMPLED_BYTES))
         shapes.update({name: tuple(t["shape"]) for name, t in header.items()})
-    return BaseModel(name=base_model, path=path, fingerprint=h.hexdigest(), weight_shapes=shapes)
+    return BaseModel(name=base_model, path=path, fingerprint=h.hexdigest(), weight_shapes=shapes,
+                     context_len=config.get("max_position_embeddings"))

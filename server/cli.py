@@ -1,5 +1,6 @@
 """The `loraplex` command line."""
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -49,13 +50,34 @@ def serve(
     """Start the gateway (and a local vLLM engine unless LORAPLEX_ENGINE_URLS is set)."""
     import uvicorn
 
-    from .app import create_app
+    from .app import create_admin_app, create_app
 
     settings = load_settings(host=host, port=port)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call otherwise
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    app = create_app(settings)
+    main = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                         timeout_graceful_shutdown=30))
+    if settings.admin_port is None:
+        return main.run()
+    admin = uvicorn.Server(uvicorn.Config(create_admin_app(settings, app), host=settings.admin_host or settings.host,
+                                          port=settings.admin_port, log_level=settings.log_level, lifespan="off"))
+
+    async def both():
+        async def admin_once_started():
+            while not main.started and not main.should_exit:
+                await asyncio.sleep(0.05)  # the admin app needs the gateway the main app's startup builds
+            if main.started:
+                await admin._serve()  # the main server owns the signal handlers and tells this one to stop
+
+        task = asyncio.create_task(admin_once_started())
+        try:
+            await main.serve()
+        finally:
+            admin.should_exit = True
+            await task
+
+    asyncio.run(both())
 
 
 @app.command("demo-model")

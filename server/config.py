@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -12,6 +12,13 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface the gateway listens on.")
     port: int = Field(8000, description="Port the gateway listens on.")
+    admin_host: str | None = Field(None, description="Interface for /admin when ADMIN_PORT is set; default HOST.")
+    admin_port: int | None = Field(
+        None, description="Serve /admin on this port only (and not on PORT); unset serves it on PORT."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins browsers may call from; empty turns CORS off."
+    )
     base_model: str = Field("models/demo-base", description="Base model: a local path or a hub id.")
     served_model_name: str | None = Field(
         None, description="Name of the base model in the API; defaults to the last part of BASE_MODEL."
@@ -43,13 +50,15 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin; if unset, one is generated into STATE_DIR/admin_token."
     )
-    url: str | None = Field(None, description="Server URL the admin CLI talks to; default http://HOST:PORT.")
+    url: str | None = Field(
+        None, description="Server URL the admin CLI talks to; default http://HOST:PORT, or ADMIN_HOST:ADMIN_PORT if set."
+    )
     max_request_bytes: int = Field(16 << 20, description="Largest /v1 request body.")
     max_upload_bytes: int = Field(2 << 30, description="Largest adapter archive accepted by upload.")
     max_archive_members: int = Field(16, description="Most entries an adapter archive may hold.")
     max_unpacked_bytes: int = Field(4 << 30, description="Largest total size an adapter archive may unpack to.")
 
-    @field_validator("engine_urls", mode="before")
+    @field_validator("engine_urls", "cors_origins", mode="before")
     @classmethod
     def _split_urls(cls, v):
         if isinstance(v, str):
@@ -64,9 +73,19 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {supported} (the ranks vLLM supports)")
         return v
 
+    @model_validator(mode="after")
+    def _admin_apart(self):
+        if self.admin_port is not None and self.admin_port == self.port and (self.admin_host or self.host) == self.host:
+            raise ValueError("admin_port: must differ from PORT (unset it to serve /admin on PORT)")
+        return self
+
     @property
     def server_url(self) -> str:
-        return (self.url or f"http://{self.host}:{self.port}").rstrip("/")
+        if self.url:
+            return self.url.rstrip("/")
+        if self.admin_port is not None:
+            return f"http://{self.admin_host or self.host}:{self.admin_port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def model_name(self) -> str:

@@ -13,7 +13,15 @@ from fastapi.responses import Response, StreamingResponse
 from .auth import caller_tenant
 from .engine import EngineError
 from .metrics import RequestTimer
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .protocol import (
+    STREAM_OR_JSON,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    error_response,
+)
 from .registry import InvalidReference, NotFound, Version
 
 if TYPE_CHECKING:
@@ -57,11 +65,22 @@ def resolve_target(gw: "Gateway", body, tenant: str | None) -> Version | None:
     return version
 
 
+def check_budget(gw: "Gateway", body) -> None:
+    """Refuses an output budget no request could use: more tokens than the model's whole context."""
+    context = gw.settings.max_model_len or gw.base.context_len
+    for param in ("max_tokens", "max_completion_tokens"):
+        wanted = getattr(body, param, None)
+        if context and wanted is not None and wanted > context:
+            raise APIError(400, f"{param}: {wanted} is more than the model's context length of {context} tokens",
+                           param=param, code="invalid_value")
+
+
 async def forward(gw: "Gateway", body, path: str, tenant: str | None, request: Request) -> Response:
     route = path.removeprefix("/v1/")
     gw.metrics.in_flight.labels(route).inc()
     timer = None
     try:
+        check_budget(gw, body)
         version = resolve_target(gw, body, tenant)
         timer = RequestTimer(gw.metrics, route, gw.metrics.adapter_label(version.name if version else None))
         response = await _send(gw, body, path, version, timer, tenant, request)
@@ -115,11 +134,24 @@ async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: 
             content = await _unless_client_leaves(upstream.aread(), client)
         finally:
             await stack.aclose()  # closing the upstream connection early is what makes vLLM abort the request
-        if upstream.status_code == 200:
-            timer.usage(json.loads(content).get("usage"))
+        if upstream.status_code != 200:
+            return engine_error(upstream.status_code, content)
+        timer.usage(json.loads(content).get("usage"))
         return Response(content, status_code=upstream.status_code, headers=headers)
     stack.callback(lambda: (gw.metrics.in_flight.labels(timer.route).dec(), timer.done(200)))
     return EngineStream(_relay(upstream, timer, client_wants_usage), stack, headers=headers)
+
+
+def engine_error(status: int, content: bytes) -> Response:
+    """The engine's refusal in OpenAI's error shape (vLLM's own has an integer code and exception names as type)."""
+    try:
+        error = json.loads(content)["error"]
+        message, param = str(error["message"]), error.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, param = content.decode(errors="replace")[:500] or f"engine answered {status}", None
+    if status >= 500:
+        return error_response(502, f"engine failed: {message}", type="server_error", code="engine_error")
+    return error_response(status, message, param=param if isinstance(param, str) else None, code="engine_rejected")
 
 
 async def _unless_client_leaves(awaitable, client: Request):
@@ -174,13 +206,13 @@ async def _relay(upstream: httpx.Response, timer: RequestTimer, keep_usage: bool
         yield pending
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAM_OR_JSON)
 async def completions(body: CompletionRequest, request: Request,
                       tenant: str | None = Depends(caller_tenant)) -> Response:
     return await forward(request.app.state.gateway, body, "/v1/completions", tenant, request)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAM_OR_JSON)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            tenant: str | None = Depends(caller_tenant)) -> Response:
     return await forward(request.app.state.gateway, body, "/v1/chat/completions", tenant, request)

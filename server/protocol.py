@@ -1,6 +1,6 @@
 """OpenAI request and response bodies, plus loraplex's `adapter` field, and the OpenAI error shape."""
 
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,33 +30,73 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+# Documented on every route, so the OpenAPI schema (and a fuzzer reading it) knows the error shape.
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "Invalid request", 401: "Missing or unknown key", 403: "Not allowed", 404: "Not found",
+    409: "Conflict", 413: "Body too large", 429: "Too many requests in flight", 499: "Client closed the request",
+    502: "Engine failed", 503: "No engine ready"}.items()}
+
+
+# A completion is JSON, or server-sent events when `stream` is true.
+STREAM_OR_JSON = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+
+
 def error_response(status: int, message: str, type: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None, headers: dict | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+# Bounds on every request field, so no single body can make the gateway or engine do unbounded work.
+MAX_NAME_CHARS = 256
+MAX_TEXT_CHARS = 1 << 20
+MAX_MESSAGES = 1024
+MAX_PROMPTS = 64
+MAX_PROMPT_TOKENS = 1 << 17
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+INT64 = 2**63 - 1
+
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class ContentPart(BaseModel):
+    """A text part of a chat message; the demo and bench models read text only."""
+
+    type: Literal["text"]
+    text: Text
+
+
 class _Request(BaseModel):
     # Sampling fields we do not model (vLLM's extensions among them) pass through to the engine.
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = None
-    adapter: str | None = Field(None, description='Adapter to answer with: "name", "name@3" or "name@alias".')
-    max_tokens: int | None = Field(None, ge=1)
+    model: Name | None = None
+    adapter: Name | None = Field(None, description='Adapter to answer with: "name", "name@3" or "name@alias".')
+    max_tokens: int | None = Field(None, ge=1, le=INT64, description="At most the model's context length.")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1, le=16)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stream_options: StreamOptions | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    user: str | None = None
+    user: Name | None = None
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = None
 
@@ -65,13 +105,13 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
+    name: Name | None = None
 
 
 class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64, description="At most the model's context length.")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .basemodel import BaseModel, read_safetensors_header
+from .basemodel import BaseModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -42,16 +42,27 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _lora_tensors(header: dict) -> dict[str, dict[str, dict]]:
+def _tensor_meta(path: Path) -> dict[str, dict]:
+    """{name: {"dtype", "shape"}} as safetensors itself parses the file, so a malformed header, offsets that
+    overlap or run past the end, or a truncated file are refused exactly as the engine's loader would."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: {"dtype": f.get_slice(name).get_dtype(), "shape": f.get_slice(name).get_shape()}
+                    for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: not a valid safetensors file ({e})") from None
+
+
+def _lora_tensors(meta: dict[str, dict]) -> dict[str, dict[str, dict]]:
     """Groups tensors by base module: {module: {"A": meta, "B": meta}}."""
     modules: dict[str, dict[str, dict]] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
+    for name, tensor in meta.items():
         for kind in ("A", "B"):
             suffix = f".lora_{kind}.weight"
             if name.startswith(_PREFIX) and name.endswith(suffix):
-                modules.setdefault(name[len(_PREFIX): -len(suffix)], {})[kind] = meta
+                modules.setdefault(name[len(_PREFIX): -len(suffix)], {})[kind] = tensor
                 break
         else:
             raise InvalidAdapter(f"{WEIGHTS_FILE}: unexpected tensor {name!r} (only lora_A/lora_B weights are served)")
@@ -75,11 +86,7 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise InvalidAdapter(f"{WEIGHTS_FILE} is missing (only safetensors weights are accepted)")
-    try:
-        header, _ = read_safetensors_header(weights)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidAdapter(f"{WEIGHTS_FILE}: {e}") from None
-    modules = _lora_tensors(header)
+    modules = _lora_tensors(_tensor_meta(weights))
     if not modules:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors")
     rank = 0
@@ -91,10 +98,10 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
             raise InvalidAdapter(f"target module {module!r} does not exist in the base model")
         out_features, in_features = base_shape
         a, b = pair["A"], pair["B"]
-        if a.get("dtype") not in _FLOAT_DTYPES or b.get("dtype") not in _FLOAT_DTYPES:
+        if a["dtype"] not in _FLOAT_DTYPES or b["dtype"] not in _FLOAT_DTYPES:
             raise InvalidAdapter(f"{WEIGHTS_FILE}: {module} tensors must be F32, F16 or BF16")
-        r = a["shape"][0] if len(a.get("shape", [])) == 2 else -1
-        if list(a["shape"]) != [r, in_features] or list(b.get("shape", [])) != [out_features, r]:
+        r = a["shape"][0] if len(a["shape"]) == 2 else -1
+        if list(a["shape"]) != [r, in_features] or list(b["shape"]) != [out_features, r]:
             raise InvalidAdapter(
                 f"{WEIGHTS_FILE}: {module} shapes A{a['shape']} B{b.get('shape')} do not fit "
                 f"base weight [{out_features}, {in_features}]"

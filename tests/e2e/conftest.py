@@ -180,6 +180,34 @@ def reference(base_model) -> Reference:
     return Reference(base_model)
 
 
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic() < deadline
+        time.sleep(0.1)
+    return False
+
+
+def start_gateway(server: Server, tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """Another gateway in front of the session's engine, with its own state dir and any settings given."""
+    port = free_port()
+    env = {**server.env, "LORAPLEX_PORT": str(port), "LORAPLEX_ENGINE_URLS": server.engine_url(),
+           "LORAPLEX_STATE_DIR": str(tmp_path / "state"), **env}
+    log = open(tmp_path / "gateway.log", "w")
+    proc = subprocess.Popen([*LOADER, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{url}/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    assert wait_until(ready, 120), (tmp_path / "gateway.log").read_text()
+    return proc, url
+
+
 @pytest.fixture
 def admin(server):
     with httpx.Client(base_url=server.url, timeout=300, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:

@@ -77,7 +77,6 @@ def test_cli_upload_show_list(server):
 def _weights(src: Path, change) -> bytes:
     tensors = load_file(src / "adapter_model.safetensors")
     change(tensors)
-    buf = io.BytesIO()
     tmp = src.parent / f"tmp-{id(change)}.safetensors"
     save_file(tensors, tmp)
     data = tmp.read_bytes()
@@ -94,6 +93,9 @@ def bad_archives(server, workdir, base_model) -> dict:
     src = server.adapter_dirs["alpha"]
     high = make_adapter(base_model, workdir / "src" / "rank128", 128, ["q_proj"], 0)
     nan = _weights(src, lambda t: t[_first(t)].fill_(float("nan")))
+    inf = _weights(src, lambda t: t[_first(t, "lora_B")].fill_(float("-inf")))
+    f64 = _weights(src, lambda t: t.update({k: v.double() for k, v in t.items()}))
+    huge_header = (1 << 40).to_bytes(8, "little") + nan[8:]
     shape = _weights(src, lambda t: t.__setitem__(_first(t), torch.zeros(8, 3)))
     bad_target = _weights(src, lambda t: t.__setitem__(
         "base_model.model.model.layers.0.self_attn.nope.lora_A.weight", torch.zeros(8, 256)))
@@ -112,6 +114,9 @@ def bad_archives(server, workdir, base_model) -> dict:
         "wrong shapes": (with_weights(shape), "do not fit"),
         "unknown module": (with_weights(bad_target), "lacks lora_A or lora_B|does not exist"),
         "nan values": (with_weights(nan), "NaN"),
+        "inf values": (with_weights(inf), "infinite"),
+        "float64 weights": (with_weights(f64), "must be F32, F16 or BF16"),
+        "huge header": (with_weights(huge_header), "not a valid safetensors file"),
         "truncated weights": (with_weights(nan[:100]), "safetensors"),
         "not lora": (archive(src, {"adapter_config.json": json.dumps({**cfg, "peft_type": "IA3"}).encode()},
                              skip=("adapter_config.json",)), "peft_type"),
@@ -125,8 +130,8 @@ def bad_archives(server, workdir, base_model) -> dict:
 
 
 CASES = ["path traversal", "absolute path", "pickle weights", "executable", "missing weights", "rank above limit",
-         "wrong shapes", "unknown module", "nan values", "truncated weights", "not lora", "not an archive",
-         "other base by name", "other base by fingerprint"]
+         "wrong shapes", "unknown module", "nan values", "inf values", "float64 weights", "huge header",
+         "truncated weights", "not lora", "not an archive", "other base by name", "other base by fingerprint"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,17 +1,14 @@
 """Overload, client disconnects and graceful shutdown, on a second gateway in front of the session's engine."""
 
 import asyncio
-import os
 import signal
-import subprocess
 import threading
 import time
 
 import httpx
 import pytest
 
-from server.engine import free_port
-from tests.e2e.conftest import LOADER
+from tests.e2e.conftest import start_gateway, wait_until
 from tests.e2e.test_monitoring import series
 
 LONG = {"prompt": "Ada and", "max_tokens": 900, "temperature": 0, "ignore_eos": True}
@@ -21,31 +18,9 @@ def running_in_engine(server) -> float:
     return sum(series(httpx.get(f"{server.engine_url()}/metrics").text, "vllm:num_requests_running"))
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic() < deadline
-        time.sleep(0.1)
-    return False
-
-
 @pytest.fixture
 def second_gateway(server, tmp_path):
-    port = free_port()
-    env = {**server.env, "LORAPLEX_PORT": str(port), "LORAPLEX_ENGINE_URLS": server.engine_url(),
-           "LORAPLEX_STATE_DIR": str(tmp_path / "state"), "LORAPLEX_MAX_IN_FLIGHT_PER_ENGINE": "2"}
-    log = open(tmp_path / "gateway.log", "w")
-    proc = subprocess.Popen([*LOADER, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            return httpx.get(f"{url}/ready").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    assert wait_until(ready, 120), (tmp_path / "gateway.log").read_text()
+    proc, url = start_gateway(server, tmp_path, LORAPLEX_MAX_IN_FLIGHT_PER_ENGINE="2")
     yield proc, url
     if proc.poll() is None:
         proc.kill()

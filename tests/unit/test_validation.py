@@ -38,7 +38,7 @@ def test_rejections(base, adapter_factory, kw, message):
 def test_missing_and_corrupt_files(base, adapter_factory):
     d = adapter_factory()
     (d / "adapter_model.safetensors").write_bytes(b"\x10\x00")
-    with pytest.raises(InvalidAdapter, match="truncated"):
+    with pytest.raises(InvalidAdapter, match="not a valid safetensors file.*header too small"):
         check_adapter(d, base, max_rank=8)
     (d / "adapter_model.safetensors").unlink()
     (d / "adapter_model.bin").write_bytes(b"pickle")
