@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL := models/demo-base
 
-.PHONY: install tools serve test unit e2e demo-model demo bench-train clean
+.PHONY: install tools serve test unit e2e demo-model demo bench-train soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ unit: $(STAMP)
 
 bench-train: $(STAMP) $(MODEL)/config.json
 	$(PY) loadtest/train_bench.py
+
+# About 10 minutes of load, adapter churn and faults on a gateway and engine of its own; writes soak.json.
+soak: $(STAMP) $(MODEL)/config.json
+	$(PY) -m loadtest.soak --duration 600 --out soak.json
 
 e2e: $(STAMP) tools
 	$(PY) -m pytest tests/e2e -q

@@ -1,0 +1,69 @@
+"""Starts and stops a loraplex gateway (with its engine) for load scripts, in a process group of its own."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from server.engine import free_port
+
+LOADER = str(Path(sys.executable).parent / "loraplex")
+
+
+class Gateway:
+    """`loraplex serve` with the given settings; `url`, `pid`, and the RSS of it and of its engine."""
+
+    def __init__(self, env: dict[str, str], log: Path, timeout: float = 600):
+        self.port = int(env.get("LORAPLEX_PORT") or free_port())
+        self.env = {**os.environ, **env, "LORAPLEX_PORT": str(self.port)}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([LOADER, "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"gateway not ready after {timeout} s: {log.read_text()[-3000:]}")
+
+    def rss_mb(self) -> dict[str, float]:
+        """Resident memory of the gateway process and, summed, of everything it started (the engine)."""
+        gateway = psutil.Process(self.proc.pid)
+        engine = 0
+        for child in gateway.children(recursive=True):
+            try:
+                engine += child.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return {"gateway": gateway.memory_info().rss / 2**20, "engine": engine / 2**20}
+
+    def stop(self) -> None:
+        try:
+            family = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for p in family:  # the engine runs in a process group of its own; anything of it still left
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
