@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL := models/demo-base
 
-.PHONY: install tools serve test unit e2e demo-model demo bench-train soak clean
+.PHONY: install tools serve test unit e2e demo-model demo bench-train bench bench-quick soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(PY):
 
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` beside CPU torch.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[cpu,train,test]'
+	$(PY) -m pip install -q -e '.[cpu,train,test,bench]'
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
@@ -39,6 +39,13 @@ unit: $(STAMP)
 
 bench-train: $(STAMP) $(MODEL)/config.json
 	$(PY) loadtest/train_bench.py
+
+# Serving benchmarks (about 25 minutes; bench-quick a few): tables into BENCHMARKS.md, plots in loadtest/results.
+bench: $(STAMP)
+	$(PY) -m loadtest.bench
+
+bench-quick: $(STAMP)
+	$(PY) -m loadtest.bench --quick
 
 # About 10 minutes of load, adapter churn and faults on a gateway and engine of its own; writes soak.json.
 soak: $(STAMP) $(MODEL)/config.json

@@ -39,6 +39,14 @@ class Gateway:
         self.stop()
         raise RuntimeError(f"gateway not ready after {timeout} s: {log.read_text()[-3000:]}")
 
+    def engine_url(self) -> str:
+        """The URL of the engine this gateway spawned, read off the engine's command line."""
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            cmd = child.cmdline()
+            if "vllm.entrypoints.openai.api_server" in cmd and "--port" in cmd:
+                return f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+        raise RuntimeError("no spawned engine found")
+
     def rss_mb(self) -> dict[str, float]:
         """Resident memory of the gateway process and, summed, of everything it started (the engine)."""
         gateway = psutil.Process(self.proc.pid)

@@ -63,11 +63,12 @@ print(json.dumps({"tokens_per_second": tokens / runtime, "runtime_s": runtime,
 
 def curated_rows(job_path: str) -> str:
     """Writes the rows `loraplex train` trains on, in TRL's format, for the plain side."""
+    from transformers import AutoTokenizer
+
     from server.trainer.data import load
     from server.trainer.evaluate import count_tokens
     from server.trainer.job import load_job
     from server.trainer.train import sft_rows
-    from transformers import AutoTokenizer
 
     job = load_job(job_path)
     data = load(job.data, count_tokens(AutoTokenizer.from_pretrained(job.base_model)), job.max_seq_len,

@@ -94,6 +94,7 @@ def server(workdir, base_model, adapter_dirs):
         "LORAPLEX_REGISTRY": str(workdir / "registry"),
         "LORAPLEX_PORT": str(port),
         "LORAPLEX_MAX_LORAS": "2",
+        "LORAPLEX_MAX_LORA_RANK": "64",  # the adapters go up to rank 32, and a rank-128 upload must be refused
         "LORAPLEX_MAX_RESIDENT_ADAPTERS": "2",  # fewer than the adapters used, so eviction is exercised
         "LORAPLEX_STATE_DIR": str(workdir / "state"),
         "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,

@@ -6,7 +6,6 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from server.validation import InvalidAdapter, check_adapter
 

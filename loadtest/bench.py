@@ -1,0 +1,322 @@
+"""Serving benchmarks, each pair measured side by side in alternating rounds; writes BENCHMARKS.md's tables.
+
+1. gateway overhead: loraplex against the same vLLM engine called directly;
+2. loraplex against a naive transformers + PEFT server, over 8 and 64 adapters;
+3. adapter-count sweep (1, 8, 64, 512, Zipf popularity) with loraplex's defaults and a hand-set --max-loras;
+4. merged-weight ceiling: one adapter through LoRA against the same adapter merged into the base;
+5. cold start: registration (CLI and admin upload) to first token.
+
+    python -m loadtest.bench            # everything, about 25 minutes on 2 cores
+    python -m loadtest.bench --quick    # the overhead pair and one sweep point, a few minutes
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from loadtest.adapters import ALL_LINEAR, AdapterFactory
+from loadtest.servers import LOADER, Gateway
+from server import basemodel
+from server.engine import free_port
+from server.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "loadtest" / "results"
+ADMIN = "bench-admin-token"
+DEFAULTS = "defaults (max-loras 32, max-lora-rank 16)"
+
+
+class Bench:
+    def __init__(self, args, work: Path):
+        self.args, self.work = args, work
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        earlier = RESULTS / ("bench-quick.json" if args.quick else "bench.json")
+        partial = set(args.only) != {"overhead", "sweep", "cold", "naive", "merged", "tuned"} and not args.quick
+        self.results: dict = json.loads(earlier.read_text()) if partial and earlier.exists() else {}
+        self.results["config"] = {k: str(v) for k, v in vars(args).items()}
+
+    def load(self, url: str, label: str, adapters: list[str] = (), field: str = "adapter", model: str = "",
+             concurrency: int | None = None, plot: bool = False, cpu_of: Gateway | None = None) -> dict:
+        """One run of the load generator, in its own process (Locust patches the standard library);
+        with `cpu_of`, also the CPU seconds that gateway process spent meanwhile."""
+        out = self.work / f"{label}.json"
+        cmd = [sys.executable, "-m", "loadtest.load", "--url", url, "--model", model or self.model_name,
+               "--adapters", ",".join(adapters), "--adapter-field", field, "--zipf", "1.0",
+               "--concurrency", str(concurrency or self.args.concurrency), "--duration", str(self.args.duration),
+               "--warmup", str(self.args.warmup), "--output-tokens", str(self.args.output_tokens), "--json", str(out)]
+        if plot:
+            cmd += ["--plot", str(RESULTS / f"{label}.png"), "--markdown", str(RESULTS / f"{label}.md")]
+        cpu = psutil.Process(cpu_of.proc.pid) if cpu_of else None
+        before = sum(cpu.cpu_times()[:2]) if cpu else 0
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+        report = json.loads(out.read_text())
+        if cpu:
+            report["gateway_cpu_s"] = sum(cpu.cpu_times()[:2]) - before
+        t, o = report["throughput"], report["overall"]
+        if not o["requests"] or o["errors"] == o["requests"]:
+            raise RuntimeError(f"{label}: no request succeeded: {report['errors']}")
+        print(f"  {label}: {t['output_tokens_per_s']:.1f} tok/s, {t['requests_per_s']:.2f} req/s, "
+              f"e2e p50 {o['e2e_s']['p50'] * 1000:.1f} ms p99 {o['e2e_s']['p99'] * 1000:.1f} ms, "
+              f"errors {o['errors']}", flush=True)
+        time.sleep(2)  # what the load left running in the server settles before the next run
+        return report
+
+    def pair(self, name: str, sides: dict[str, dict]) -> dict:
+        """Alternating rounds of each side; medians of throughput and latency per side."""
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
+        for r in range(self.args.rounds):
+            for side, kw in (sides.items() if r % 2 == 0 else reversed(list(sides.items()))):
+                runs[side].append(self.load(label=f"{name}-{side}-{r}", plot=(r == 0), **kw))
+        out = {}
+        for side, reports in runs.items():
+            out[side] = {
+                "output_tokens_per_s": statistics.median(x["throughput"]["output_tokens_per_s"] for x in reports),
+                "requests_per_s": statistics.median(x["throughput"]["requests_per_s"] for x in reports),
+                "e2e_p50_ms": statistics.median(x["overall"]["e2e_s"]["p50"] for x in reports) * 1000,
+                "e2e_p99_ms": statistics.median(x["overall"]["e2e_s"]["p99"] for x in reports) * 1000,
+                "ttft_p50_ms": statistics.median(x["overall"]["ttft_s"]["p50"] for x in reports) * 1000,
+                "errors": sum(x["overall"]["errors"] for x in reports),
+                "rounds_tok_s": [round(x["throughput"]["output_tokens_per_s"], 1) for x in reports],
+            }
+            if "gateway_cpu_s" in reports[0]:
+                # Per request the generator sent in the whole run, warm-up included, as the CPU time was.
+                out[side]["gateway_cpu_ms_per_request"] = statistics.median(
+                    x["gateway_cpu_s"] * 1000 / len(x["timeline"]) for x in reports)
+        self.results[name] = out
+        self.save()
+        return out
+
+    def save(self) -> None:
+        (RESULTS / ("bench-quick.json" if self.args.quick else "bench.json")).write_text(
+            json.dumps(self.results, indent=1))
+
+    def gateway(self, log: str, **env) -> Gateway:
+        base = {"LORAPLEX_BASE_MODEL": str(self.base), "LORAPLEX_REGISTRY": str(self.registry_dir),
+                "LORAPLEX_STATE_DIR": str(self.work / "state"), "LORAPLEX_ADMIN_TOKEN": ADMIN,
+                "LORAPLEX_LOG_LEVEL": "warning", "LORAPLEX_MAX_IN_FLIGHT_PER_ENGINE": "4096"}
+        print(f"starting gateway {log} {env}", flush=True)
+        return Gateway({**base, **env}, self.work / f"{log}.log")
+
+    @staticmethod
+    def counters(gw: Gateway) -> dict:
+        text = httpx.get(f"{gw.url}/metrics").text
+
+        def total(metric):
+            return sum(float(v) for v in re.findall(rf"^{metric}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+        return {"loads": total("loraplex_adapter_load_duration_seconds_count"),
+                "evictions": total("loraplex_adapter_unloads_total")}
+
+    def setup(self) -> None:
+        self.base = Path(self.args.base_model).resolve()
+        if not (self.base / "config.json").exists():
+            print(f"building {self.base} (bench preset, {self.args.model_steps} steps)", flush=True)
+            subprocess.run([LOADER, "demo-model", "--preset", "bench", "--out", str(self.base),
+                            "--steps", str(self.args.model_steps)], check=True)
+        self.model_name = self.base.name
+        info = basemodel.load(str(self.base))
+        self.factory = AdapterFactory(self.base, rank=8, targets=ALL_LINEAR)
+        self.registry_dir = self.work / "registry"
+        registry = Registry(self.registry_dir)
+        count = max(self.args.sweep)
+        t = time.monotonic()
+        self.sources = []
+        for i in range(count):
+            src = self.factory.write(self.work / "src" / f"bench-{i}", seed=i)
+            registry.register(f"bench-{i}", src, base=info, base_model=str(self.base), max_rank=64,
+                              tenant="bench", origin="bench")
+            self.sources.append(src)
+        print(f"{count} rank-8 adapters on all 7 projections registered in {time.monotonic() - t:.0f} s", flush=True)
+
+    def names(self, n: int) -> list[str]:
+        return [f"bench-{i}" for i in range(n)]
+
+    def overhead(self, gw: Gateway) -> None:
+        direct = gw.engine_url()
+        print("gateway overhead (base model)", flush=True)
+        r = self.pair("overhead", {"gateway": {"url": gw.url, "cpu_of": gw}, "vllm": {"url": direct, "cpu_of": gw}})
+        r["throughput_ratio"] = r["gateway"]["output_tokens_per_s"] / r["vllm"]["output_tokens_per_s"]
+        r["added_p50_ms"] = r["gateway"]["e2e_p50_ms"] - r["vllm"]["e2e_p50_ms"]
+        r["added_p99_ms"] = r["gateway"]["e2e_p99_ms"] - r["vllm"]["e2e_p99_ms"]
+        r["added_ttft_p50_ms"] = r["gateway"]["ttft_p50_ms"] - r["vllm"]["ttft_p50_ms"]
+        self.save()
+        print("gateway overhead, one request at a time (latency without queueing)", flush=True)
+        one = {"concurrency": 1, "cpu_of": gw}
+        r = self.pair("overhead-sequential", {"gateway": {"url": gw.url, **one}, "vllm": {"url": direct, **one}})
+        r["added_p50_ms"] = r["gateway"]["e2e_p50_ms"] - r["vllm"]["e2e_p50_ms"]
+        r["added_p99_ms"] = r["gateway"]["e2e_p99_ms"] - r["vllm"]["e2e_p99_ms"]
+        r["added_ttft_p50_ms"] = r["gateway"]["ttft_p50_ms"] - r["vllm"]["ttft_p50_ms"]
+        r["throughput_ratio"] = r["gateway"]["output_tokens_per_s"] / r["vllm"]["output_tokens_per_s"]
+        self.save()
+
+    def sweep(self, gw: Gateway, label: str) -> None:
+        print(f"adapter-count sweep, {label}", flush=True)
+        points = {}
+        for n in self.args.sweep:
+            before = self.counters(gw)
+            slug = re.sub(r"[^a-z0-9]+", "-", label).strip("-")
+            report = self.load(gw.url, f"sweep-{slug}-{n}", self.names(n), plot=(n == max(self.args.sweep)))
+            after = self.counters(gw)
+            points[str(n)] = {"output_tokens_per_s": report["throughput"]["output_tokens_per_s"],
+                              "e2e_p99_ms": report["overall"]["e2e_s"]["p99"] * 1000,
+                              "errors": report["overall"]["errors"],
+                              **{k: after[k] - before[k] for k in after}}
+        self.results.setdefault("sweep", {})[label] = points
+        self.save()
+
+    def naive(self, gw: Gateway) -> None:
+        adapters = self.work / "naive-adapters"
+        adapters.mkdir()
+        for src in self.sources[:64]:
+            (adapters / src.name).symlink_to(src)
+        port = free_port()
+        log = open(self.work / "naive.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "loadtest.naive_server", "--base", str(self.base),
+                                 "--adapters", str(adapters), "--port", str(port)], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(1)
+            for n in (8, 64):
+                print(f"loraplex against naive PEFT, {n} adapters", flush=True)
+                r = self.pair(f"naive-{n}", {"loraplex": {"url": gw.url, "adapters": self.names(n)},
+                                             "naive": {"url": url, "adapters": self.names(n)}})
+                r["throughput_ratio"] = r["loraplex"]["output_tokens_per_s"] / r["naive"]["output_tokens_per_s"]
+                self.save()
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def merged(self, gw: Gateway) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        out = self.work / "merged" / "bench-merged"
+        model = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32)
+        PeftModel.from_pretrained(model, self.sources[0]).merge_and_unload().save_pretrained(out)
+        AutoTokenizer.from_pretrained(self.base).save_pretrained(out)
+        m = self.gateway("merged", LORAPLEX_BASE_MODEL=str(out), LORAPLEX_REGISTRY=str(self.work / "empty"),
+                         LORAPLEX_STATE_DIR=str(self.work / "state-merged"))
+        try:
+            print("merged-weight ceiling", flush=True)
+            r = self.pair("merged", {"lora": {"url": gw.url, "adapters": ["bench-0"]},
+                                     "merged": {"url": m.url, "model": "bench-merged"}})
+            r["throughput_ratio"] = r["lora"]["output_tokens_per_s"] / r["merged"]["output_tokens_per_s"]
+            self.save()
+        finally:
+            m.stop()
+
+    def first_token(self, gw: Gateway, name: str) -> float:
+        start = time.perf_counter()
+        with httpx.stream("POST", f"{gw.url}/v1/completions", timeout=60, json={
+                "prompt": "Ada and", "max_tokens": 4, "adapter": name, "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"choices":[{' in line:
+                    return time.perf_counter() - start
+        raise RuntimeError("no token")
+
+    def cold_start(self, gw: Gateway) -> None:
+        print("cold start", flush=True)
+        import io
+        import tarfile
+
+        rows = []
+        for i in range(self.args.cold_repeats):
+            src = self.factory.write(self.work / "src" / f"cold-{i}", seed=100_000 + i)
+            t0 = time.perf_counter()
+            subprocess.run([LOADER, "adapters", "add", f"cold-cli-{i}", str(src)], env=gw.env, check=True,
+                           capture_output=True)
+            registered = time.perf_counter() - t0
+            rows.append({"via": "cli", "register_s": registered, "first_token_s": self.first_token(gw, f"cold-cli-{i}")})
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                for f in sorted(src.iterdir()):
+                    tar.add(f, arcname=f.name)
+            t0 = time.perf_counter()
+            r = httpx.post(f"{gw.url}/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"},
+                           data={"name": f"cold-up-{i}", "tenant": "bench"}, files={"file": ("a.tgz", buf.getvalue())},
+                           timeout=60)
+            assert r.status_code == 201, r.text
+            rows.append({"via": "upload", "register_s": time.perf_counter() - t0,
+                         "first_token_s": self.first_token(gw, f"cold-up-{i}")})
+        summary = {}
+        for via in ("cli", "upload"):
+            mine = [r for r in rows if r["via"] == via]
+            summary[via] = {k: statistics.median(r[k] for r in mine) for k in ("register_s", "first_token_s")}
+            summary[via]["total_s"] = statistics.median(r["register_s"] + r["first_token_s"] for r in mine)
+        self.results["cold_start"] = {"runs": rows, "median": summary}
+        self.save()
+
+    def run(self) -> None:
+        self.setup()
+        parts = self.args.only
+        gw = self.gateway("defaults")
+        try:
+            for part, fn in (("overhead", self.overhead), ("sweep", lambda g: self.sweep(g, DEFAULTS)),
+                             ("cold", self.cold_start), ("naive", self.naive), ("merged", self.merged)):
+                if part in parts:
+                    fn(gw)
+        finally:
+            gw.stop()
+        if "tuned" in parts:
+            for tuned in self.args.hand_tuned:
+                loras, rank = tuned.split(":")
+                gw = self.gateway(f"max-loras-{loras}-rank-{rank}", LORAPLEX_MAX_LORAS=loras,
+                                  LORAPLEX_MAX_LORA_RANK=rank)
+                try:
+                    self.sweep(gw, f"max-loras {loras}, max-lora-rank {rank}")
+                finally:
+                    gw.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the overhead pair and one small sweep point")
+    p.add_argument("--base-model", default="models/bench-base")
+    p.add_argument("--model-steps", type=int, default=20,
+                   help="training steps when the bench model must be built (speed does not depend on them)")
+    p.add_argument("--duration", type=float, default=30, help="seconds per load run")
+    p.add_argument("--warmup", type=float, default=5, help="seconds of each run left out")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per pair")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--output-tokens", type=int, default=32)
+    p.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--hand-tuned", type=lambda s: s.split(","), default=["32:16"],
+                   help="hand-set engine settings to sweep too, as MAX_LORAS:MAX_LORA_RANK pairs")
+    p.add_argument("--cold-repeats", type=int, default=3)
+    p.add_argument("--only", type=lambda s: s.split(","), default=None,
+                   help="parts to run (overhead,sweep,cold,naive,merged,tuned), kept with earlier results")
+    args = p.parse_args()
+    if args.only is None:
+        args.only = ["overhead", "sweep"] if args.quick else ["overhead", "sweep", "cold", "naive", "merged", "tuned"]
+    if args.sweep is None:
+        args.sweep = [8] if args.quick else [1, 8, 64, 512]
+    if args.quick:
+        args.duration, args.rounds = min(args.duration, 20), min(args.rounds, 2)
+    work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    bench = Bench(args, work)
+    bench.run()
+    from loadtest.report import write
+
+    write(bench.results, quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Writes the benchmark results as Markdown tables into BENCHMARKS.md, between its `bench:` markers."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pair(rows: dict, sides: list[str]) -> list[str]:
+    out = ["| side | output tok/s (median) | per round | req/s | TTFT p50 ms | E2E p50 ms | E2E p99 ms | errors |",
+           "|---|---|---|---|---|---|---|---|"]
+    for side in sides:
+        r = rows[side]
+        out.append(f"| {side} | {r['output_tokens_per_s']:.1f} | {r['rounds_tok_s']} | {r['requests_per_s']:.2f} "
+                   f"| {r['ttft_p50_ms']:.1f} | {r['e2e_p50_ms']:.1f} | {r['e2e_p99_ms']:.1f} | {r['errors']} |")
+    return out
+
+
+def tables(results: dict) -> str:
+    lines = []
+    if "overhead" in results:
+        o = results["overhead"]
+        lines += ["### Gateway overhead (base model)", "", *_pair(o, ["gateway", "vllm"]), "",
+                  f"Throughput ratio gateway / vLLM: **{o['throughput_ratio']:.3f}** (target ≥ 0.97). "
+                  f"Added latency: p50 {o['added_p50_ms']:+.1f} ms (target ≤ 2 ms), p99 {o['added_p99_ms']:+.1f} ms, "
+                  f"TTFT p50 {o['added_ttft_p50_ms']:+.1f} ms.", ""]
+        if "gateway_cpu_ms_per_request" in o["gateway"]:
+            lines += [f"Gateway process CPU per request: {o['gateway']['gateway_cpu_ms_per_request']:.1f} ms "
+                      f"(idle while vLLM is called directly: {o['vllm']['gateway_cpu_ms_per_request']:.1f} ms). On 2 "
+                      "cores shared with the engine and the load generator, that CPU time is taken from the engine.",
+                      ""]
+    if "overhead-sequential" in results:
+        o = results["overhead-sequential"]
+        lines += ["### Gateway overhead, one request at a time (base model)", "", *_pair(o, ["gateway", "vllm"]), "",
+                  f"Added latency without queueing: p50 {o['added_p50_ms']:+.2f} ms, p99 {o['added_p99_ms']:+.2f} ms, "
+                  f"TTFT p50 {o['added_ttft_p50_ms']:+.2f} ms; throughput ratio {o['throughput_ratio']:.3f}.", ""]
+    for n in (8, 64):
+        key = f"naive-{n}"
+        if key in results:
+            r = results[key]
+            lines += [f"### loraplex against a naive PEFT server, {n} adapters (Zipf)", "",
+                      *_pair(r, ["loraplex", "naive"]), "",
+                      f"Throughput ratio: **{r['throughput_ratio']:.2f}x** (target ≥ 3x at 64 adapters).", ""]
+    if "sweep" in results:
+        lines += ["### Adapter-count sweep (Zipf s=1)", "",
+                  "| residency | adapters | output tok/s | E2E p99 ms | errors | adapter loads | evictions |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, points in results["sweep"].items():
+            for n, p in points.items():
+                lines.append(f"| {label} | {n} | {p['output_tokens_per_s']:.1f} | {p['e2e_p99_ms']:.0f} | {p['errors']} "
+                             f"| {p['loads']:.0f} | {p['evictions']:.0f} |")
+        d = next((v for k, v in results["sweep"].items() if k.startswith("defaults")), {})
+        if "1" in d and "512" in d:
+            lines += ["", f"512 adapters / 1 adapter with the defaults: **"
+                          f"{d['512']['output_tokens_per_s'] / d['1']['output_tokens_per_s']:.2f}** (target ≥ 0.70)."]
+        lines.append("")
+    if "merged" in results:
+        r = results["merged"]
+        lines += ["### Merged-weight ceiling (one adapter)", "", *_pair(r, ["lora", "merged"]), "",
+                  f"LoRA / merged throughput: **{r['throughput_ratio']:.2f}**.", ""]
+    if "cold_start" in results:
+        lines += ["### Cold start: registration to first token (rank 8, all projections)", "",
+                  "| via | register s (median) | first token s | total s |", "|---|---|---|---|"]
+        for via, m in results["cold_start"]["median"].items():
+            lines.append(f"| {via} | {m['register_s']:.3f} | {m['first_token_s']:.3f} | {m['total_s']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(results: dict, quick: bool = False) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    marker = "quick" if quick else "full"
+    text = path.read_text()
+    block = f"<!-- bench:{marker}:start -->\n{tables(results)}\n<!-- bench:{marker}:end -->"
+    text = re.sub(rf"<!-- bench:{marker}:start -->.*?<!-- bench:{marker}:end -->", lambda _: block, text, flags=re.S)
+    path.write_text(text)
+    print(tables(results))
