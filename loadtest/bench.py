@@ -48,6 +48,7 @@ class Bench:
              concurrency: int | None = None, plot: bool = False, cpu_of: Gateway | None = None) -> dict:
         """One run of the load generator, in its own process (Locust patches the standard library);
         with `cpu_of`, also the CPU seconds that gateway process spent meanwhile."""
+        label = f"quick-{label}" if self.args.quick else label  # its plots must not replace the full run's
         out = self.work / f"{label}.json"
         cmd = [sys.executable, "-m", "loadtest.load", "--url", url, "--model", model or self.model_name,
                "--adapters", ",".join(adapters), "--adapter-field", field, "--zipf", "1.0",
