@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from loadtest.adapters import ALL_LINEAR, AdapterFactory
+from loadtest.adapters import ALL_LINEAR, AdapterFactory, archive
 from loadtest.servers import LOADER, Gateway
 from server import basemodel
 from server.engine import free_port
@@ -234,9 +234,6 @@ class Bench:
 
     def cold_start(self, gw: Gateway) -> None:
         print("cold start", flush=True)
-        import io
-        import tarfile
-
         rows = []
         for i in range(self.args.cold_repeats):
             src = self.factory.write(self.work / "src" / f"cold-{i}", seed=100_000 + i)
@@ -244,14 +241,12 @@ class Bench:
             subprocess.run([LOADER, "adapters", "add", f"cold-cli-{i}", str(src)], env=gw.env, check=True,
                            capture_output=True)
             registered = time.perf_counter() - t0
-            rows.append({"via": "cli", "register_s": registered, "first_token_s": self.first_token(gw, f"cold-cli-{i}")})
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-                for f in sorted(src.iterdir()):
-                    tar.add(f, arcname=f.name)
+            rows.append({"via": "cli", "register_s": registered,
+                         "first_token_s": self.first_token(gw, f"cold-cli-{i}")})
+            data = archive(src)
             t0 = time.perf_counter()
             r = httpx.post(f"{gw.url}/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"},
-                           data={"name": f"cold-up-{i}", "tenant": "bench"}, files={"file": ("a.tgz", buf.getvalue())},
+                           data={"name": f"cold-up-{i}", "tenant": "bench"}, files={"file": ("a.tgz", data)},
                            timeout=60)
             assert r.status_code == 201, r.text
             rows.append({"via": "upload", "register_s": time.perf_counter() - t0,

@@ -47,7 +47,8 @@ def tables(results: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for label, points in results["sweep"].items():
             for n, p in points.items():
-                lines.append(f"| {label} | {n} | {p['output_tokens_per_s']:.1f} | {p['e2e_p99_ms']:.0f} | {p['errors']} "
+                lines.append(f"| {label} | {n} | {p['output_tokens_per_s']:.1f} | {p['e2e_p99_ms']:.0f} "
+                             f"| {p['errors']} "
                              f"| {p['loads']:.0f} | {p['evictions']:.0f} |")
         d = next((v for k, v in results["sweep"].items() if k.startswith("defaults")), {})
         if "1" in d and "512" in d:

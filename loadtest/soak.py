@@ -11,14 +11,12 @@ Passes when no request failed except the intended 429s, neither gateway nor engi
 
 import argparse
 import asyncio
-import io
 import json
 import random
 import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -26,22 +24,13 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.adapters import AdapterFactory
+from loadtest.adapters import AdapterFactory, archive
 from loadtest.servers import LOADER, Gateway
 from server import basemodel
 from server.registry import Registry
 
 ADMIN_TOKEN = "soak-admin-token"
 IN_FLIGHT_LIMIT = 8
-
-
-def archive(directory: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for f in sorted(directory.iterdir()):
-            if f.is_file():
-                tar.add(f, arcname=f.name)
-    return buf.getvalue()
 
 
 class Soak:

@@ -39,7 +39,8 @@ class Workload:
 
     def body(self) -> tuple[str, dict]:
         name = self.rng.choices(self.names, self.weights)[0]
-        body = {"model": self.args.model, "prompt": self.rng.choice(self.prompts), "max_tokens": self.args.output_tokens,
+        body = {"model": self.args.model, "prompt": self.rng.choice(self.prompts),
+                "max_tokens": self.args.output_tokens,
                 "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         if name != BASE:
             body[self.args.adapter_field] = name
@@ -71,7 +72,8 @@ def summarize(args, workload: Workload, elapsed: float, env) -> dict:
     report = {
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown", "plot")},
         "elapsed_s": elapsed, "window_s": window,
-        "throughput": {"requests_per_s": len(ok) / window, "output_tokens_per_s": sum(s["tokens"] for s in ok) / window},
+        "throughput": {"requests_per_s": len(ok) / window,
+                       "output_tokens_per_s": sum(s["tokens"] for s in ok) / window},
         "overall": stats(kept), "errors": errors, "arrivals_skipped": workload.arrivals_skipped,
         "per_adapter": {name: stats([s for s in kept if s["adapter"] == name])
                         for name in workload.names if any(s["adapter"] == name for s in kept)},
