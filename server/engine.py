@@ -124,9 +124,12 @@ class EngineClient:
         self.client = client
         self.in_flight = 0
 
-    async def healthy(self) -> bool:
+    async def healthy(self) -> bool | None:
+        """Whether /health says 200; None when it did not answer in time, as a saturated engine may not."""
         try:
             return (await self.client.get(f"{self.url}/health", timeout=2.0)).status_code == 200
+        except httpx.TimeoutException:
+            return None
         except httpx.TransportError:
             return False
 

@@ -10,21 +10,28 @@ log = logging.getLogger("loraplex.supervisor")
 
 class Supervisor:
     def __init__(self, backends: list[Backend], metrics, start_timeout: float, interval: float = 1.0,
-                 max_backoff: float = 60.0):
+                 max_backoff: float = 60.0, slow_probes_tolerated: int = 5):
         self.backends, self.metrics = backends, metrics
         self.start_timeout, self.interval, self.max_backoff = start_timeout, interval, max_backoff
+        self.slow_probes_tolerated = slow_probes_tolerated
 
     async def run(self) -> None:
         """Starts spawned engines, then watches every engine until cancelled."""
         await asyncio.gather(*(self._start(i, b) for i, b in enumerate(self.backends) if b.process))
         backoff = {i: 1.0 for i in range(len(self.backends))}
+        slow = {i: 0 for i in range(len(self.backends))}
         while True:
             await asyncio.sleep(self.interval)
             for i, b in enumerate(self.backends):
                 if b.process is not None and b.process.proc.poll() is not None:
                     await self._restart(i, b, backoff)
                 else:
-                    was_up, b.up = b.up, await b.engine.healthy()
+                    healthy = await b.engine.healthy()
+                    # A refused connection means down at once; an engine busy with long batches can miss a few
+                    # probes while it still serves, and taking it out then would turn its load into 503s.
+                    slow[i] = slow[i] + 1 if healthy is None else 0
+                    was_up, b.up = b.up, bool(healthy) or (healthy is None and b.up
+                                                             and slow[i] <= self.slow_probes_tolerated)
                     if was_up != b.up:
                         log.warning("engine %d (%s) is %s", i, b.engine.url, "up" if b.up else "down")
                     if not b.up and b.process is None:

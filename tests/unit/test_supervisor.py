@@ -1,0 +1,45 @@
+import asyncio
+
+from server.residency import Residency
+from server.routing import Backend
+from server.supervisor import Supervisor
+from tests.unit.test_residency import FakeEngine
+
+
+class ProbedEngine(FakeEngine):
+    """Answers health probes from a script (True: 200, False: refused, None: timed out) and notes, at each
+    probe, whether the supervisor held the engine up after the one before."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers, self.backend, self.seen, self.finished = list(answers), None, [], asyncio.Event()
+        self.url = "http://engine"
+
+    async def healthy(self):
+        if len(self.seen) < len(self.answers):
+            self.seen.append(self.backend.up)
+            return self.answers[len(self.seen) - 1]
+        self.seen.append(self.backend.up)
+        self.finished.set()
+        await asyncio.Event().wait()
+
+
+async def states(answers, tolerated=2) -> list[bool]:
+    engine = ProbedEngine(answers)
+    engine.backend = backend = Backend(engine, Residency(engine, 4), up=True)
+    task = asyncio.create_task(Supervisor([backend], None, 1.0, interval=0, slow_probes_tolerated=tolerated).run())
+    await asyncio.wait_for(engine.finished.wait(), 5)
+    task.cancel()
+    return engine.seen[1:]
+
+
+async def test_a_busy_engine_that_misses_a_few_probes_stays_up():
+    assert await states([None, None, True, None]) == [True, True, True, True]
+
+
+async def test_an_engine_that_keeps_missing_probes_goes_down_and_comes_back():
+    assert await states([None, None, None, None, True]) == [True, True, False, False, True]
+
+
+async def test_a_refused_probe_takes_the_engine_down_at_once():
+    assert await states([False, None, True]) == [False, False, True]
