@@ -1,7 +1,5 @@
 """Many PEFT LoRA adapters with random weights, fast: the base is wrapped by PEFT once and re-seeded per adapter."""
 
-import io
-import tarfile
 from pathlib import Path
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,12 +30,3 @@ class AdapterFactory:
         self.model.save_pretrained(out, safe_serialization=True)
         return Path(out)
 
-
-def archive(directory: Path) -> bytes:
-    """The adapter directory as the .tar.gz the admin upload takes."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for f in sorted(Path(directory).iterdir()):
-            if f.is_file():
-                tar.add(f, arcname=f.name)
-    return buf.getvalue()

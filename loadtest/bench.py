@@ -23,11 +23,12 @@ from pathlib import Path
 import httpx
 import psutil
 
-from loadtest.adapters import ALL_LINEAR, AdapterFactory, archive
+from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from loadtest.servers import LOADER, Gateway
 from server import basemodel
 from server.engine import free_port
 from server.registry import Registry
+from server.validation import pack_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
@@ -143,21 +144,15 @@ class Bench:
 
     def overhead(self, gw: Gateway) -> None:
         direct = gw.engine_url()
-        print("gateway overhead (base model)", flush=True)
-        r = self.pair("overhead", {"gateway": {"url": gw.url, "cpu_of": gw}, "vllm": {"url": direct, "cpu_of": gw}})
-        r["throughput_ratio"] = r["gateway"]["output_tokens_per_s"] / r["vllm"]["output_tokens_per_s"]
-        r["added_p50_ms"] = r["gateway"]["e2e_p50_ms"] - r["vllm"]["e2e_p50_ms"]
-        r["added_p99_ms"] = r["gateway"]["e2e_p99_ms"] - r["vllm"]["e2e_p99_ms"]
-        r["added_ttft_p50_ms"] = r["gateway"]["ttft_p50_ms"] - r["vllm"]["ttft_p50_ms"]
-        self.save()
-        print("gateway overhead, one request at a time (latency without queueing)", flush=True)
-        one = {"concurrency": 1, "cpu_of": gw}
-        r = self.pair("overhead-sequential", {"gateway": {"url": gw.url, **one}, "vllm": {"url": direct, **one}})
-        r["added_p50_ms"] = r["gateway"]["e2e_p50_ms"] - r["vllm"]["e2e_p50_ms"]
-        r["added_p99_ms"] = r["gateway"]["e2e_p99_ms"] - r["vllm"]["e2e_p99_ms"]
-        r["added_ttft_p50_ms"] = r["gateway"]["ttft_p50_ms"] - r["vllm"]["ttft_p50_ms"]
-        r["throughput_ratio"] = r["gateway"]["output_tokens_per_s"] / r["vllm"]["output_tokens_per_s"]
-        self.save()
+        for name, concurrency, what in (("overhead", None, ""),
+                                         ("overhead-sequential", 1, ", one request at a time (no queueing)")):
+            print(f"gateway overhead{what}", flush=True)
+            side = {"concurrency": concurrency, "cpu_of": gw}
+            r = self.pair(name, {"gateway": {"url": gw.url, **side}, "vllm": {"url": direct, **side}})
+            r["throughput_ratio"] = r["gateway"]["output_tokens_per_s"] / r["vllm"]["output_tokens_per_s"]
+            for key in ("e2e_p50_ms", "e2e_p99_ms", "ttft_p50_ms"):
+                r["added_" + key.removeprefix("e2e_")] = r["gateway"][key] - r["vllm"][key]
+            self.save()
 
     def sweep(self, gw: Gateway, label: str) -> None:
         print(f"adapter-count sweep, {label}", flush=True)
@@ -243,7 +238,7 @@ class Bench:
             registered = time.perf_counter() - t0
             rows.append({"via": "cli", "register_s": registered,
                          "first_token_s": self.first_token(gw, f"cold-cli-{i}")})
-            data = archive(src)
+            data = pack_archive(src)
             t0 = time.perf_counter()
             r = httpx.post(f"{gw.url}/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"},
                            data={"name": f"cold-up-{i}", "tenant": "bench"}, files={"file": ("a.tgz", data)},

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.adapters import AdapterFactory, archive
+from loadtest.adapters import AdapterFactory
 from loadtest.servers import LOADER, Gateway
 from server import basemodel
 from server.registry import Registry
+from server.validation import pack_archive
 
 ADMIN_TOKEN = "soak-admin-token"
 IN_FLIGHT_LIMIT = 8
@@ -106,7 +107,7 @@ class Soak:
     async def upload(self, admin: httpx.AsyncClient, name: str) -> int:
         src = await asyncio.to_thread(self.factory.write, self.work / "src" / f"{name}-{next(self.seeds)}",
                                       next(self.seeds))
-        data = await asyncio.to_thread(archive, src)
+        data = await asyncio.to_thread(pack_archive, src)
         r = await admin.post("/admin/adapters", data={"name": name, "tenant": "soak"},
                              files={"file": ("a.tar.gz", data)})
         if r.status_code != 201:

@@ -194,18 +194,10 @@ def adapters_upload(
     url: str = URL, token: str = TOKEN,
 ) -> None:
     """Upload an adapter to a running server as the next version of NAME."""
-    import io
-    import tarfile
-
-    from .validation import ALLOWED_FILES
+    from .validation import pack_archive
 
     if path.is_dir():
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            for fname in sorted(ALLOWED_FILES):
-                if (path / fname).is_file():
-                    tar.add(path / fname, arcname=fname)
-        content, filename = buf.getvalue(), f"{name}.tar.gz"
+        content, filename = pack_archive(path), f"{name}.tar.gz"
     elif path.is_file():
         content, filename = path.read_bytes(), path.name
     else:

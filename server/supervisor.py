@@ -26,12 +26,14 @@ class Supervisor:
                 if b.process is not None and b.process.proc.poll() is not None:
                     await self._restart(i, b, backoff)
                 else:
-                    healthy = await b.engine.healthy()
-                    # A refused connection means down at once; an engine busy with long batches can miss a few
-                    # probes while it still serves, and taking it out then would turn its load into 503s.
-                    slow[i] = slow[i] + 1 if healthy is None else 0
-                    was_up, b.up = b.up, bool(healthy) or (healthy is None and b.up
-                                                             and slow[i] <= self.slow_probes_tolerated)
+                    healthy, was_up = await b.engine.healthy(), b.up
+                    if healthy is None:
+                        # An engine busy with long batches can miss a few probes while it still serves; taking
+                        # it out then would turn its load into 503s. A refused connection is down at once.
+                        slow[i] += 1
+                        b.up = b.up and slow[i] <= self.slow_probes_tolerated
+                    else:
+                        slow[i], b.up = 0, healthy
                     if was_up != b.up:
                         log.warning("engine %d (%s) is %s", i, b.engine.url, "up" if b.up else "down")
                     if not b.up and b.process is None:

@@ -166,6 +166,19 @@ def _zip_members(zf) -> list[tuple[_Member, object]]:
     return out
 
 
+def pack_archive(directory: Path) -> bytes:
+    """The adapter files of `directory` as the .tar.gz that `unpack_archive` (the admin upload) takes."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in sorted(ALLOWED_FILES):
+            if (directory / name).is_file():
+                tar.add(directory / name, arcname=name)
+    return buf.getvalue()
+
+
 def unpack_archive(archive: BinaryIO, dest: Path, max_members: int, max_bytes: int) -> None:
     """Extracts a .tar.gz/.tgz/.zip adapter archive (a binary file) into `dest`, refusing anything unsafe."""
     import tarfile

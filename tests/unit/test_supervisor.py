@@ -16,12 +16,11 @@ class ProbedEngine(FakeEngine):
         self.url = "http://engine"
 
     async def healthy(self):
-        if len(self.seen) < len(self.answers):
-            self.seen.append(self.backend.up)
-            return self.answers[len(self.seen) - 1]
         self.seen.append(self.backend.up)
-        self.finished.set()
-        await asyncio.Event().wait()
+        if len(self.seen) > len(self.answers):
+            self.finished.set()
+            await asyncio.Event().wait()
+        return self.answers[len(self.seen) - 1]
 
 
 async def states(answers, tolerated=2) -> list[bool]:
