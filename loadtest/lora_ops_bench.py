@@ -1,4 +1,4 @@
-"""vLLM's CPU LoRA ops (a weight gather per token) against grouping tokens by adapter with one bmm.
+"""vLLM's CPU SGMV ops (a weight copy per token) against loraplex's grouped ops (server/lora_ops.py), side by side.
 
     python -m loadtest.lora_ops_bench
 """
@@ -6,13 +6,17 @@
 import time
 
 import torch
-from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
+from vllm.lora.ops import torch_ops as vllm_ops
 
-SLOTS, RANK, HIDDEN = 32, 16, 512
+from server import lora_ops
+
+SLOTS, RANK, HIDDEN, OUT = 32, 16, 512, 1408
+# (sequences in the step, tokens each of those still in prefill, sequences in prefill, distinct adapters)
+STEPS = ((32, 1, 0, 15), (32, 64, 4, 15), (32, 128, 4, 20), (32, 256, 2, 20))
 
 
-def _ms(fn, n: int = 100) -> float:
-    for _ in range(5):
+def _ms(fn, n: int = 50) -> float:
+    for _ in range(3):
         fn()
     start = time.perf_counter()
     for _ in range(n):
@@ -20,52 +24,47 @@ def _ms(fn, n: int = 100) -> float:
     return (time.perf_counter() - start) / n * 1000
 
 
-def _grouped_bmm(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor):
-    """x @ weights[idx[t]].T for every token t, as one bmm over the distinct adapters, padded per group."""
-    order = torch.argsort(idx, stable=True)
-    uniq, counts = torch.unique_consecutive(idx[order], return_counts=True)
-    group = torch.repeat_interleave(torch.arange(uniq.numel()), counts)
-    pos = torch.arange(idx.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    padded = x.new_zeros(uniq.numel(), int(counts.max()), x.shape[1])
-    padded[group, pos] = x[order]
-    out = torch.bmm(padded, weights[uniq].squeeze(1).transpose(1, 2))
-    return order, out[group, pos]
-
-
-def grouped_shrink(x, a, y, idx, scale):
-    order, out = _grouped_bmm(x, a, idx)
-    y[order, :out.shape[1]] = scale * out
-
-
-def grouped_expand_slice(x, b, y, idx, offset, size, add):
-    order, out = _grouped_bmm(x, b, idx)
-    if add:
-        y[order, offset:offset + size] += out
-    else:
-        y[order, offset:offset + size] = out
+def step_metadata(seqs: int, prefill_len: int, prefills: int, adapters: int, gen: torch.Generator):
+    """SGMV metadata as vLLM builds it: runs of consecutive tokens that share a slot; one slot in 8 is no LoRA."""
+    lens = torch.tensor([prefill_len] * prefills + [1] * (seqs - prefills))
+    slots = torch.randint(0, adapters, (seqs,), generator=gen)
+    slots[torch.rand(seqs, generator=gen) < 0.125] = -1
+    token_slots = torch.repeat_interleave(slots, lens)
+    run_slots, run_lens = torch.unique_consecutive(token_slots, return_counts=True)
+    starts = torch.cumsum(run_lens, 0) - run_lens
+    return (starts, run_lens, run_slots, run_slots.numel(), int(run_lens.max()), int(run_lens.sum())), token_slots
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    print(f"{SLOTS} slots of rank {RANK}, hidden {HIDDEN}, {torch.get_num_threads()} threads")
-    print("| tokens | adapters in batch | shrink, vLLM / grouped (ms) | expand to 1408, vLLM / grouped (ms) |")
-    print("|---|---|---|---|")
-    for tokens, adapters in ((32, 15), (300, 15), (600, 20)):
-        idx = torch.randint(0, adapters, (tokens,))
-        x, a = torch.randn(tokens, HIDDEN), torch.randn(SLOTS, 1, RANK, HIDDEN)
+    gen = torch.Generator().manual_seed(0)
+    print(f"{SLOTS} slots of rank {RANK}, hidden {HIDDEN}, {torch.get_num_threads()} threads; "
+          "times per op call, ms, vLLM / grouped")
+    print("| tokens in step | adapters | shrink | expand_slice to 1408 | planning, once per step |")
+    print("|---|---|---|---|---|")
+    for seqs, prefill_len, prefills, adapters in STEPS:
+        meta, token_slots = step_metadata(seqs, prefill_len, prefills, adapters, gen)
+        tokens = meta[-1]
+        x, a = torch.randn(tokens, HIDDEN, generator=gen), torch.randn(SLOTS, 1, RANK, HIDDEN, generator=gen)
+        xr, b = torch.randn(tokens, RANK, generator=gen), torch.randn(SLOTS, 1, OUT, RANK, generator=gen)
+        lora = token_slots >= 0
+
         y1, y2 = torch.zeros(tokens, RANK), torch.zeros(tokens, RANK)
-        bgmv_shrink(x, a, y1, idx, 0.5)
-        grouped_shrink(x, a, y2, idx, 0.5)
-        torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4)
-        shrink = (_ms(lambda: bgmv_shrink(x, a, y1, idx, 1.0)), _ms(lambda: grouped_shrink(x, a, y2, idx, 1.0)))
-        xr, b = torch.randn(tokens, RANK), torch.randn(SLOTS, 1, 1408, RANK)
-        o1, o2 = torch.zeros(tokens, 1508), torch.zeros(tokens, 1508)
-        bgmv_expand_slice(xr, b, o1, idx, 50, 1408, True)
-        grouped_expand_slice(xr, b, o2, idx, 50, 1408, True)
-        torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-3)
-        expand = (_ms(lambda: bgmv_expand_slice(xr, b, o1, idx, 50, 1408, True)),
-                  _ms(lambda: grouped_expand_slice(xr, b, o2, idx, 50, 1408, True)))
-        print(f"| {tokens} | {adapters} | {shrink[0]:.2f} / {shrink[1]:.2f} | {expand[0]:.2f} / {expand[1]:.2f} |")
+        vllm_ops.sgmv_shrink(x, a, y1, *meta, 0.5)
+        lora_ops.sgmv_shrink(x, a, y2, *meta, 0.5)
+        torch.testing.assert_close(y1[lora], y2[lora], rtol=1e-5, atol=1e-5)
+        o1, o2 = torch.zeros(tokens, OUT + 100), torch.zeros(tokens, OUT + 100)
+        vllm_ops.sgmv_expand_slice(xr, b, o1, *meta, 50, OUT, True)
+        lora_ops.sgmv_expand_slice(xr, b, o2, *meta, 50, OUT, True)
+        torch.testing.assert_close(o1[lora], o2[lora], rtol=1e-5, atol=1e-4)
+        assert not o2[~lora].any(), "a token without LoRA got an adapter's output"
+
+        shrink = (_ms(lambda: vllm_ops.sgmv_shrink(x, a, y1, *meta, 1.0)),
+                  _ms(lambda: lora_ops.sgmv_shrink(x, a, y2, *meta, 1.0)))
+        expand = (_ms(lambda: vllm_ops.sgmv_expand_slice(xr, b, o1, *meta, 50, OUT, True)),
+                  _ms(lambda: lora_ops.sgmv_expand_slice(xr, b, o2, *meta, 50, OUT, True)))
+        planning = _ms(lambda: lora_ops.plan(token_slots))
+        print(f"| {tokens} | {adapters} | {shrink[0]:.2f} / {shrink[1]:.2f} | {expand[0]:.2f} / {expand[1]:.2f} "
+              f"| {planning:.2f} |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from .config import Settings
+from .config import LORA_OPS_ENV, Settings
 
 log = logging.getLogger("loraplex.engine")
 
@@ -80,6 +80,7 @@ class EngineProcess:
         env = dict(os.environ)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.engine_kvcache_gib))
+        env[LORA_OPS_ENV] = self.settings.lora_ops
         log.info("starting engine: %s", shlex.join(self.command))
         # A new session makes the API server, EngineCore and workers one process group to signal together.
         self.proc = subprocess.Popen(self.command, env=env, start_new_session=True)

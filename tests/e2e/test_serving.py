@@ -163,6 +163,29 @@ async def test_concurrent_first_requests_all_succeed_with_equal_output(server):
     assert all(len(texts) == 1 for texts in by_adapter.values()), by_adapter
 
 
+async def test_base_and_adapters_in_one_batch_each_equal_peft(server, reference):
+    """Requests for the base model and for each adapter, decoded in the same engine steps: every output must be
+    what PEFT computes for it alone; a base request must not pick up an adapter from a neighbouring slot."""
+    assert "loraplex grouped LoRA ops in use" in server.log.read_text()
+    jobs = [(adapter, prompt) for prompt in PROMPTS for adapter in (None, "alpha@1", "beta@1")] * 2
+    async with httpx.AsyncClient(base_url=server.url, timeout=300) as ac:
+        for adapter in ("alpha@1", "beta@1"):  # both resident before the batch, so both slots are full
+            r = await ac.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "adapter": adapter})
+            assert r.status_code == 200, r.text
+
+        async def one(adapter, prompt):
+            r = await ac.post("/v1/completions", json={
+                "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True,
+                **({"adapter": adapter} if adapter else {})})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]
+
+        results = await asyncio.gather(*(one(a, p) for a, p in jobs))
+    for (adapter, prompt), choice in zip(jobs, results):
+        src = server.adapter_dirs[adapter.split("@")[0]] if adapter else None
+        assert same(choice, reference.complete(src, prompt, MAX_TOKENS)), (adapter, prompt)
+
+
 def test_engine_holds_at_most_max_resident(client, server):
     for adapter in ("alpha@1", "beta@1", "gamma@1", "alpha@1"):
         complete(client, PROMPTS[0], max_tokens=2, adapter=adapter)

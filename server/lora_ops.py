@@ -1,0 +1,110 @@
+"""Grouped LoRA ops for vLLM's CPU backend, installed into the engine as a vLLM general plugin.
+
+vLLM's CPU ops copy every token's adapter matrices before an einsum; at 64 adapters that copy was 42% of the
+engine's time (BENCHMARKS.md). These group the batch's tokens by adapter slot and run one bmm over the
+distinct slots. Same signatures as `vllm.lora.ops.torch_ops.sgmv_*`; slot -1 means no LoRA, as vLLM documents.
+"""
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from .config import LORA_OPS_ENV
+
+
+class Plan(NamedTuple):
+    """Where each LoRA token sits in a [slots, longest group, ...] padded batch."""
+
+    order: torch.Tensor  # token rows, grouped by slot; tokens without LoRA left out
+    slots: torch.Tensor  # the distinct slots, one per group
+    group: torch.Tensor  # group of each row in `order`
+    pos: torch.Tensor  # position of each row within its group
+    longest: int
+
+
+def plan(token_slots: torch.Tensor) -> Plan:
+    order = torch.argsort(token_slots, stable=True)
+    order = order[token_slots[order] >= 0]
+    slots, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
+    group = torch.repeat_interleave(torch.arange(slots.numel()), counts)
+    pos = torch.arange(order.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return Plan(order, slots, group, pos, int(counts.max()) if counts.numel() else 0)
+
+
+class _StepCache:
+    """Every LoRA layer of one forward step sees the same metadata; plan it once per step, not 100 times."""
+
+    def __init__(self):
+        self.key, self.plan = None, None
+
+    def get(self, seq_lens: torch.Tensor, slots: torch.Tensor, batches: int, token_nums: int) -> Plan:
+        # vLLM refills these buffers in place each step, which bumps their version counters.
+        key = (slots.data_ptr(), slots._version, seq_lens.data_ptr(), seq_lens._version, batches, token_nums)
+        if key != self.key:
+            self.key, self.plan = key, plan(torch.repeat_interleave(slots, seq_lens))
+        return self.plan
+
+
+_cache = _StepCache()
+
+
+def _apply(p: Plan, x: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x[t] @ weights[slot(t)].T for the planned tokens, in `order`."""
+    padded = x.new_zeros(p.slots.numel(), p.longest, x.shape[1], dtype=dtype)
+    padded[p.group, p.pos] = x[p.order].to(dtype)
+    w = weights[p.slots].to(dtype)
+    if w.dim() == 4:
+        w = w.squeeze(1)
+    return torch.bmm(padded, w.transpose(1, 2))[p.group, p.pos]
+
+
+def _write(y: torch.Tensor, rows: torch.Tensor, cols: slice, out: torch.Tensor, add: bool) -> None:
+    if add:
+        y[rows, cols] += out
+    else:
+        y[rows, cols] = out
+
+
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, scaling):
+    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
+    if p.longest:
+        out = _apply(p, inputs, lora_a_weights, output_tensor.dtype)
+        _write(output_tensor, p.order, slice(0, out.shape[1]), scaling * out, add=False)
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, add_inputs=False):
+    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
+    if p.longest:
+        out = _apply(p, inputs, lora_b_weights, output_tensor.dtype)
+        # the adapter and the model may pad the output differently
+        common = min(out.shape[1], output_tensor.shape[1])
+        _write(output_tensor, p.order, slice(0, common), out[:, :common], add_inputs)
+
+
+def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                      batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
+    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
+    if p.longest:
+        out = _apply(p, inputs, lora_b_weights, output_tensor.dtype)
+        _write(output_tensor, p.order, slice(slice_offset, slice_offset + slice_size), out, add_inputs)
+
+
+def register() -> None:
+    """vLLM general-plugin hook: swaps the CPU punica wrapper's SGMV ops when the engine was started with
+    LORAPLEX_LORA_OPS=grouped (the gateway passes its setting to the engines it spawns)."""
+    if os.environ.get(LORA_OPS_ENV) != "grouped":
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.logger import init_logger
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    punica_cpu.sgmv_shrink = sgmv_shrink
+    punica_cpu.sgmv_expand = sgmv_expand
+    punica_cpu.sgmv_expand_slice = sgmv_expand_slice
+    init_logger("vllm.loraplex").info("loraplex grouped LoRA ops in use (%s=grouped)", LORA_OPS_ENV)

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from vllm.lora.ops import torch_ops as vllm_ops
+from vllm.lora.punica_wrapper import punica_cpu
+
+from server import lora_ops
+from server.config import LORA_OPS_ENV
+
+SLOTS, RANK, HIDDEN, OUT = 6, 4, 24, 40
+
+
+def metadata(run_slots: list[int], run_lens: list[int]):
+    """SGMV metadata as vLLM's punica wrapper passes it, in fresh buffers."""
+    slots, lens = torch.tensor(run_slots), torch.tensor(run_lens)
+    return (torch.cumsum(lens, 0) - lens, lens, slots, len(run_slots), max(run_lens), sum(run_lens))
+
+
+# decode (one token per sequence), prefill runs, a repeated slot in separate runs, no LoRA first / between / alone
+CASES = [
+    ([3, 0, 5, 1, 3], [1, 1, 1, 1, 1]),
+    ([2, 4], [7, 3]),
+    ([1, 2, 1, 0], [4, 1, 5, 2]),
+    ([-1, 2, -1, 5], [3, 2, 1, 4]),
+    ([-1], [5]),
+]
+
+
+@pytest.mark.parametrize("runs", CASES)
+def test_grouped_ops_equal_vllms_on_lora_tokens_and_leave_the_rest(runs):
+    g = torch.Generator().manual_seed(len(runs[1]))
+    meta = metadata(*runs)
+    tokens = meta[-1]
+    lora = torch.repeat_interleave(meta[2], meta[1]) >= 0
+    x, a = torch.randn(tokens, HIDDEN, generator=g), torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g)
+    xr, b = torch.randn(tokens, RANK, generator=g), torch.randn(SLOTS, 1, OUT, RANK, generator=g)
+    start = torch.randn(tokens, OUT + 10, generator=g)
+
+    mine, theirs = torch.zeros(tokens, RANK), torch.zeros(tokens, RANK)
+    lora_ops.sgmv_shrink(x, a, mine, *meta, 0.5)
+    vllm_ops.sgmv_shrink(x, a, theirs, *meta, 0.5)
+    torch.testing.assert_close(mine[lora], theirs[lora])
+    assert not mine[~lora].any()
+
+    for add in (True, False):
+        mine, theirs = start.clone(), start.clone()
+        lora_ops.sgmv_expand_slice(xr, b, mine, *meta, 7, OUT, add)
+        vllm_ops.sgmv_expand_slice(xr, b, theirs, *meta, 7, OUT, add)
+        torch.testing.assert_close(mine[lora], theirs[lora])
+        torch.testing.assert_close(mine[~lora], start[~lora], rtol=0, atol=0)
+
+        mine, theirs = start.clone(), start.clone()
+        lora_ops.sgmv_expand(xr, b, mine, *meta, add)
+        vllm_ops.sgmv_expand(xr, b, theirs, *meta, add)
+        torch.testing.assert_close(mine[lora], theirs[lora])
+        torch.testing.assert_close(mine[~lora], start[~lora], rtol=0, atol=0)
+
+
+def test_plan_follows_metadata_refilled_in_place():
+    """vLLM reuses its metadata buffers from step to step; a cached plan must not outlive their contents."""
+    slots, lens = torch.tensor([0, 1, 2]), torch.tensor([1, 1, 1])
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN)
+    x = torch.randn(3, HIDDEN)
+    first = torch.zeros(3, RANK)
+    lora_ops.sgmv_shrink(x, a, first, torch.zeros(3), lens, slots, 3, 1, 3, 1.0)
+    slots.copy_(torch.tensor([2, 2, 0]))
+    second = torch.zeros(3, RANK)
+    lora_ops.sgmv_shrink(x, a, second, torch.zeros(3), lens, slots, 3, 1, 3, 1.0)
+    expected = torch.zeros(3, RANK)
+    vllm_ops.sgmv_shrink(x, a, expected, torch.zeros(3), lens, slots, 3, 1, 3, 1.0)
+    torch.testing.assert_close(second, expected)
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("setting, ours", [("grouped", True), ("vllm", False), (None, False)])
+def test_plugin_swaps_the_cpu_ops_only_when_asked(monkeypatch, setting, ours):
+    for name in ("sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
+        monkeypatch.setattr(punica_cpu, name, getattr(vllm_ops, name))
+    if setting is None:
+        monkeypatch.delenv(LORA_OPS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(LORA_OPS_ENV, setting)
+    lora_ops.register()
+    assert (punica_cpu.sgmv_shrink is lora_ops.sgmv_shrink) is ours
+    assert (punica_cpu.sgmv_expand_slice is lora_ops.sgmv_expand_slice) is ours
+    assert (punica_cpu.sgmv_expand is lora_ops.sgmv_expand) is ours
