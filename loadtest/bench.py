@@ -1,7 +1,8 @@
 """Serving benchmarks, each pair measured side by side in alternating rounds; writes BENCHMARKS.md's tables.
 
 1. gateway overhead: loraplex against the same vLLM engine called directly;
-2. loraplex against a naive transformers + PEFT server, over 8 and 64 adapters;
+2. loraplex against a naive transformers + PEFT server, over 8 and 64 adapters, and its grouped LoRA ops against
+   vLLM's own CPU ops;
 3. adapter-count sweep (1, 8, 64, 512, Zipf popularity) with loraplex's defaults and a hand-set --max-loras;
 4. merged-weight ceiling: one adapter through LoRA against the same adapter merged into the base;
 5. cold start: registration (CLI and admin upload) to first token.
@@ -302,7 +303,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    p.add_argument("--hand-tuned", type=lambda s: s.split(","), default=["32:16"],
+    p.add_argument("--hand-tuned", type=lambda s: s.split(","), default=["8:16"],
                    help="hand-set engine settings to sweep too, as MAX_LORAS:MAX_LORA_RANK pairs")
     p.add_argument("--cold-repeats", type=int, default=3)
     p.add_argument("--only", type=lambda s: s.split(","), default=None,

@@ -41,6 +41,12 @@ def tables(results: dict) -> str:
             lines += [f"### loraplex against a naive PEFT server, {n} adapters (Zipf)", "",
                       *_pair(r, ["loraplex", "naive"]), "",
                       f"Throughput ratio: **{r['throughput_ratio']:.2f}x** (target ≥ 3x at 64 adapters).", ""]
+    if "lora-ops" in results:
+        r = results["lora-ops"]
+        lines += ["### loraplex's grouped LoRA ops against vLLM's own, 64 adapters (Zipf)", "",
+                  *_pair(r, ["grouped", "vllm"]), "",
+                  f"Throughput ratio grouped / vLLM's ops: **{r['throughput_ratio']:.2f}x** (same gateway settings; "
+                  "`LORAPLEX_LORA_OPS=vllm` on the second).", ""]
     if "sweep" in results:
         lines += ["### Adapter-count sweep (Zipf s=1)", "",
                   "| residency | adapters | output tok/s | E2E p99 ms | errors | adapter loads | evictions |",
