@@ -13,23 +13,38 @@ import torch
 from .config import LORA_OPS_ENV
 
 
+# Groups of at most this many tokens (decode steps) share one padded bmm; longer ones (prefill) get an mm each,
+# so that one long prefill does not pad every decode token's group to its length.
+SHORT = 8
+
+
 class Plan(NamedTuple):
-    """Where each LoRA token sits in a [slots, longest group, ...] padded batch."""
+    """The LoRA tokens grouped by slot, and how each group is computed."""
 
     order: torch.Tensor  # token rows, grouped by slot; tokens without LoRA left out
-    slots: torch.Tensor  # the distinct slots, one per group
-    group: torch.Tensor  # group of each row in `order`
-    pos: torch.Tensor  # position of each row within its group
-    longest: int
+    short_rows: torch.Tensor  # positions in `order` of the tokens in short groups
+    short_slots: torch.Tensor  # slot of each short group
+    short_group: torch.Tensor  # short group of each of those tokens
+    short_pos: torch.Tensor  # position of each of those tokens within its group
+    short_longest: int
+    long: list[tuple[int, int, int]]  # (start, end) in `order` and slot of each long group
 
 
 def plan(token_slots: torch.Tensor) -> Plan:
     order = torch.argsort(token_slots, stable=True)
     order = order[token_slots[order] >= 0]
     slots, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
-    group = torch.repeat_interleave(torch.arange(slots.numel()), counts)
-    pos = torch.arange(order.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    return Plan(order, slots, group, pos, int(counts.max()) if counts.numel() else 0)
+    starts = torch.cumsum(counts, 0) - counts
+    short = counts <= SHORT
+    short_counts = counts[short]
+    short_rows = torch.repeat_interleave(short, counts).nonzero().squeeze(1)
+    group = torch.repeat_interleave(torch.arange(short_counts.numel()), short_counts)
+    pos = torch.arange(short_rows.numel()) - torch.repeat_interleave(torch.cumsum(short_counts, 0) - short_counts,
+                                                                     short_counts)
+    long = [(st, st + n, slot) for st, n, slot, s in
+            zip(starts.tolist(), counts.tolist(), slots.tolist(), short.tolist()) if not s]
+    return Plan(order, short_rows, slots[short], group, pos, int(short_counts.max()) if short_counts.numel() else 0,
+                long)
 
 
 class _StepCache:
@@ -51,12 +66,16 @@ _cache = _StepCache()
 
 def _apply(p: Plan, x: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x[t] @ weights[slot(t)].T for the planned tokens, in `order`."""
-    padded = x.new_zeros(p.slots.numel(), p.longest, x.shape[1], dtype=dtype)
-    padded[p.group, p.pos] = x[p.order].to(dtype)
-    w = weights[p.slots].to(dtype)
-    if w.dim() == 4:
-        w = w.squeeze(1)
-    return torch.bmm(padded, w.transpose(1, 2))[p.group, p.pos]
+    weights = weights.squeeze(1) if weights.dim() == 4 else weights
+    out = x.new_empty(p.order.numel(), weights.shape[1], dtype=dtype)
+    if p.short_longest:
+        padded = x.new_zeros(p.short_slots.numel(), p.short_longest, x.shape[1], dtype=dtype)
+        padded[p.short_group, p.short_pos] = x[p.order[p.short_rows]].to(dtype)
+        w = weights[p.short_slots].to(dtype)
+        out[p.short_rows] = torch.bmm(padded, w.transpose(1, 2))[p.short_group, p.short_pos]
+    for start, end, slot in p.long:
+        out[start:end] = x[p.order[start:end]].to(dtype) @ weights[slot].to(dtype).T
+    return out
 
 
 def _write(y: torch.Tensor, rows: torch.Tensor, cols: slice, out: torch.Tensor, add: bool) -> None:
@@ -69,7 +88,7 @@ def _write(y: torch.Tensor, rows: torch.Tensor, cols: slice, out: torch.Tensor, 
 def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, token_nums, scaling):
     p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
-    if p.longest:
+    if p.order.numel():
         out = _apply(p, inputs, lora_a_weights, output_tensor.dtype)
         _write(output_tensor, p.order, slice(0, out.shape[1]), scaling * out, add=False)
 
@@ -77,7 +96,7 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, token_nums, add_inputs=False):
     p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
-    if p.longest:
+    if p.order.numel():
         out = _apply(p, inputs, lora_b_weights, output_tensor.dtype)
         # the adapter and the model may pad the output differently
         common = min(out.shape[1], output_tensor.shape[1])
@@ -87,7 +106,7 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
 def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                       batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
     p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
-    if p.longest:
+    if p.order.numel():
         out = _apply(p, inputs, lora_b_weights, output_tensor.dtype)
         _write(output_tensor, p.order, slice(slice_offset, slice_offset + slice_size), out, add_inputs)
 

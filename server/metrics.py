@@ -66,14 +66,16 @@ class RequestTimer:
         self.m, self.route, self.adapter = metrics, route, adapter
         self.start = self.last = time.perf_counter()
         self.first = True
+        self._itl = None  # looked up once per stream, not per chunk
 
     def chunk(self) -> None:
         now = time.perf_counter()
         if self.first:
             self.m.ttft.labels(self.route, self.adapter).observe(now - self.start)
+            self._itl = self.m.itl.labels(self.route, self.adapter)
             self.first = False
         else:
-            self.m.itl.labels(self.route, self.adapter).observe(now - self.last)
+            self._itl.observe(now - self.last)
         self.last = now
 
     def usage(self, usage: dict | None) -> None:

@@ -15,8 +15,10 @@ def metadata(run_slots: list[int], run_lens: list[int]):
     return (torch.cumsum(lens, 0) - lens, lens, slots, len(run_slots), max(run_lens), sum(run_lens))
 
 
-# decode (one token per sequence), prefill runs, a repeated slot in separate runs, no LoRA first / between / alone
+# decode (one token per sequence), prefill runs, a repeated slot in separate runs, no LoRA first / between / alone,
+# long prefills (past lora_ops.SHORT) beside decode tokens
 CASES = [
+    ([5, 0, 3, 5, 1, -1], [20, 1, 1, 1, 12, 9]),
     ([3, 0, 5, 1, 3], [1, 1, 1, 1, 1]),
     ([2, 4], [7, 3]),
     ([1, 2, 1, 0], [4, 1, 5, 2]),
