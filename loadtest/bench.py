@@ -7,7 +7,7 @@
 4. merged-weight ceiling: one adapter through LoRA against the same adapter merged into the base;
 5. cold start: registration (CLI and admin upload) to first token.
 
-    python -m loadtest.bench            # everything, about 25 minutes on 2 cores
+    python -m loadtest.bench            # everything, about 23 minutes on 2 cores
     python -m loadtest.bench --quick    # the overhead pair and one sweep point, a few minutes
 """
 
