@@ -1,8 +1,9 @@
 """Grouped LoRA ops for vLLM's CPU backend, installed into the engine as a vLLM general plugin.
 
 vLLM's CPU ops copy every token's adapter matrices before an einsum; at 64 adapters that copy was 42% of the
-engine's time (BENCHMARKS.md). These group the batch's tokens by adapter slot and run one bmm over the
-distinct slots. Same signatures as `vllm.lora.ops.torch_ops.sgmv_*`; slot -1 means no LoRA, as vLLM documents.
+engine's time (BENCHMARKS.md). These group the batch's tokens by adapter slot once per step and read each
+slot's weights once per group. Same signatures as `vllm.lora.ops.torch_ops.sgmv_*`; slot -1 means no LoRA,
+as vLLM documents.
 """
 
 import os
@@ -11,7 +12,6 @@ from typing import NamedTuple
 import torch
 
 from .config import LORA_OPS_ENV
-
 
 # Groups of at most this many tokens (decode steps) share one padded bmm; longer ones (prefill) get an mm each,
 # so that one long prefill does not pad every decode token's group to its length.
