@@ -23,6 +23,7 @@ class Plan(NamedTuple):
 
     order: torch.Tensor  # token rows, grouped by slot; tokens without LoRA left out
     short_rows: torch.Tensor  # positions in `order` of the tokens in short groups
+    short_tokens: torch.Tensor  # the same tokens' rows in the batch (order[short_rows])
     short_slots: torch.Tensor  # slot of each short group
     short_group: torch.Tensor  # short group of each of those tokens
     short_pos: torch.Tensor  # position of each of those tokens within its group
@@ -43,7 +44,7 @@ def plan(token_slots: torch.Tensor) -> Plan:
                                                                      short_counts)
     long = [(st, st + n, slot) for st, n, slot, s in
             zip(starts.tolist(), counts.tolist(), slots.tolist(), short.tolist()) if not s]
-    return Plan(order, short_rows, slots[short], group, pos, int(short_counts.max()) if short_counts.numel() else 0,
+    return Plan(order, short_rows, order[short_rows], slots[short], group, pos, int(short_counts.max()) if short_counts.numel() else 0,
                 long)
 
 
@@ -70,7 +71,7 @@ def _apply(p: Plan, x: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) 
     out = x.new_empty(p.order.numel(), weights.shape[1], dtype=dtype)
     if p.short_longest:
         padded = x.new_zeros(p.short_slots.numel(), p.short_longest, x.shape[1], dtype=dtype)
-        padded[p.short_group, p.short_pos] = x[p.order[p.short_rows]].to(dtype)
+        padded[p.short_group, p.short_pos] = x[p.short_tokens].to(dtype)
         w = weights[p.short_slots].to(dtype)
         out[p.short_rows] = torch.bmm(padded, w.transpose(1, 2))[p.short_group, p.short_pos]
     for start, end, slot in p.long:
