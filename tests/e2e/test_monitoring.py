@@ -75,7 +75,7 @@ def test_usage_chunk_only_when_asked(client, traffic):
         with client.stream("POST", "/v1/completions", json=body) as r:
             return [line for line in r.iter_lines() if line.startswith("data: {")]
 
-    body = {"prompt": "Ada", "max_tokens": 4, "stream": True}
+    body = {"prompt": "Ada", "max_tokens": 4, "stream": True, "ignore_eos": True}
     assert not any('"usage":{' in e for e in events(body))
     with_usage = events({**body, "stream_options": {"include_usage": True}})
     assert json.loads(with_usage[-1][6:])["usage"]["completion_tokens"] == 4
