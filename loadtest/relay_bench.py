@@ -1,0 +1,121 @@
+"""The gateway's own CPU per streamed request, against a stub engine that computes nothing.
+
+The stub answers every completion with 32 token events, a usage event and [DONE], 5 ms apart, so what is
+measured is the gateway's relay alone: CPU seconds of the `loraplex serve` process per request, one request
+at a time and at 32 concurrent streams. Run: `python -m loadtest.relay_bench`.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiohttp
+from aiohttp import web
+
+from server.engine import free_port
+
+TOKENS = 32
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+    await response.prepare(request)
+    head = {"id": "cmpl-stub", "object": "text_completion", "created": 1, "model": body["model"]}
+    for i in range(TOKENS):
+        await asyncio.sleep(0.005)
+        choice = {"index": 0, "text": " tok", "finish_reason": "length" if i == TOKENS - 1 else None}
+        await response.write(b"data: " + json.dumps({**head, "choices": [choice], "usage": None}).encode() + b"\n\n")
+    usage = {"prompt_tokens": 4, "completion_tokens": TOKENS, "total_tokens": TOKENS + 4}
+    await response.write(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+def stub_engine(port: int) -> None:
+    app = web.Application()
+    app.router.add_get("/health", lambda _: web.Response(text=""))
+    app.router.add_post("/v1/completions", _stream)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(url: str, pid: int, requests: int, concurrency: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        async def one():
+            async with gate:
+                start = time.perf_counter()
+                async with session.post(f"{url}/v1/completions",
+                                        json={"prompt": "Ada", "max_tokens": TOKENS, "stream": True}) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"gateway answered {r.status}: {await r.text()}")
+                    async for _ in r.content:
+                        pass
+                latencies.append(time.perf_counter() - start)
+
+        await asyncio.gather(*(one() for _ in range(min(requests, 20))))  # warm the pools up
+        latencies.clear()
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(requests)))
+        cpu1, t1 = cpu_seconds(pid), time.perf_counter()
+    latencies.sort()
+    return {"concurrency": concurrency, "requests": requests, "gateway_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / requests,
+            "e2e_p50_ms": 1000 * latencies[len(latencies) // 2], "wall_s": t1 - t0}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-model", default="models/demo-base", help="read for its config only; never loaded")
+    p.add_argument("--requests", type=int, default=640)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    stub_port, gw_port = free_port(), free_port()
+    stub = subprocess.Popen([sys.executable, "-c", f"from loadtest.relay_bench import stub_engine; stub_engine({stub_port})"])
+    work = tempfile.mkdtemp(prefix="loraplex-relay-")
+    env = {**os.environ, "LORAPLEX_ENGINE_URLS": f"http://127.0.0.1:{stub_port}", "LORAPLEX_PORT": str(gw_port),
+           "LORAPLEX_BASE_MODEL": args.base_model, "LORAPLEX_REGISTRY": f"{work}/adapters",
+           "LORAPLEX_STATE_DIR": f"{work}/state", "LORAPLEX_LOG_LEVEL": "warning"}
+    gateway = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env)
+    url = f"http://127.0.0.1:{gw_port}"
+    try:
+        asyncio.run(_wait_ready(url))
+        for concurrency, requests in ((1, max(args.requests // 8, 20)), (32, args.requests)):
+            runs = [asyncio.run(measure(url, gateway.pid, requests, concurrency)) for _ in range(args.repeats)]
+            cpu = sorted(r["gateway_cpu_ms_per_request"] for r in runs)
+            print(f"concurrency {concurrency}: gateway CPU per request {cpu[len(cpu) // 2]:.2f} ms (median of "
+                  f"{[round(c, 2) for c in cpu]}), e2e p50 {runs[0]['e2e_p50_ms']:.1f} ms")
+    finally:
+        for proc in (gateway, stub):
+            proc.terminate()
+            proc.wait()
+    return 0
+
+
+async def _wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1, "stream": True}) as r:
+                    await r.read()
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError("gateway did not serve within 60 s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
