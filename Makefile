@@ -40,7 +40,7 @@ unit: $(STAMP)
 bench-train: $(STAMP) $(MODEL)/config.json
 	$(PY) loadtest/train_bench.py
 
-# Serving benchmarks (about 23 minutes; bench-quick a few): tables into BENCHMARKS.md, plots in loadtest/results.
+# Serving benchmarks (about 27 minutes; bench-quick a few): tables into BENCHMARKS.md, plots in loadtest/results.
 bench: $(STAMP)
 	$(PY) -m loadtest.bench
 

@@ -3,11 +3,12 @@
 1. gateway overhead: loraplex against the same vLLM engine called directly;
 2. loraplex against a naive transformers + PEFT server, over 8 and 64 adapters, and its grouped LoRA ops against
    vLLM's own CPU ops;
-3. adapter-count sweep (1, 8, 64, 512, Zipf popularity) with loraplex's defaults and a hand-set --max-loras;
+3. adapter-count sweep (1, 8, 64, 512, Zipf popularity): loraplex's defaults and a hand-set --max-loras, each
+   point on both engines back to back;
 4. merged-weight ceiling: one adapter through LoRA against the same adapter merged into the base;
 5. cold start: registration (CLI and admin upload) to first token.
 
-    python -m loadtest.bench            # everything, about 23 minutes on 2 cores
+    python -m loadtest.bench            # everything, about 27 minutes on 2 cores
     python -m loadtest.bench --quick    # the overhead pair and one sweep point, a few minutes
 """
 
@@ -158,20 +159,39 @@ class Bench:
                 r["added_" + key.removeprefix("e2e_")] = r["gateway"][key] - r["vllm"][key]
             self.save()
 
-    def sweep(self, gw: Gateway, label: str) -> None:
-        print(f"adapter-count sweep, {label}", flush=True)
-        points = {}
-        for n in self.args.sweep:
-            before = self.counters(gw)
-            slug = re.sub(r"[^a-z0-9]+", "-", label).strip("-")
-            report = self.load(gw.url, f"sweep-{slug}-{n}", self.names(n), plot=(n == max(self.args.sweep)))
-            after = self.counters(gw)
-            points[str(n)] = {"output_tokens_per_s": report["throughput"]["output_tokens_per_s"],
-                              "e2e_p99_ms": report["overall"]["e2e_s"]["p99"] * 1000,
-                              "errors": report["overall"]["errors"],
-                              **{k: after[k] - before[k] for k in after}}
-        self.results.setdefault("sweep", {})[label] = points
-        self.save()
+    def sweeps(self, gw: Gateway) -> None:
+        """The defaults and, with the `tuned` part, each hand-set setting, on engines that run side by side."""
+        gateways = {DEFAULTS: gw} if "sweep" in self.args.only else {}
+        try:
+            for tuned in self.args.hand_tuned if "tuned" in self.args.only else ():
+                loras, rank = tuned.split(":")
+                gateways[f"max-loras {loras}, max-lora-rank {rank}"] = self.gateway(
+                    f"max-loras-{loras}-rank-{rank}", LORAPLEX_MAX_LORAS=loras, LORAPLEX_MAX_LORA_RANK=rank,
+                    LORAPLEX_STATE_DIR=str(self.work / f"state-{loras}-{rank}"))
+            self.sweep(gateways)
+        finally:
+            for other in gateways.values():
+                if other is not gw:
+                    other.stop()
+
+    def sweep(self, gateways: dict[str, Gateway]) -> None:
+        """Every setting runs each point back to back, in the opposite order at every other point, so that drift
+        in the machine's speed (up to 18% within minutes here) hits the settings alike."""
+        print(f"adapter-count sweep: {'; '.join(gateways)}", flush=True)
+        results = self.results.setdefault("sweep", {})
+        for label in gateways:
+            results[label] = {}
+        for i, n in enumerate(self.args.sweep):
+            for label, gw in list(gateways.items())[::1 if i % 2 == 0 else -1]:
+                before = self.counters(gw)
+                slug = re.sub(r"[^a-z0-9]+", "-", label).strip("-")
+                report = self.load(gw.url, f"sweep-{slug}-{n}", self.names(n), plot=(n == max(self.args.sweep)))
+                after = self.counters(gw)
+                results[label][str(n)] = {"output_tokens_per_s": report["throughput"]["output_tokens_per_s"],
+                                          "e2e_p99_ms": report["overall"]["e2e_s"]["p99"] * 1000,
+                                          "errors": report["overall"]["errors"],
+                                          **{k: after[k] - before[k] for k in after}}
+            self.save()
 
     def naive(self, gw: Gateway) -> None:
         adapters = self.work / "naive-adapters"
@@ -275,22 +295,12 @@ class Bench:
         parts = self.args.only
         gw = self.gateway("defaults")
         try:
-            for part, fn in (("overhead", self.overhead), ("sweep", lambda g: self.sweep(g, DEFAULTS)),
-                             ("cold", self.cold_start), ("naive", self.naive), ("lora-ops", self.lora_ops),
-                             ("merged", self.merged)):
-                if part in parts:
+            for part, fn in (("overhead", self.overhead), ("sweep", self.sweeps), ("cold", self.cold_start),
+                             ("naive", self.naive), ("lora-ops", self.lora_ops), ("merged", self.merged)):
+                if part in parts or (part == "sweep" and "tuned" in parts):
                     fn(gw)
         finally:
             gw.stop()
-        if "tuned" in parts:
-            for tuned in self.args.hand_tuned:
-                loras, rank = tuned.split(":")
-                gw = self.gateway(f"max-loras-{loras}-rank-{rank}", LORAPLEX_MAX_LORAS=loras,
-                                  LORAPLEX_MAX_LORA_RANK=rank)
-                try:
-                    self.sweep(gw, f"max-loras {loras}, max-lora-rank {rank}")
-                finally:
-                    gw.stop()
 
 
 def main() -> int:
