@@ -107,7 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         base = await asyncio.to_thread(basemodel.load, settings.base_model)
-        # httpx's API over aiohttp's C parser and pool: relaying a stream cost 2.5x the CPU on httpcore and h11.
+        # httpx's API over aiohttp's C parser and pool: relaying a stream cost twice the CPU on httpcore and h11.
         # Idle connections close before vLLM's 5 s keep-alive does, so a POST never goes out on a closing one.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
         client = httpx.AsyncClient(transport=AiohttpTransport(client=aiohttp.ClientSession(connector=connector)),
