@@ -8,15 +8,17 @@ at a time and at 32 concurrent streams. Run: `python -m loadtest.relay_bench`.
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import aiohttp
+import psutil
 from aiohttp import web
 
+from loadtest.servers import Gateway
 from server.engine import free_port
 
 TOKENS = 32
@@ -37,19 +39,19 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _health(_: web.Request) -> web.Response:
+    return web.Response(text="")
+
+
 def stub_engine(port: int) -> None:
     app = web.Application()
-    app.router.add_get("/health", lambda _: web.Response(text=""))
+    app.router.add_get("/health", _health)
     app.router.add_post("/v1/completions", _stream)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def measure(url: str, pid: int, requests: int, concurrency: int) -> dict:
+    gateway = psutil.Process(pid)
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     async with aiohttp.ClientSession() as session:
@@ -66,11 +68,12 @@ async def measure(url: str, pid: int, requests: int, concurrency: int) -> dict:
 
         await asyncio.gather(*(one() for _ in range(min(requests, 20))))  # warm the pools up
         latencies.clear()
-        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        cpu0, t0 = sum(gateway.cpu_times()[:2]), time.perf_counter()
         await asyncio.gather(*(one() for _ in range(requests)))
-        cpu1, t1 = cpu_seconds(pid), time.perf_counter()
+        cpu1, t1 = sum(gateway.cpu_times()[:2]), time.perf_counter()
     latencies.sort()
-    return {"concurrency": concurrency, "requests": requests, "gateway_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / requests,
+    return {"concurrency": concurrency, "requests": requests,
+            "gateway_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / requests,
             "e2e_p50_ms": 1000 * latencies[len(latencies) // 2], "wall_s": t1 - t0}
 
 
@@ -80,41 +83,28 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=640)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    stub_port, gw_port = free_port(), free_port()
-    stub = subprocess.Popen([sys.executable, "-c", f"from loadtest.relay_bench import stub_engine; stub_engine({stub_port})"])
-    work = tempfile.mkdtemp(prefix="loraplex-relay-")
-    env = {**os.environ, "LORAPLEX_ENGINE_URLS": f"http://127.0.0.1:{stub_port}", "LORAPLEX_PORT": str(gw_port),
-           "LORAPLEX_BASE_MODEL": args.base_model, "LORAPLEX_REGISTRY": f"{work}/adapters",
-           "LORAPLEX_STATE_DIR": f"{work}/state", "LORAPLEX_LOG_LEVEL": "warning"}
-    gateway = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env)
-    url = f"http://127.0.0.1:{gw_port}"
+    stub_port = free_port()
+    stub = subprocess.Popen([sys.executable, "-c",
+                             f"from loadtest.relay_bench import stub_engine; stub_engine({stub_port})"])
+    work = Path(tempfile.mkdtemp(prefix="loraplex-relay-"))
+    gateway = None
     try:
-        asyncio.run(_wait_ready(url))
+        gateway = Gateway({"LORAPLEX_ENGINE_URLS": f"http://127.0.0.1:{stub_port}",
+                           "LORAPLEX_BASE_MODEL": args.base_model, "LORAPLEX_REGISTRY": str(work / "adapters"),
+                           "LORAPLEX_STATE_DIR": str(work / "state"), "LORAPLEX_LOG_LEVEL": "warning"},
+                          work / "gateway.log", timeout=60)
         for concurrency, requests in ((1, max(args.requests // 8, 20)), (32, args.requests)):
-            runs = [asyncio.run(measure(url, gateway.pid, requests, concurrency)) for _ in range(args.repeats)]
+            runs = [asyncio.run(measure(gateway.url, gateway.proc.pid, requests, concurrency))
+                    for _ in range(args.repeats)]
             cpu = sorted(r["gateway_cpu_ms_per_request"] for r in runs)
             print(f"concurrency {concurrency}: gateway CPU per request {cpu[len(cpu) // 2]:.2f} ms (median of "
                   f"{[round(c, 2) for c in cpu]}), e2e p50 {runs[0]['e2e_p50_ms']:.1f} ms")
     finally:
-        for proc in (gateway, stub):
-            proc.terminate()
-            proc.wait()
+        if gateway is not None:
+            gateway.stop()
+        stub.terminate()
+        stub.wait()
     return 0
-
-
-async def _wait_ready(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1, "stream": True}) as r:
-                    await r.read()
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError("gateway did not serve within 60 s")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def plan(token_slots: torch.Tensor) -> Plan:
                                                                      short_counts)
     long = [(st, st + n, slot) for st, n, slot, s in
             zip(starts.tolist(), counts.tolist(), slots.tolist(), short.tolist()) if not s]
-    return Plan(order, short_rows, order[short_rows], slots[short], group, pos, int(short_counts.max()) if short_counts.numel() else 0,
-                long)
+    longest = int(short_counts.max()) if short_counts.numel() else 0
+    return Plan(order, short_rows, order[short_rows], slots[short], group, pos, longest, long)
 
 
 class _StepCache:
