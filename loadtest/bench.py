@@ -30,7 +30,7 @@ from loadtest.servers import LOADER, Gateway
 from server import basemodel
 from server.engine import free_port
 from server.registry import Registry
-from server.validation import pack_archive
+from server.archive import pack_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"

@@ -28,7 +28,7 @@ from loadtest.adapters import AdapterFactory
 from loadtest.servers import LOADER, Gateway
 from server import basemodel
 from server.registry import Registry
-from server.validation import pack_archive
+from server.archive import pack_archive
 
 ADMIN_TOKEN = "soak-admin-token"
 IN_FLIGHT_LIMIT = 8

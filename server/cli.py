@@ -194,7 +194,7 @@ def adapters_upload(
     url: str = URL, token: str = TOKEN,
 ) -> None:
     """Upload an adapter to a running server as the next version of NAME."""
-    from .validation import pack_archive
+    from .archive import pack_archive
 
     if path.is_dir():
         content, filename = pack_archive(path), f"{name}.tar.gz"

@@ -1,9 +1,9 @@
 """Checks that a PEFT LoRA adapter directory is complete, safe to load and fits the served base model."""
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from .basemodel import BaseModel
 
@@ -15,6 +15,11 @@ _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 class InvalidAdapter(ValueError):
     """The adapter cannot be registered or served; the message says why."""
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """A name taken from the adapter's files, quoted and cut short for a message."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,24 @@ def _read_config(directory: Path) -> dict:
         raise InvalidAdapter(f"{CONFIG_FILE}: peft_type must be \"LORA\"")
     if config.get("use_dora"):
         raise InvalidAdapter(f"{CONFIG_FILE}: DoRA adapters are not supported by the engine")
-    if not isinstance(config.get("r"), int) or config["r"] < 1:
+    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise InvalidAdapter(f"{CONFIG_FILE}: r must be a positive integer")
+    if not _positive_finite(alpha):
+        raise InvalidAdapter(f"{CONFIG_FILE}: lora_alpha must be a finite positive number")
+    declared = config.get("base_model_name_or_path")
+    if declared is not None and not isinstance(declared, str):
+        raise InvalidAdapter(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
     return config
+
+
+def _positive_finite(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an integer too large for a float, 10**400 say
+        return False
 
 
 def _tensor_meta(path: Path) -> dict[str, dict]:
@@ -65,7 +85,7 @@ def _lora_tensors(meta: dict[str, dict]) -> dict[str, dict[str, dict]]:
                 modules.setdefault(name[len(_PREFIX): -len(suffix)], {})[kind] = tensor
                 break
         else:
-            raise InvalidAdapter(f"{WEIGHTS_FILE}: unexpected tensor {name!r} (only lora_A/lora_B weights are served)")
+            raise InvalidAdapter(f"{WEIGHTS_FILE}: unexpected tensor {shown(name)} (only lora_A/lora_B weights are served)")
     return modules
 
 
@@ -76,7 +96,7 @@ def _check_finite(path: Path) -> None:
     with safe_open(path, framework="pt") as f:
         for name in f.keys():
             if not torch.isfinite(f.get_tensor(name)).all():
-                raise InvalidAdapter(f"{WEIGHTS_FILE}: tensor {name!r} has NaN or infinite values")
+                raise InvalidAdapter(f"{WEIGHTS_FILE}: tensor {shown(name)} has NaN or infinite values")
 
 
 def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInfo:
@@ -95,7 +115,7 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
             raise InvalidAdapter(f"{WEIGHTS_FILE}: {module} lacks lora_A or lora_B")
         base_shape = base.linear_shape(module)
         if base_shape is None or len(base_shape) != 2:
-            raise InvalidAdapter(f"target module {module!r} does not exist in the base model")
+            raise InvalidAdapter(f"target module {shown(module)} does not exist in the base model")
         out_features, in_features = base_shape
         a, b = pair["A"], pair["B"]
         if a["dtype"] not in _FLOAT_DTYPES or b["dtype"] not in _FLOAT_DTYPES:
@@ -107,11 +127,13 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
                 f"base weight [{out_features}, {in_features}]"
             )
         rank = max(rank, r)
+        if r != config["r"] and not config.get("rank_pattern"):
+            raise InvalidAdapter(f"{CONFIG_FILE}: r is {config['r']}, but {module} has rank {r}")
     if rank > max_rank:
         raise InvalidAdapter(f"LoRA rank {rank} exceeds the engine's limit of {max_rank}")
     declared = config.get("base_model_name_or_path")
     if declared and not base.answers_to(declared):
-        raise InvalidAdapter(f"{CONFIG_FILE} declares base model {declared!r}; this server serves {base.name!r}")
+        raise InvalidAdapter(f"{CONFIG_FILE} declares base model {shown(declared)}; this server serves {base.name!r}")
     _check_finite(weights)
     return AdapterInfo(
         rank=rank,
@@ -122,124 +144,6 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
 
 
 MANIFEST_FILE = "manifest.json"
-ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md", MANIFEST_FILE}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-@dataclass(frozen=True)
-class _Member:
-    name: str
-    size: int
-    kind: str  # "file", "dir" or what else it is
-
-
-def _member_name(raw: str) -> str:
-    """The member's file name once a single top-level folder is allowed for; refuses unsafe paths."""
-    if not raw or raw.startswith(("/", "\\")) or "\\" in raw or ":" in raw.split("/")[0]:
-        raise InvalidAdapter(f"archive member {raw!r} has an absolute or unsafe path")
-    parts = [p for p in raw.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise InvalidAdapter(f"archive member {raw!r} points outside the archive (..)")
-    if len(parts) > 2:
-        raise InvalidAdapter(f"archive member {raw!r} is nested too deep (files must be at the top or in one folder)")
-    return "/".join(parts)
-
-
-def _tar_members(tar) -> list[tuple[_Member, object]]:
-    out = []
-    for m in tar.getmembers():
-        kind = "file" if m.isreg() else "dir" if m.isdir() else "link" if (m.issym() or m.islnk()) else "special"
-        out.append((_Member(m.name, m.size, kind), m))
-    return out
-
-
-def _zip_members(zf) -> list[tuple[_Member, object]]:
-    import stat
-
-    out = []
-    for info in zf.infolist():
-        mode = info.external_attr >> 16
-        # Zips made off Unix carry no file type bits; those entries are plain files.
-        kind = ("dir" if info.is_dir() else "link" if stat.S_ISLNK(mode)
-                else "special" if stat.S_IFMT(mode) and not stat.S_ISREG(mode) else "file")
-        out.append((_Member(info.filename, info.file_size, kind), info))
-    return out
-
-
-def pack_archive(directory: Path) -> bytes:
-    """The adapter files of `directory` as the .tar.gz that `unpack_archive` (the admin upload) takes."""
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name in sorted(ALLOWED_FILES):
-            if (directory / name).is_file():
-                tar.add(directory / name, arcname=name)
-    return buf.getvalue()
-
-
-def unpack_archive(archive: BinaryIO, dest: Path, max_members: int, max_bytes: int) -> None:
-    """Extracts a .tar.gz/.tgz/.zip adapter archive (a binary file) into `dest`, refusing anything unsafe."""
-    import tarfile
-    import zipfile
-    import zlib
-
-    if zipfile.is_zipfile(archive):
-        archive.seek(0)
-        try:
-            container = zipfile.ZipFile(archive)
-        except zipfile.BadZipFile as e:
-            raise InvalidAdapter(f"archive is corrupt: {e}") from None
-        members = _zip_members(container)
-        opener = container.open
-    else:
-        archive.seek(0)
-        try:
-            container = tarfile.open(fileobj=archive, mode="r:*")
-        except (tarfile.TarError, EOFError, OSError):
-            raise InvalidAdapter("file must be a .tar.gz, .tgz or .zip archive") from None
-        try:
-            members = _tar_members(container)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise InvalidAdapter(f"archive is corrupt: {e}") from None
-        opener = container.extractfile
-    with container:
-        if len(members) > max_members:
-            raise InvalidAdapter(f"archive has {len(members)} members; at most {max_members} are allowed")
-        if sum(m.size for m, _ in members) > max_bytes:
-            raise InvalidAdapter(f"archive unpacks to more than {max_bytes} bytes")
-        files: dict[str, tuple[_Member, object]] = {}
-        for member, handle in members:
-            name = _member_name(member.name)
-            if member.kind in ("link", "special"):
-                raise InvalidAdapter(f"archive member {member.name!r} is a {member.kind}; only regular files are accepted")
-            if member.kind == "dir":
-                continue
-            base = name.rsplit("/", 1)[-1]
-            if base.endswith(_PICKLE_SUFFIXES):
-                raise InvalidAdapter(f"archive member {member.name!r}: only safetensors weights are accepted, "
-                                     "not pickled (.bin/.pt) ones")
-            if base not in ALLOWED_FILES:
-                raise InvalidAdapter(f"archive member {member.name!r} is not part of a PEFT adapter "
-                                     f"(allowed: {', '.join(sorted(ALLOWED_FILES))})")
-            if base in files:
-                raise InvalidAdapter(f"archive holds {base} twice")
-            files[base] = (member, handle)
-        written = 0
-        try:
-            for base, (member, handle) in files.items():
-                # Count real bytes too: a zip's declared sizes can lie.
-                with opener(handle) as src, open(dest / base, "xb") as out:
-                    while block := src.read(1 << 20):
-                        written += len(block)
-                        if written > max_bytes:
-                            raise InvalidAdapter(f"archive unpacks to more than {max_bytes} bytes")
-                        out.write(block)
-        except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as e:
-            raise InvalidAdapter(f"archive is corrupt: {e}") from None
-
-
 def check_exported_manifest(directory: Path, base: BaseModel) -> None:
     """An archive exported from a registry carries its manifest: its base fingerprint must be the served one."""
     path = Path(directory) / MANIFEST_FILE

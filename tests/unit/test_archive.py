@@ -1,3 +1,4 @@
+import gzip
 import io
 import json
 import tarfile
@@ -5,7 +6,8 @@ import zipfile
 
 import pytest
 
-from server.validation import InvalidAdapter, unpack_archive
+from server.archive import unpack_archive
+from server.validation import InvalidAdapter
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 4}).encode()
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "
@@ -111,3 +113,92 @@ def test_lying_zip_sizes_are_caught_while_extracting(tmp_path):
     raw = raw.replace(real, small)  # uncompressed size in both the local and the central header
     with pytest.raises(InvalidAdapter, match="more than|corrupt"):
         unpack(io.BytesIO(bytes(raw)), tmp_path, max_bytes=1 << 20)
+
+
+def tar_header(name: bytes, size_field: bytes, kind: bytes = b"0", magic: bytes = b"ustar\x0000") -> bytes:
+    """One raw 512-byte tar header with any size field, so hostile values can be written as they are."""
+    header = bytearray(512)
+    header[:len(name[:100])] = name[:100]
+    header[100:108] = b"0000644\0"
+    header[124:136] = size_field.ljust(12, b"\0")[:12]
+    header[156:157] = kind
+    header[257:265] = magic
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def octal(n: int) -> bytes:
+    return b"%011o\0" % n
+
+
+def negative_base256(n: int) -> bytes:
+    return (256**12 - n).to_bytes(12, "big")  # two's complement, top byte 0xff
+
+
+def test_negative_size_is_refused_at_once(tmp_path):
+    """The 108-byte tar of the review: tarfile re-read the same header for ever inside getmembers()."""
+    raw = tar_header(b"adapter_config.json", negative_base256(512))
+    with pytest.raises(InvalidAdapter, match="negative size"):
+        unpack(io.BytesIO(gzip.compress(raw)), tmp_path)
+
+
+def test_a_long_name_bomb_is_refused_at_its_header(tmp_path):
+    """A GNU long-name header declaring 3 GB: refused on its size field, before any of it is read."""
+    raw = tar_header(b"././@LongLink", octal(3 << 30), kind=b"L") + bytes(1 << 20)
+    with pytest.raises(InvalidAdapter, match="extended header over"):
+        unpack(io.BytesIO(gzip.compress(raw)), tmp_path)
+
+
+def test_member_count_is_checked_as_members_are_read(tmp_path):
+    """Two million folder entries: refused at the 17th, without listing the rest."""
+    entry = tar_header(b"d/", octal(0), kind=b"5")
+    archive = io.BytesIO(gzip.compress(entry * 200_000))
+    read = []
+    real_read = archive.read
+    archive.read = lambda *a: read.append(1) or real_read(*a)
+    with pytest.raises(InvalidAdapter, match="at most 16"):
+        unpack(archive, tmp_path)
+    assert len(read) < 10
+
+
+def test_messages_do_not_repeat_long_names(tmp_path):
+    name = "x" * 5000
+    raw = tar_header(b"././@LongLink", octal(len(name)), kind=b"L") + name.encode().ljust(5120, b"\0")
+    raw += tar_header(b"short", octal(0))
+    with pytest.raises(InvalidAdapter) as e:
+        unpack(io.BytesIO(raw), tmp_path)
+    assert len(str(e.value)) < 300 and "x" * 80 in str(e.value)
+
+
+@pytest.mark.parametrize("method", [9, 99])
+def test_unsupported_zip_methods_are_refused(method, tmp_path):
+    raw = bytearray(zip_of(GOOD).getvalue())
+    # The method field of each local (offset 8) and central (offset 10) header.
+    for sig, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = raw.find(sig)
+        while at >= 0:
+            raw[at + offset:at + offset + 2] = method.to_bytes(2, "little")
+            at = raw.find(sig, at + 4)
+    with pytest.raises(InvalidAdapter, match=f"compression method {method}"):
+        unpack(io.BytesIO(bytes(raw)), tmp_path)
+
+
+def test_encrypted_zip_entries_are_refused(tmp_path):
+    raw = bytearray(zip_of(GOOD).getvalue())
+    for sig, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = raw.find(sig)
+        while at >= 0:
+            raw[at + offset] |= 1
+            at = raw.find(sig, at + 4)
+    with pytest.raises(InvalidAdapter, match="encrypted"):
+        unpack(io.BytesIO(bytes(raw)), tmp_path)
+
+
+def test_zip_with_a_huge_directory_is_refused_before_parsing(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(2000):
+            zf.writestr(f"d{i}/", b"")
+    with pytest.raises(InvalidAdapter, match="at most 16"):
+        unpack(io.BytesIO(buf.getvalue()), tmp_path)
