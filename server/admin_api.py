@@ -1,31 +1,57 @@
-"""The /admin routes: upload, list, alias, roll back and delete adapters. Every action is audited."""
+"""The /admin routes: upload, list, alias, roll back and delete adapters. Every change and every refusal is audited
+(refused tokens by the Credentials middleware, refused requests by AuditedRoute)."""
 
 import asyncio
 import shutil
 import tempfile
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Callable
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from .archive import Limits, unpack_isolated
 from .auth import require_admin
+from .gateway import Gateway
 from .protocol import APIError
-from .registry import LATEST, Conflict, InvalidReference, NotFound, check_name
-from .validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest, unpack_archive
-
-if TYPE_CHECKING:
-    from .app import Gateway
+from .registry import LATEST, MAX_VERSION, Conflict, InvalidReference, NotFound, Version, check_name
+from .validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest, shown
 
 
-def _gateway(request: Request) -> "Gateway":
+def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-router = APIRouter(prefix="/admin")
+class AuditedRoute(APIRoute):
+    """An admin route whose refusals (4xx) are audited as well as its changes."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def audited(request: Request):
+            try:
+                return await handler(request)
+            except (APIError, RequestValidationError) as e:
+                status = e.status if isinstance(e, APIError) else 400
+                message = e.message if isinstance(e, APIError) else str(e.errors()[:1])
+                client = request.client.host if request.client else "unknown"
+                adapter = request.path_params.get("name") or getattr(request.state, "adapter", None)
+                await _gateway(request).audit.arecord(f"admin@{client}", self.name, adapter and str(adapter)[:200],
+                                                      result=f"refused ({status}): {message}"[:1000])
+                raise
+
+        return audited
+
+
+router = APIRouter(prefix="/admin", route_class=AuditedRoute)
+VersionParam = PathParam(ge=1, le=MAX_VERSION)
 
 
 class AliasBody(BaseModel):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class RollbackBody(BaseModel):
@@ -36,14 +62,14 @@ def _not_found(e: NotFound) -> APIError:
     return APIError(404, str(e), type="not_found_error", code="adapter_not_found")
 
 
-def _sha(gw: "Gateway", name: str, version: int) -> str | None:
+def _sha(gw: Gateway, name: str, version: int) -> str | None:
     try:
         return gw.registry.get(name, version).manifest["files"][WEIGHTS_FILE]["sha256"]
     except (NotFound, InvalidReference, KeyError):
         return None
 
 
-def _summary(gw: "Gateway", name: str) -> dict:
+def _summary(gw: Gateway, name: str) -> dict:
     aliases = gw.registry.aliases(name)
     return {"name": name, "tenant": gw.registry.tenant(name), "versions": gw.registry.versions(name),
             "aliases": aliases, "latest": gw.registry.get(name, aliases[LATEST]).manifest}
@@ -60,51 +86,59 @@ async def upload(
     actor: str = Depends(require_admin),
 ) -> dict:
     gw = _gateway(request)
+    request.state.adapter = name[:200]
     try:
         check_name(name)
         check_name(tenant, "tenant")
     except InvalidReference as e:
         raise APIError(400, str(e), param="name" if "name" in str(e) else "tenant", code="invalid_name") from None
-    work = tempfile.mkdtemp(prefix="loraplex-upload-")
+    work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-upload-"))
     try:
-        version = await asyncio.to_thread(_unpack_and_register, gw, work, file, name, tenant, public, actor)
+        unpacked = await _unpack(gw, file, work)
+        version = await asyncio.to_thread(_register, gw, unpacked, name, tenant, public, file.filename)
     except (InvalidAdapter, InvalidReference) as e:
-        gw.audit.record(actor, "upload", name, result=f"refused: {e}")
         raise APIError(400, str(e), param="file", code="invalid_adapter") from None
     except Conflict as e:
-        gw.audit.record(actor, "upload", name, result=f"refused: {e}")
         raise APIError(409, str(e), param="name", code="adapter_conflict") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, work, True)
     sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
-    gw.audit.record(actor, "upload", name, version.version, sha, tenant=tenant)
+    await gw.audit.arecord(actor, "upload", name, version.version, sha, tenant=tenant)
     if alias:
         try:
-            gw.registry.set_alias(name, alias, version.version)
+            await asyncio.to_thread(gw.registry.set_alias, name, alias, version.version)
         except InvalidReference as e:
             raise APIError(400, f"registered {version.key}, but not aliased: {e}", param="alias",
                            code="invalid_alias") from None
-        gw.audit.record(actor, "alias", name, version.version, sha, alias=alias)
+        await gw.audit.arecord(actor, "alias", name, version.version, sha, alias=alias)
     return version.manifest
 
 
-def _unpack_and_register(gw: "Gateway", work: str, file: UploadFile, name, tenant, public, actor):
-    from pathlib import Path
-
+async def _unpack(gw: Gateway, file: UploadFile, work: Path) -> Path:
+    """Unpacks the upload in a child process of its own, a few at a time, bounded in time and memory."""
     s = gw.settings
-    unpacked = Path(work) / "adapter"
+    unpacked = work / "adapter"
     unpacked.mkdir()
-    file.file.seek(0)
-    unpack_archive(file.file, unpacked, s.max_archive_members, s.max_unpacked_bytes)
+    async with gw.archive_slots:
+        await unpack_isolated(file.file, unpacked, Limits(s.max_archive_members, s.max_unpacked_bytes),
+                              s.archive_timeout, s.archive_memory)
+    return unpacked
+
+
+def _register(gw: Gateway, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
     check_exported_manifest(unpacked, gw.base)
-    return gw.registry.register(name, unpacked, base=gw.base, base_model=s.base_model, max_rank=s.max_lora_rank,
-                                tenant=tenant, public=public, origin=f"upload:{file.filename}")
+    return gw.registry.register(name, unpacked, base=gw.base, base_model=gw.settings.base_model,
+                                max_rank=gw.settings.max_lora_rank, tenant=tenant, public=public,
+                                origin=f"upload:{(filename or '')[:200]}")
 
 
 @router.get("/adapters")
 async def list_adapters(request: Request, tenant: str | None = Query(None),
                         actor: str = Depends(require_admin)) -> dict:
-    gw = _gateway(request)
+    return await asyncio.to_thread(_list, _gateway(request), tenant)
+
+
+def _list(gw: Gateway, tenant: str | None) -> dict:
     data = []
     for name in gw.registry.names():
         try:
@@ -119,13 +153,17 @@ async def list_adapters(request: Request, tenant: str | None = Query(None),
 @router.get("/adapters/{name}")
 async def show_adapter(name: str, request: Request, actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
-    try:
+
+    def show() -> dict:
         check_name(name)
         aliases = gw.registry.aliases(name)
         versions = [gw.registry.get(name, v).manifest for v in gw.registry.versions(name)]
+        return {"name": name, "tenant": gw.registry.tenant(name), "aliases": aliases, "versions": versions}
+
+    try:
+        return await asyncio.to_thread(show)
     except (NotFound, InvalidReference):
-        raise _not_found(NotFound(f"adapter {name!r} not found")) from None
-    return {"name": name, "tenant": gw.registry.tenant(name), "aliases": aliases, "versions": versions}
+        raise _not_found(NotFound(f"adapter {shown(name)} not found")) from None
 
 
 @router.put("/adapters/{name}/aliases/{alias}")
@@ -133,12 +171,13 @@ async def set_alias(name: str, alias: str, body: AliasBody, request: Request,
                     actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
     try:
-        gw.registry.set_alias(name, alias, body.version)
+        await asyncio.to_thread(gw.registry.set_alias, name, alias, body.version)
     except InvalidReference as e:
         raise APIError(400, str(e), param="alias", code="invalid_alias") from None
     except NotFound as e:
         raise _not_found(e) from None
-    gw.audit.record(actor, "alias", name, body.version, _sha(gw, name, body.version), alias=alias)
+    sha = await asyncio.to_thread(_sha, gw, name, body.version)
+    await gw.audit.arecord(actor, "alias", name, body.version, sha, alias=alias)
     return {"name": name, "alias": alias, "version": body.version}
 
 
@@ -148,23 +187,25 @@ async def rollback(name: str, request: Request, body: RollbackBody | None = None
     gw = _gateway(request)
     alias = (body or RollbackBody()).alias
     try:
-        version = gw.registry.rollback(name, alias)
+        version = await asyncio.to_thread(gw.registry.rollback, name, alias)
     except (NotFound, InvalidReference) as e:
         raise _not_found(NotFound(str(e))) from None
-    gw.audit.record(actor, "rollback", name, version, _sha(gw, name, version), alias=alias)
+    sha = await asyncio.to_thread(_sha, gw, name, version)
+    await gw.audit.arecord(actor, "rollback", name, version, sha, alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
 
 @router.delete("/adapters/{name}/versions/{version}")
-async def delete_version(name: str, version: int, request: Request, actor: str = Depends(require_admin)) -> dict:
+async def delete_version(name: str, request: Request, version: int = VersionParam,
+                         actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
-    sha = _sha(gw, name, version)
+    sha = await asyncio.to_thread(_sha, gw, name, version)
     try:
-        trash = gw.registry.delete_version(name, version)
+        trash = await asyncio.to_thread(gw.registry.delete_version, name, version)
     except (NotFound, InvalidReference):
-        raise _not_found(NotFound(f"adapter {name}@{version} not found")) from None
+        raise _not_found(NotFound(f"adapter {shown(name)}@{version} not found")) from None
     gw.retire([(f"{name}@{version}", trash)])
-    gw.audit.record(actor, "delete_version", name, version, sha)
+    await gw.audit.arecord(actor, "delete_version", name, version, sha)
     return {"name": name, "version": version, "deleted": True}
 
 
@@ -172,9 +213,9 @@ async def delete_version(name: str, version: int, request: Request, actor: str =
 async def delete_adapter(name: str, request: Request, actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
     try:
-        trashed = gw.registry.delete(name)
+        trashed = await asyncio.to_thread(gw.registry.delete, name)
     except (NotFound, InvalidReference):
-        raise _not_found(NotFound(f"adapter {name!r} not found")) from None
+        raise _not_found(NotFound(f"adapter {shown(name)} not found")) from None
     gw.retire([(f"{name}@{v}", trash) for v, trash in trashed])
-    gw.audit.record(actor, "delete", name, versions=[v for v, _ in trashed])
+    await gw.audit.arecord(actor, "delete", name, versions=[v for v, _ in trashed])
     return {"name": name, "versions": [v for v, _ in trashed], "deleted": True}

@@ -13,7 +13,7 @@ from filelock import FileLock
 
 from .atomic import write_json
 from .config import Settings
-from .protocol import APIError
+from .protocol import APIError, error_response
 
 log = logging.getLogger("loraplex.auth")
 
@@ -49,10 +49,14 @@ def admin_token(settings: Settings) -> str:
 
 
 class KeyStore:
-    """Tenant API keys in STATE_DIR/keys.json as sha256 hashes; changes by other processes are seen at once."""
+    """Tenant API keys in STATE_DIR/keys.json as sha256 hashes; changes by other processes are seen at once.
 
-    def __init__(self, state_dir: Path):
+    The file is written only once a key is created, so its existence says that keys have ever existed: from then
+    on /v1 stays closed, even with every key revoked, unless the mode is "open"."""
+
+    def __init__(self, state_dir: Path, mode: str = "auto"):
         self.path = Path(state_dir) / KEYS_FILE
+        self.mode = mode
         self._stamp: tuple[int, int] | None = None
         self._tenants: dict[str, str] = {}  # sha256 -> tenant
 
@@ -76,8 +80,11 @@ class KeyStore:
             self._stamp = stamp
 
     def enabled(self) -> bool:
+        """Whether /v1 callers need a key."""
+        if self.mode != "auto":
+            return self.mode == "keys"
         self._refresh()
-        return bool(self._tenants)
+        return self._stamp is not None
 
     def tenant_for(self, key: str) -> str | None:
         self._refresh()
@@ -99,6 +106,8 @@ class KeyStore:
         return key_id, key
 
     def revoke(self, key_id: str) -> bool:
+        if not self.path.exists():
+            return False
         found = []
         self._change(lambda keys: found.append(keys.pop(key_id, None) is not None))
         return found[0]
@@ -138,3 +147,40 @@ async def caller_tenant(request: Request) -> str | None:
     if tenant is None:
         raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
     return tenant
+
+
+class Credentials:
+    """ASGI middleware: a bearer check on /admin and /metrics before the app reads a byte of the body.
+
+    A FastAPI dependency runs only after the body is parsed, and for an upload that means spooled to disk."""
+
+    def __init__(self, app, guard_admin: bool):
+        self.app, self.guard_admin = app, guard_admin
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        admin = self.guard_admin and (path == "/admin" or path.startswith("/admin/"))
+        if not admin and not (path == "/metrics" or path.startswith("/metrics/")):
+            return await self.app(scope, receive, send)
+        gw = scope["app"].state.gateway
+        token = _bearer_of(scope)
+        if same_secret(token, gw.admin_token) or (not admin and gw.metrics_token
+                                                   and same_secret(token, gw.metrics_token)):
+            return await self.app(scope, receive, send)
+        if admin:
+            client = scope.get("client") or ("unknown",)
+            await gw.audit.arecord(f"anonymous@{client[0]}", f"{scope['method']} {path[:200]}",
+                                   result="refused: invalid admin token")
+        what = "a valid admin token" if admin else "the admin or metrics token"
+        response = error_response(401, f"{what} is required (Authorization: Bearer <token>)",
+                                  type="authentication_error",
+                                  code="invalid_admin_token" if admin else "invalid_metrics_token")
+        await response(scope, receive, send)
+
+
+def _bearer_of(scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None

@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin; if unset, one is generated into STATE_DIR/admin_token."
     )
+    metrics_token: SecretStr | None = Field(
+        None, description="Read-only bearer token for /metrics and /metrics/engine/N (for Prometheus); the admin "
+                          "token works there too."
+    )
+    auth: Literal["auto", "open", "keys"] = Field(
+        "auto", description="API keys on /v1: auto is open until a key has ever been created, then closed for good "
+                            "(even with every key revoked); open never asks for one; keys always does."
+    )
     url: str | None = Field(
         None, description="Server URL the admin CLI talks to; default http://HOST:PORT, or ADMIN_HOST:ADMIN_PORT if set."
     )
@@ -71,6 +79,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(2 << 30, description="Largest adapter archive accepted by upload.")
     max_archive_members: int = Field(16, description="Most entries an adapter archive may hold.")
     max_unpacked_bytes: int = Field(4 << 30, description="Largest total size an adapter archive may unpack to.")
+    archive_timeout: float = Field(120.0, description="Seconds an upload's archive may take to unpack.")
+    archive_workers: int = Field(2, ge=1, description="Archives unpacked at once, each in a child process.")
+    archive_memory: int = Field(256 << 20, description="Memory, in bytes, one archive's unpacking may use.")
+    max_response_bytes: int = Field(
+        256 << 20, description="Largest non-streamed engine answer, and largest single streamed event, relayed."
+    )
 
     @field_validator("engine_urls", "cors_origins", mode="before")
     @classmethod

@@ -126,12 +126,18 @@ class EngineClient:
         self.in_flight = 0
 
     async def healthy(self) -> bool | None:
-        """Whether /health says 200; None when it did not answer in time, as a saturated engine may not."""
+        """Whether /health says 200; None when it did not answer in time, as a saturated engine may not.
+
+        A connection that cannot be made is down at once: aiohttp's transport reports a refused connection as
+        ConnectTimeout, and a saturated engine still accepts connections. Any other failure is a failed probe."""
         try:
             return (await self.client.get(f"{self.url}/health", timeout=2.0)).status_code == 200
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            return False
         except httpx.TimeoutException:
             return None
-        except httpx.TransportError:
+        except Exception:
+            log.warning("health probe of %s failed", self.url, exc_info=True)
             return False
 
     async def _post(self, path: str, body: dict) -> httpx.Response:

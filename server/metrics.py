@@ -60,13 +60,15 @@ class Metrics:
 
 
 class RequestTimer:
-    """Times one request: end to end, first chunk, and between chunks."""
+    """One request's bookkeeping from arrival to `done()`: in flight, end to end, first chunk, between chunks."""
 
-    def __init__(self, metrics: Metrics, route: str, adapter: str):
+    def __init__(self, metrics: Metrics, route: str, adapter: str = "(unresolved)"):
         self.m, self.route, self.adapter = metrics, route, adapter
         self.start = self.last = time.perf_counter()
         self.first = True
         self._itl = None  # looked up once per stream, not per chunk
+        self._finished = False
+        metrics.in_flight.labels(route).inc()
 
     def chunk(self) -> None:
         now = time.perf_counter()
@@ -84,5 +86,9 @@ class RequestTimer:
             self.m.completion_tokens.labels(self.adapter).inc(usage.get("completion_tokens") or 0)
 
     def done(self, status: int) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.m.in_flight.labels(self.route).dec()
         self.m.latency.labels(self.route, self.adapter).observe(time.perf_counter() - self.start)
         self.m.requests.labels(self.route, self.adapter, str(status)).inc()

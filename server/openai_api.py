@@ -2,8 +2,8 @@
 
 import asyncio
 import json
+import logging
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING
 
 import anyio
 import httpx
@@ -12,20 +12,24 @@ from fastapi.responses import Response, StreamingResponse
 
 from .auth import caller_tenant
 from .engine import EngineError
+from .gateway import Gateway
 from .metrics import RequestTimer
 from .protocol import (
+    MAX_MESSAGE_CHARS,
     STREAM_OR_JSON,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     ModelList,
+    _Request,
     error_response,
+    non_finite_field,
 )
 from .registry import InvalidReference, NotFound, Version
+from .routing import Backend
 
-if TYPE_CHECKING:
-    from .app import Gateway
+log = logging.getLogger("loraplex.api")
 
 router = APIRouter(prefix="/v1")
 
@@ -34,7 +38,7 @@ def visible(manifest: dict, tenant: str | None) -> bool:
     return tenant is None or manifest.get("tenant") == tenant or bool(manifest.get("public"))
 
 
-def resolve_target(gw: "Gateway", body, tenant: str | None) -> Version | None:
+def resolve_target(gw: Gateway, body, tenant: str | None) -> Version | None:
     """The adapter version a request names in `adapter`, or else in `model`; None for the base model.
 
     Another tenant's adapter is answered exactly like a missing one, so its existence does not leak."""
@@ -65,7 +69,7 @@ def resolve_target(gw: "Gateway", body, tenant: str | None) -> Version | None:
     return version
 
 
-def check_budget(gw: "Gateway", body) -> None:
+def check_budget(gw: Gateway, body) -> None:
     """Refuses an output budget no request could use: more tokens than the model's whole context."""
     context = gw.settings.max_model_len or gw.base.context_len
     for param in ("max_tokens", "max_completion_tokens"):
@@ -75,71 +79,122 @@ def check_budget(gw: "Gateway", body) -> None:
                            param=param, code="invalid_value")
 
 
-async def forward(gw: "Gateway", body, path: str, tenant: str | None, request: Request) -> Response:
-    route = path.removeprefix("/v1/")
-    gw.metrics.in_flight.labels(route).inc()
-    timer = None
+async def forward(gw: Gateway, body: _Request, path: str, tenant: str | None, caller: Request) -> Response:
+    timer = RequestTimer(gw.metrics, path.removeprefix("/v1/"))
     try:
         check_budget(gw, body)
         version = resolve_target(gw, body, tenant)
-        timer = RequestTimer(gw.metrics, route, gw.metrics.adapter_label(version.name if version else None))
-        response = await _send(gw, body, path, version, timer, tenant, request)
+        timer.adapter = gw.metrics.adapter_label(version.name if version else None)
+        response = await _send(gw, body, path, version, timer, tenant, caller)
     except BaseException as e:
-        gw.metrics.in_flight.labels(route).dec()
-        (timer or RequestTimer(gw.metrics, route, "(unresolved)")).done(e.status if isinstance(e, APIError) else 500)
+        timer.done(e.status if isinstance(e, APIError) else 500)
         raise
-    if not isinstance(response, StreamingResponse):
-        gw.metrics.in_flight.labels(route).dec()
+    if not isinstance(response, EngineStream):  # a stream reports when it ends
         timer.done(response.status_code)
     return response
 
 
-async def _send(gw: "Gateway", body, path: str, version: Version | None, timer: RequestTimer,
-                tenant: str | None, client: Request) -> Response:
-    key = version.key if version else None
+class Unreachable(Exception):
+    """The request never reached the engine, so another engine may take it."""
+
+
+def _payload(gw: Gateway, body: _Request, version: Version | None) -> dict:
     payload = body.model_dump(exclude_unset=True, exclude={"adapter"})
-    payload["model"] = key or gw.settings.model_name
-    client_wants_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+    payload["model"] = version.key if version else gw.settings.model_name
     if body.stream:
         # Token counts for metrics come from the engine's usage chunk, which is dropped again if not asked for.
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-    backend = gw.router.choose(key)
-    if backend is None:
-        raise APIError(503, "no engine is ready", type="server_error", code="engine_unavailable")
-    engine = backend.engine
-    stack = AsyncExitStack()
-    stack.enter_context(gw.admission.admit(tenant, backend))
-    try:
-        if version is not None:
-            await stack.enter_async_context(backend.residency.lease(key, str(version.path)))
-        request = engine.client.build_request("POST", f"{engine.url}{path}", json=payload)
-        # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile.
-        upstream = await _unless_client_leaves(engine.client.send(request, stream=True), client)
-        stack.push_async_callback(upstream.aclose)
-    except EngineError as e:
-        await stack.aclose()
-        raise APIError(502 if e.status >= 500 else 400, f"loading adapter {key} failed: {e.message}",
-                       type="server_error" if e.status >= 500 else "invalid_request_error",
-                       code="adapter_load_failed") from None
-    except httpx.TransportError as e:
-        await stack.aclose()
-        raise APIError(503, f"engine unavailable: {type(e).__name__}", type="server_error",
-                       code="engine_unavailable") from None
-    except BaseException:
-        await stack.aclose()
-        raise
-    headers = {"content-type": upstream.headers.get("content-type", "application/json")}
-    if not body.stream or upstream.status_code != 200:
+    return payload
+
+
+async def _send(gw: Gateway, body: _Request, path: str, version: Version | None, timer: RequestTimer,
+                tenant: str | None, caller: Request) -> Response:
+    """Sends to the chosen engine; a request that could not reach it is sent once more, to another engine."""
+    wants_usage = bool((body.stream_options and body.stream_options.include_usage))
+    payload, tried = _payload(gw, body, version), ()
+    while True:
+        backend = gw.router.choose(version.key if version else None, exclude=tried)
+        if backend is None:
+            raise APIError(503, "no engine is ready", type="server_error", code="engine_unavailable")
         try:
-            content = await _unless_client_leaves(upstream.aread(), client)
-        finally:
-            await stack.aclose()  # closing the upstream connection early is what makes vLLM abort the request
+            return await _attempt(gw, backend, path, payload, version, timer, tenant, caller, wants_usage)
+        except Unreachable as e:
+            backend.unreachable()
+            log.warning("engine %s unreachable (%s)%s", backend.engine.url, e, "" if tried else "; retrying")
+            tried = (*tried, backend)
+            if len(tried) > 1:
+                raise APIError(503, "engine unavailable", type="server_error", code="engine_unavailable") from None
+
+
+async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, version: Version | None,
+                   timer: RequestTimer, tenant: str | None, caller: Request, wants_usage: bool) -> Response:
+    engine = backend.engine
+    async with AsyncExitStack() as stack:
+        stack.enter_context(gw.admission.admit(tenant, backend))
+        try:
+            if version is not None:
+                await stack.enter_async_context(backend.residency.lease(version.key, str(version.path)))
+            upstream_request = engine.client.build_request("POST", f"{engine.url}{path}", json=payload)
+        except EngineError as e:
+            raise _load_failed(version, e) from None
+        except httpx.TransportError as e:
+            raise Unreachable(type(e).__name__) from None
+        except ValueError:  # httpx refuses NaN and infinities when it encodes the body
+            raise _non_finite(payload) from None
+        try:
+            # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile.
+            upstream = await _unless_client_leaves(engine.client.send(upstream_request, stream=True), caller)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise Unreachable(type(e).__name__) from None
+        except httpx.TransportError as e:
+            raise APIError(503, f"engine unavailable: {type(e).__name__}", type="server_error",
+                           code="engine_unavailable") from None
+        # Closing the upstream connection early is what makes vLLM abort the request.
+        stack.push_async_callback(upstream.aclose)
+        limit = gw.settings.max_response_bytes
         if upstream.status_code != 200:
-            return engine_error(upstream.status_code, content)
-        timer.usage(json.loads(content).get("usage"))
-        return Response(content, status_code=upstream.status_code, headers=headers)
-    stack.callback(lambda: (gw.metrics.in_flight.labels(timer.route).dec(), timer.done(200)))
-    return EngineStream(_relay(upstream, timer, client_wants_usage), stack, headers=headers)
+            return engine_error(upstream.status_code, await _read_bounded(upstream, caller, limit))
+        declared = upstream.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        headers = {"content-type": upstream.headers.get("content-type", "application/json")}
+        stack.callback(timer.done, 200)
+        relay = (_relay(upstream, timer, wants_usage, limit) if payload.get("stream")
+                 else _relay_body(upstream, timer, limit))
+        return EngineStream(relay, stack.pop_all(), headers=headers)
+
+
+def _load_failed(version: Version, e: EngineError) -> APIError:
+    # The engine's message names the registry's path on this server; tenants get the status, the log the rest.
+    log.warning("engine refused to load %s: %s", version.key, e.message)
+    client_side = e.status < 500
+    return APIError(400 if client_side else 502, f"loading adapter {version.key} failed: the engine refused it"
+                    f" (status {e.status})", type="invalid_request_error" if client_side else "server_error",
+                    code="adapter_load_failed")
+
+
+def _non_finite(payload: dict) -> APIError:
+    field = non_finite_field(payload) or "body"
+    return APIError(400, f"{field}: must be a finite number (NaN and Infinity are not JSON)", param=field,
+                    code="invalid_value")
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(502, f"the engine's answer is larger than {limit} bytes (LORAPLEX_MAX_RESPONSE_BYTES)",
+                    type="server_error", code="response_too_large")
+
+
+async def _read_bounded(upstream: httpx.Response, caller: Request, limit: int) -> bytes:
+    async def read() -> bytes:
+        parts, size = [], 0
+        async for chunk in upstream.aiter_raw():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    return await _unless_client_leaves(read(), caller)
 
 
 def engine_error(status: int, content: bytes) -> Response:
@@ -148,7 +203,8 @@ def engine_error(status: int, content: bytes) -> Response:
         error = json.loads(content)["error"]
         message, param = str(error["message"]), error.get("param")
     except (ValueError, KeyError, TypeError):
-        message, param = content.decode(errors="replace")[:500] or f"engine answered {status}", None
+        message, param = content.decode(errors="replace") or f"engine answered {status}", None
+    message = message[:MAX_MESSAGE_CHARS]
     if status >= 500:
         return error_response(502, f"engine failed: {message}", type="server_error", code="engine_error")
     return error_response(status, message, param=param if isinstance(param, str) else None, code="engine_rejected")
@@ -168,7 +224,7 @@ async def _unless_client_leaves(awaitable, client: Request):
 
 
 class EngineStream(StreamingResponse):
-    """A stream from the engine that owns the request's lease and upstream connection until it ends."""
+    """An engine answer relayed as it arrives; it owns the request's lease and upstream connection until it ends."""
 
     def __init__(self, content, stack: AsyncExitStack, headers: dict):
         super().__init__(content, status_code=200, headers=headers)
@@ -184,26 +240,81 @@ class EngineStream(StreamingResponse):
                 await self.stack.aclose()
 
 
-async def _relay(upstream: httpx.Response, timer: RequestTimer, keep_usage: bool):
-    """Passes engine events through one by one as they come, timing them and reading the usage event."""
-    pending = b""
+def _event_too_large(limit: int) -> bytes:
+    error = {"error": {"message": f"an engine event is larger than {limit} bytes (LORAPLEX_MAX_RESPONSE_BYTES)",
+                       "type": "server_error", "param": None, "code": "response_too_large"}}
+    return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+async def _relay(upstream: httpx.Response, timer: RequestTimer, keep_usage: bool, limit: int):
+    """Passes engine events through as they come, timing them and reading the usage event.
+
+    Each byte is searched for the event boundary once, so a large event costs time in proportion to its size."""
+    pending = bytearray()
     async for chunk in upstream.aiter_raw():
+        searched = max(len(pending) - 1, 0)
         pending += chunk
-        *events, pending = pending.split(b"\n\n")
-        out = []
-        for event in events:
-            if event.startswith(b"data: {"):
-                if b'"usage":{' in event and b'"choices":[]' in event:
-                    timer.usage(json.loads(event[6:]).get("usage"))
-                    if not keep_usage:
-                        continue
-                else:
-                    timer.chunk()
-            out.append(event + b"\n\n")
-        if out:
-            yield b"".join(out)
+        end = pending.rfind(b"\n\n", searched)
+        if end >= 0:
+            events = bytes(pending[:end]).split(b"\n\n")
+            del pending[:end + 2]
+            out = _events(events, timer, keep_usage)
+            if out:
+                yield out
+        if len(pending) > limit:
+            yield _event_too_large(limit)
+            return
     if pending:
-        yield pending
+        yield bytes(pending)
+
+
+def _events(events: list[bytes], timer: RequestTimer, keep_usage: bool) -> bytes:
+    out = []
+    for event in events:
+        if event.startswith(b"data: {"):
+            if b'"usage":{' in event and b'"choices":[]' in event:
+                timer.usage(json.loads(event[6:]).get("usage"))
+                if not keep_usage:
+                    continue
+            else:
+                timer.chunk()
+        out.append(event + b"\n\n")
+    return b"".join(out)
+
+
+USAGE_KEY = b'"usage":{'
+USAGE_BYTES = 1024
+
+
+async def _relay_body(upstream: httpx.Response, timer: RequestTimer, limit: int):
+    """Passes a non-streamed answer through as it comes, noting its usage without parsing the whole document.
+
+    JSON escapes quotes inside strings, so the first `"usage":{` is the answer's usage object."""
+    size, carry, usage = 0, b"", None
+    async for chunk in upstream.aiter_raw():
+        size += len(chunk)
+        if size > limit:
+            log.warning("engine answer over %d bytes cut short (LORAPLEX_MAX_RESPONSE_BYTES)", limit)
+            return  # the headers are out: the client sees the answer end early
+        if usage is None:
+            window = carry + chunk
+            at = window.find(USAGE_KEY)
+            if at >= 0:
+                usage = window[at + len(USAGE_KEY) - 1:at + USAGE_BYTES]
+            else:
+                carry = window[-len(USAGE_KEY):]
+        elif len(usage) < USAGE_BYTES:
+            usage += chunk[:USAGE_BYTES]
+        yield chunk
+    timer.usage(_usage(usage))
+
+
+def _usage(raw: bytes | None) -> dict | None:
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(raw.decode())
+    except (AttributeError, ValueError):
+        return None
+    return usage if isinstance(usage, dict) else None
 
 
 @router.post("/completions", responses=STREAM_OR_JSON)
@@ -222,8 +333,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 async def models(request: Request, tenant: str | None = Depends(caller_tenant)) -> ModelList:
     """The base model and the adapters the caller may use, with only the versions and aliases it may use."""
     gw: Gateway = request.app.state.gateway
+    # Reading thousands of manifests takes hundreds of milliseconds: not on the event loop.
+    return await asyncio.to_thread(_model_list, gw, tenant)
+
+
+def _model_list(gw: Gateway, tenant: str | None) -> ModelList:
     base = gw.settings.model_name
-    cards = [ModelCard(id=base, created=int(gw.started), owned_by="loraplex", root=gw.settings.base_model)]
+    cards = [ModelCard(id=base, created=int(gw.started), owned_by="loraplex", root=base)]
     for name in gw.registry.names():
         try:
             manifests = {v: gw.registry.get(name, v).manifest for v in gw.registry.versions(name)}
@@ -234,8 +350,10 @@ async def models(request: Request, tenant: str | None = Depends(caller_tenant)) 
         if not usable:
             continue
         newest = usable[max(usable)]
+        # A public adapter is listed to every tenant, but its owner only to the owner itself.
+        owner = newest["tenant"] if tenant in (None, newest["tenant"]) else "loraplex"
         cards.append(ModelCard(
-            id=name, created=int(newest["created"]), owned_by=newest["tenant"], root=name, parent=base,
+            id=name, created=int(newest["created"]), owned_by=owner, root=name, parent=base,
             versions=sorted(usable), aliases={a: v for a, v in aliases.items() if v in usable},
         ))
     return ModelList(data=cards)

@@ -1,9 +1,10 @@
 """OpenAI request and response bodies, plus loraplex's `adapter` field, and the OpenAI error shape."""
 
+import math
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class APIError(Exception):
@@ -41,8 +42,15 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for sta
 STREAM_OR_JSON = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
 
 
+# Messages may quote what the caller sent; however long that was, the answer stays short.
+MAX_MESSAGE_CHARS = 2000
+
+
 def error_response(status: int, message: str, type: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
+    param = param[:MAX_NAME_CHARS] if param else param
     body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -61,6 +69,18 @@ Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+def non_finite_field(value: object, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in a JSON-like value, if any."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path or "body")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = non_finite_field(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -107,6 +127,13 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
     name: Name | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self):
+        # OpenAI lets only an assistant message (one that calls tools) leave out its content.
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: required in a {self.role} message")
+        return self
 
 
 class ChatCompletionRequest(_Request):

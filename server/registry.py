@@ -18,11 +18,17 @@ from filelock import FileLock
 
 from .atomic import fsync_dir, write_json
 from .basemodel import BaseModel
-from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_adapter
+from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_adapter, shown
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_PATTERN = "^[a-z0-9][a-z0-9._-]{0,63}$"
 # Aliases start with a letter so that "name@3" is always a version and "name@stable" an alias.
-ALIAS_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
+ALIAS_PATTERN = "^[a-z][a-z0-9._-]{0,63}$"
+# Python's $ also matches before a final newline ("acme\n"), so these match with fullmatch.
+NAME_RE = re.compile(NAME_PATTERN.strip("^$"))
+ALIAS_RE = re.compile(ALIAS_PATTERN.strip("^$"))
+# ASCII digits only: str.isdigit() also takes "²", "١" and "１".
+VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
+MAX_VERSION = 2**31 - 1
 LATEST = "latest"
 STATE_FILE = "state.json"
 
@@ -69,9 +75,15 @@ class Version:
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidReference(f"invalid adapter {what} {name!r}: must match {NAME_RE.pattern}")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InvalidReference(f"invalid adapter {what} {shown(str(name))}: must match {NAME_PATTERN}")
     return name
+
+
+def check_version(version: int) -> int:
+    if not 1 <= version <= MAX_VERSION:
+        raise NotFound(f"no version {str(version)[:20]}: versions run from 1 to {MAX_VERSION}")
+    return version
 
 
 def parse_ref(text: str) -> Ref:
@@ -82,11 +94,11 @@ def parse_ref(text: str) -> Ref:
     check_name(name)
     if not sep:
         return Ref(name)
-    if selector.isdigit() and int(selector) > 0 and not selector.startswith("0"):
+    if VERSION_RE.fullmatch(selector) and int(selector) <= MAX_VERSION:
         return Ref(name, version=int(selector))
-    if ALIAS_RE.match(selector):
+    if ALIAS_RE.fullmatch(selector):
         return Ref(name, alias=selector)
-    raise InvalidReference(f"invalid adapter reference {text!r}: expected name, name@VERSION or name@ALIAS")
+    raise InvalidReference(f"invalid adapter reference {shown(text)}: expected name, name@VERSION or name@ALIAS")
 
 
 def sha256_file(path: Path) -> str:
@@ -105,7 +117,7 @@ class Registry:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if NAME_RE.match(p.name) and self.versions(p.name))
+        return sorted(p.name for p in self.root.iterdir() if NAME_RE.fullmatch(p.name) and self.versions(p.name))
 
     def versions(self, name: str) -> list[int]:
         try:
@@ -113,7 +125,7 @@ class Registry:
         except (FileNotFoundError, NotADirectoryError):
             return []
         with entries:
-            return sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir())
+            return sorted(int(e.name) for e in entries if VERSION_RE.fullmatch(e.name) and e.is_dir())
 
     def _state(self, name: str) -> dict:
         try:
@@ -142,7 +154,7 @@ class Registry:
         return self.get(ref.name, version)
 
     def get(self, name: str, version: int) -> Version:
-        path = self.root / check_name(name) / str(version)
+        path = self.root / check_name(name) / str(check_version(version))
         try:
             stamp = (path / MANIFEST_FILE).stat().st_mtime_ns
         except (FileNotFoundError, NotADirectoryError):
@@ -211,8 +223,8 @@ class Registry:
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         """Points `alias` at `version`, remembering where it pointed so that rollback can return there."""
-        if not ALIAS_RE.match(alias) or alias == LATEST:
-            raise InvalidReference(f"invalid alias {alias!r}: must match {ALIAS_RE.pattern} and not be {LATEST!r}")
+        if not ALIAS_RE.fullmatch(alias) or alias == LATEST:
+            raise InvalidReference(f"invalid alias {shown(alias)}: must match {ALIAS_PATTERN} and not be {LATEST!r}")
         self.get(name, version)
 
         def change(state):
@@ -247,25 +259,36 @@ class Registry:
     def delete_version(self, name: str, version: int) -> Path:
         """Hides a version at once by renaming it aside; returns the new place, for removal once unused."""
         self.get(name, version)
+        with FileLock(self.root / name / ".lock"):
+            return self._trash(name, version)
+
+    def _trash(self, name: str, version: int) -> Path:
         adapter_dir = self.root / name
         trash = adapter_dir / f".trash-{version}-{os.urandom(4).hex()}"
-        with FileLock(adapter_dir / ".lock"):
+        try:
             os.rename(adapter_dir / str(version), trash)
-            fsync_dir(adapter_dir)
+        except FileNotFoundError:
+            raise NotFound(f"adapter {name}@{version} not found") from None
+        fsync_dir(adapter_dir)
         return trash
 
     def delete(self, name: str) -> list[tuple[int, Path]]:
-        """Hides every version; the name becomes free but its version numbers are never reused."""
-        versions = self.versions(name)
-        if not versions:
-            raise NotFound(f"adapter {name!r} not found")
-        trashed = [(v, self.delete_version(name, v)) for v in versions]
+        """Hides every version; the name becomes free but its version numbers are never reused.
 
-        def change(state):
+        One hold of the adapter's lock from listing to clearing the owner: a registration cannot land between
+        them and survive with no owner, for another tenant to take."""
+        adapter_dir = self.root / check_name(name)
+        if not self.versions(name):
+            raise NotFound(f"adapter {name!r} not found")
+        with FileLock(adapter_dir / ".lock"):
+            versions = self.versions(name)
+            if not versions:
+                raise NotFound(f"adapter {name!r} not found")
+            trashed = [(v, self._trash(name, v)) for v in versions]
+            state = self._state(name)
             state.update(aliases={}, alias_history={})
             state.pop("tenant", None)
-
-        self._update_state(name, change)
+            write_json(adapter_dir / STATE_FILE, state)
         return trashed
 
     def check(self) -> tuple[list[str], list[str]]:
@@ -274,14 +297,14 @@ class Registry:
         if not self.root.is_dir():
             return problems, notes
         for adapter_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if not NAME_RE.match(adapter_dir.name):
+            if not NAME_RE.fullmatch(adapter_dir.name):
                 notes.append(f"{adapter_dir.name}: not an adapter name, ignored")
                 continue
             for entry in sorted(adapter_dir.iterdir()):
                 if entry.name.startswith((".staging-", ".trash-")):
                     notes.append(f"{adapter_dir.name}/{entry.name}: leftover of an interrupted write or delete "
                                  "(invisible; safe to remove)")
-                elif entry.name.isdigit():
+                elif VERSION_RE.fullmatch(entry.name):
                     problems += self._check_version(adapter_dir.name, entry)
         return problems, notes
 

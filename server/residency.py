@@ -83,6 +83,9 @@ class Residency:
             raise
         finally:
             del self._loading[key]
+            # A retire() waiting for this key to stop loading must wake now, not when another lease ends.
+            async with self._released:
+                self._released.notify_all()
         if self.metrics:
             self.metrics.load_latency.labels(label).observe(time.perf_counter() - start)
 

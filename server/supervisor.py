@@ -16,28 +16,36 @@ class Supervisor:
         self.slow_probes_tolerated = slow_probes_tolerated
 
     async def run(self) -> None:
-        """Starts spawned engines, then watches every engine until cancelled."""
+        """Starts spawned engines, then watches every engine until cancelled; a failing round is logged, never fatal."""
         await asyncio.gather(*(self._start(i, b) for i, b in enumerate(self.backends) if b.process))
         backoff = {i: 1.0 for i in range(len(self.backends))}
         slow = {i: 0 for i in range(len(self.backends))}
         while True:
             await asyncio.sleep(self.interval)
             for i, b in enumerate(self.backends):
-                if b.process is not None and b.process.proc.poll() is not None:
-                    await self._restart(i, b, backoff)
-                else:
-                    healthy, was_up = await b.engine.healthy(), b.up
-                    if healthy is None:
-                        # An engine busy with long batches can miss a few probes while it still serves; taking
-                        # it out then would turn its load into 503s. A refused connection is down at once.
-                        slow[i] += 1
-                        b.up = b.up and slow[i] <= self.slow_probes_tolerated
+                try:
+                    if b.process is not None and b.process.proc.poll() is not None:
+                        await self._restart(i, b, backoff)
                     else:
-                        slow[i], b.up = 0, healthy
-                    if was_up != b.up:
-                        log.warning("engine %d (%s) is %s", i, b.engine.url, "up" if b.up else "down")
-                    if not b.up and b.process is None:
-                        b.residency.forget_all()  # a remote engine that comes back may have restarted empty
+                        await self._probe(i, b, slow)
+                except Exception:
+                    b.up = False
+                    log.exception("supervising engine %d (%s) failed; it counts as down until its next probe",
+                                  i, b.engine.url)
+
+    async def _probe(self, i: int, b: Backend, slow: dict[int, int]) -> None:
+        healthy, was_up = await b.engine.healthy(), b.up
+        if healthy is None:
+            # An engine busy with long batches can miss a few probes while it still serves; taking
+            # it out then would turn its load into 503s. A refused connection is down at once.
+            slow[i] += 1
+            b.up = b.up and slow[i] <= self.slow_probes_tolerated
+        else:
+            slow[i], b.up = 0, healthy
+        if was_up != b.up:
+            log.warning("engine %d (%s) is %s", i, b.engine.url, "up" if b.up else "down")
+        if not b.up and b.process is None:
+            b.residency.forget_all()  # a remote engine that comes back may have restarted empty
 
     async def _start(self, i: int, b: Backend) -> None:
         try:

@@ -6,7 +6,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..registry import NAME_RE
+from ..registry import NAME_PATTERN
 
 
 class JobError(ValueError):
@@ -18,8 +18,8 @@ class _Strict(BaseModel):
 
 
 class AdapterSpec(_Strict):
-    name: str = Field(pattern=NAME_RE.pattern)
-    tenant: str = Field("default", pattern=NAME_RE.pattern)
+    name: str = Field(pattern=NAME_PATTERN)
+    tenant: str = Field("default", pattern=NAME_PATTERN)
     public: bool = False
 
 

@@ -27,7 +27,19 @@ def test_changes_by_another_process_are_seen(tmp_path):
     key_id, key = cli_view.create("acme")
     assert server_view.tenant_for(key) == "acme"
     assert cli_view.revoke(key_id) and not cli_view.revoke(key_id)
-    assert server_view.tenant_for(key) is None and not server_view.enabled()
+    # Revoking the last key keeps keys required (finding 6 of the hardening review: it used to open /v1).
+    assert server_view.tenant_for(key) is None and server_view.enabled()
+
+
+@pytest.mark.parametrize("mode,before,after", [("auto", False, True), ("open", False, False), ("keys", True, True)])
+def test_auth_mode_fails_closed_once_a_key_existed(tmp_path, mode, before, after):
+    store = KeyStore(tmp_path, mode)
+    assert store.enabled() is before
+    assert not store.revoke("key_unknown") and store.enabled() is before  # revoking nothing creates nothing
+    key_id, _ = store.create("acme")
+    store.revoke(key_id)
+    assert store.list() == [] and store.enabled() is after
+    assert KeyStore(tmp_path, mode).enabled() is after  # and after a restart
 
 
 def test_generated_admin_token_is_private_and_stable(tmp_path):

@@ -18,7 +18,10 @@ def test_parse_ref(text, ref):
 
 
 @pytest.mark.parametrize("text", ["", "Acme", "-acme", "acme@", "acme@0", "acme@03", "acme@-1", "acme@1@2",
-                                  "../etc", "a/b", "acme@Stable", "x" * 65, "acme@3x"])
+                                  "../etc", "a/b", "acme@Stable", "x" * 65, "acme@3x",
+                                  # hardening review: non-ASCII digits, trailing newlines, versions past 2**31
+                                  "x@\u00b2", "x@\u0661", "x@\uff11", "acme\n", "acme@stable\n", "acme@1\n",
+                                  "acme@" + "9" * 300, "acme@2147483648"])
 def test_parse_ref_rejects(text):
     with pytest.raises(InvalidReference):
         parse_ref(text)
@@ -151,3 +154,47 @@ def test_check_finds_tampering(tmp_path, base, adapter_factory):
     problems, _ = reg.check()
     assert any("adapter_model.safetensors does not match" in p for p in problems)
     assert any("adapter_config.json is missing" in p for p in problems)
+
+
+def test_a_version_beyond_any_possible_is_not_found(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    register(reg, base, adapter_factory(), tenant="t1")
+    for version in (10**300, 0, -1):
+        with pytest.raises(NotFound):
+            reg.get("acme", version)
+        with pytest.raises(NotFound):
+            reg.set_alias("acme", "stable", version)
+        with pytest.raises(NotFound):
+            reg.delete_version("acme", version)
+
+
+def test_whole_delete_and_register_of_one_name_are_serialized(tmp_path, base, adapter_factory, monkeypatch):
+    """A registration started while a whole-adapter delete is under way must not survive it without an owner
+    (another tenant could then take the name). The window is widened by starting the registration as soon as the
+    delete lets go of the adapter's lock with a version trashed, and giving it time to finish if nothing holds it."""
+    import threading
+
+    import server.registry as registry_module
+
+    reg = Registry(tmp_path / "reg")
+    register(reg, base, adapter_factory(seed=1), tenant="t1")
+    source = adapter_factory(seed=2)
+    real_lock = registry_module.FileLock
+    racer: list[threading.Thread] = []
+
+    class RacingLock(real_lock):
+        def release(self, force: bool = False) -> None:
+            super().release(force)
+            if not racer and not self.is_locked and list((reg.root / "acme").glob(".trash-*")):
+                racer.append(threading.Thread(target=register, args=(reg, base, source), kwargs={"tenant": "t1"}))
+                racer[0].start()
+                racer[0].join(timeout=2)  # on the old code the registration completes here, inside the delete
+
+    monkeypatch.setattr(registry_module, "FileLock", RacingLock)
+    reg.delete("acme")
+    monkeypatch.setattr(registry_module, "FileLock", real_lock)
+    racer[0].join()
+    assert reg.versions("acme"), "the registration after the delete must stand"
+    assert reg.tenant("acme") == "t1", "a version that exists must have an owner"
+    with pytest.raises(Conflict):
+        register(reg, base, adapter_factory(seed=3), tenant="t2")

@@ -133,3 +133,26 @@ def test_admission_bounds_engine_and_tenant():
                 with adm.admit("globex", b):
                     pass
     assert b.in_flight == 0 and adm.tenants == {}
+
+
+async def test_retire_after_a_failed_load_does_not_wait_for_other_traffic():
+    """A version deleted while its load fails is retired at once, not when some other request ends."""
+    engine = FakeEngine(delay=0.05, fail={"gone@1"})
+    res = Residency(engine, capacity=4)
+    load = asyncio.create_task(use(res, "gone@1"))
+    await asyncio.sleep(0)  # the load is in flight
+    retire = asyncio.create_task(res.retire("gone@1"))
+    with pytest.raises(EngineError):
+        await load
+    await asyncio.wait_for(retire, 1)
+
+
+async def test_router_passes_over_an_engine_whose_requests_fail():
+    failing, healthy = (Backend(FakeEngine(), Residency(FakeEngine(), 4), up=True) for _ in range(2))
+    healthy.in_flight = 3
+    router = Router([failing, healthy])
+    assert router.choose(None) is failing
+    failing.unreachable()
+    assert router.choose(None) is healthy
+    failing.up = True  # its health probe passed again, but its requests failed a moment ago
+    assert router.choose(None) is healthy and router.choose(None, exclude=(healthy,)) is failing

@@ -1,0 +1,50 @@
+"""The gateway's parts, built once per app, and the domain steps that span them."""
+
+import asyncio
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .admission import Admission
+from .audit import AuditLog
+from .auth import KeyStore
+from .basemodel import BaseModel
+from .config import Settings
+from .metrics import Metrics
+from .registry import Registry
+from .routing import Router
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs."""
+
+    settings: Settings
+    registry: Registry
+    base: BaseModel
+    client: httpx.AsyncClient
+    router: Router
+    keys: KeyStore
+    audit: AuditLog
+    metrics: Metrics
+    admission: Admission
+    admin_token: str
+    metrics_token: str | None = None
+    started: float = field(default_factory=time.time)
+    archive_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    _cleanups: set = field(default_factory=set)
+
+    def retire(self, deleted: list[tuple[str, Path]]) -> None:
+        """Unloads deleted versions from every engine once their requests finish, then removes their files."""
+        async def cleanup():
+            for key, trash in deleted:
+                for backend in self.router.backends:
+                    await backend.residency.retire(key)
+                await asyncio.to_thread(shutil.rmtree, trash, True)
+
+        task = asyncio.create_task(cleanup())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)

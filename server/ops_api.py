@@ -1,0 +1,55 @@
+"""Operations routes: Prometheus metrics (the gateway's and each engine's), liveness and readiness."""
+
+import asyncio
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .gateway import Gateway
+from .protocol import APIError
+
+router = APIRouter()
+PROMETHEUS_TEXT = {200: {"content": {"text/plain": {}}}}
+
+
+@router.get("/metrics", responses=PROMETHEUS_TEXT)
+async def metrics(request: Request) -> Response:
+    """Needs the admin or metrics token (checked by the Credentials middleware): series name every adapter."""
+    gw: Gateway = request.app.state.gateway
+    for i, b in enumerate(gw.router.backends):
+        gw.metrics.resident.labels(str(i)).set(len(b.residency))
+        gw.metrics.engine_up.labels(str(i)).set(1 if b.up else 0)
+    # Listing thousands of adapter folders takes tens of milliseconds: not on the event loop.
+    gw.metrics.registered.set(len(await asyncio.to_thread(gw.registry.names)))
+    return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/metrics/engine/{index}", responses=PROMETHEUS_TEXT)
+async def engine_metrics(index: int, request: Request) -> Response:
+    """The engine's own vLLM metrics (KV cache, queue), so one scrape target reaches spawned engines too."""
+    gw: Gateway = request.app.state.gateway
+    if not 0 <= index < len(gw.router.backends):
+        raise APIError(404, f"no engine {index}", type="not_found_error", code="engine_not_found")
+    engine = gw.router.backends[index].engine
+    try:
+        r = await engine.client.get(f"{engine.url}/metrics", timeout=10)
+    except httpx.TransportError as e:
+        raise APIError(503, f"engine unavailable: {type(e).__name__}", type="server_error",
+                       code="engine_unavailable") from None
+    return Response(r.content, status_code=r.status_code, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    gw: Gateway = request.app.state.gateway
+    engines = [b.up for b in gw.router.backends]
+    ok = any(engines)
+    return JSONResponse({"ready": ok, "engines": engines, "auth": "keys" if gw.keys.enabled() else "open"},
+                        status_code=200 if ok else 503)
