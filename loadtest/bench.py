@@ -113,7 +113,7 @@ class Bench:
 
     @staticmethod
     def counters(gw: Gateway) -> dict:
-        text = httpx.get(f"{gw.url}/metrics").text
+        text = httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
 
         def total(metric):
             return sum(float(v) for v in re.findall(rf"^{metric}(?:{{[^}}]*}})? (\S+)$", text, re.M))

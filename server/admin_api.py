@@ -40,7 +40,7 @@ class AuditedRoute(APIRoute):
                 client = request.client.host if request.client else "unknown"
                 adapter = request.path_params.get("name") or getattr(request.state, "adapter", None)
                 await _gateway(request).audit.arecord(f"admin@{client}", self.name, adapter and str(adapter)[:200],
-                                                      result=f"refused ({status}): {message}"[:1000])
+                                                      result=f"refused: {status} {message}"[:1000])
                 raise
 
         return audited

@@ -282,14 +282,14 @@ def _events(events: list[bytes], timer: RequestTimer, keep_usage: bool) -> bytes
     return b"".join(out)
 
 
-USAGE_KEY = b'"usage":{'
+USAGE_KEY = b'"usage":'
 USAGE_BYTES = 1024
 
 
 async def _relay_body(upstream: httpx.Response, timer: RequestTimer, limit: int):
     """Passes a non-streamed answer through as it comes, noting its usage without parsing the whole document.
 
-    JSON escapes quotes inside strings, so the first `"usage":{` is the answer's usage object."""
+    JSON escapes quotes inside strings, so the first `"usage":` is the answer's own usage field."""
     size, carry, usage = 0, b"", None
     async for chunk in upstream.aiter_raw():
         size += len(chunk)
@@ -300,7 +300,7 @@ async def _relay_body(upstream: httpx.Response, timer: RequestTimer, limit: int)
             window = carry + chunk
             at = window.find(USAGE_KEY)
             if at >= 0:
-                usage = window[at + len(USAGE_KEY) - 1:at + USAGE_BYTES]
+                usage = window[at + len(USAGE_KEY):at + USAGE_BYTES]
             else:
                 carry = window[-len(USAGE_KEY):]
         elif len(usage) < USAGE_BYTES:
@@ -311,7 +311,7 @@ async def _relay_body(upstream: httpx.Response, timer: RequestTimer, limit: int)
 
 def _usage(raw: bytes | None) -> dict | None:
     try:
-        usage, _ = json.JSONDecoder().raw_decode(raw.decode())
+        usage, _ = json.JSONDecoder().raw_decode(raw.decode().lstrip())
     except (AttributeError, ValueError):
         return None
     return usage if isinstance(usage, dict) else None

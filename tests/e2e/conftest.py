@@ -27,6 +27,8 @@ ADAPTERS = {
 }
 # The console script `make serve` runs.
 ADMIN_TOKEN = "e2e-admin-token"
+# /metrics needs the admin or metrics token.
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 LOADER = [str(Path(sys.executable).parent / "loraplex")]
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from server.engine import free_port
+from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN
 from tests.e2e.test_serving import complete, streamed_text
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -55,7 +56,7 @@ def series(text: str, name: str, **labels) -> list[float]:
 
 
 def test_metrics_per_adapter(client, traffic):
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=ADMIN_AUTH).text
     for adapter in ("alpha", "beta", "mon-third"):
         assert sum(series(text, "loraplex_request_duration_seconds_count", adapter=adapter)) >= 6
         assert sum(series(text, "loraplex_time_to_first_token_seconds_count", adapter=adapter)) >= 4
@@ -66,8 +67,8 @@ def test_metrics_per_adapter(client, traffic):
     assert series(text, "loraplex_engine_up", engine="0") == [1.0]
     assert series(text, "loraplex_adapters_resident", engine="0")[0] >= 1
     assert series(text, "loraplex_adapter_load_duration_seconds_count", adapter="mon-third")
-    assert "vllm:" in client.get("/metrics/engine/0").text
-    assert client.get("/metrics/engine/7").status_code == 404
+    assert "vllm:" in client.get("/metrics/engine/0", headers=ADMIN_AUTH).text
+    assert client.get("/metrics/engine/7", headers=ADMIN_AUTH).status_code == 404
 
 
 def test_usage_chunk_only_when_asked(client, traffic):
@@ -85,8 +86,12 @@ def _prometheus_config(tmp_path: Path, target: str) -> Path:
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(DEPLOY / "alerts.yml")]
+    token_file = tmp_path / "loraplex_metrics_token"
+    token_file.write_text(ADMIN_TOKEN)
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [target]}]
+        assert job["authorization"]["credentials_file"], "the shipped config must send a credential"
+        job["authorization"]["credentials_file"] = str(token_file)
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path

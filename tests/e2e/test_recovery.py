@@ -7,6 +7,7 @@ import time
 
 import httpx
 
+from tests.e2e.conftest import ADMIN_AUTH
 from tests.e2e.test_monitoring import series
 from tests.e2e.test_serving import PROMPTS, complete
 
@@ -30,7 +31,7 @@ def test_engine_crash_is_survived(server, client):
     assert client.get("/ready").status_code == 200, server.log.read_text()[-3000:]
     after = complete(client, PROMPTS[0], adapter="alpha@1")["choices"][0]["token_ids"]
     assert after == before  # reloaded on demand into the new engine
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers=ADMIN_AUTH).text
     assert series(metrics, "loraplex_engine_restarts_total", engine="0") == [1.0]
     assert series(metrics, "loraplex_engine_up", engine="0") == [1.0]
     assert httpx.get(f"{server.engine_url()}/health").status_code == 200

@@ -1,0 +1,158 @@
+"""The hardening review's findings against the real `loraplex serve`: auth before the body, hostile archives under
+load, metrics credentials, keys that fail closed, and what tenants may see."""
+
+import asyncio
+import gzip
+import json
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.conftest import ADMIN_TOKEN, LOADER, start_gateway
+from tests.unit.test_archive import negative_base256, octal, tar_header
+
+METRICS_TOKEN = "e2e-metrics-token"
+
+
+@pytest.fixture(scope="module")
+def guarded(server, tmp_path_factory):
+    """A gateway of its own (state, registry, spool folder) on the session's engine, with a metrics token."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    (tmp / "spool").mkdir()
+    proc, url = start_gateway(server, tmp, LORAPLEX_REGISTRY=str(tmp / "registry"), TMPDIR=str(tmp / "spool"),
+                              LORAPLEX_METRICS_TOKEN=METRICS_TOKEN, LORAPLEX_MAX_UPLOAD_BYTES=str(1 << 30))
+    yield proc, url, tmp
+    proc.kill()
+    proc.wait()
+
+
+def raw_upload_headers(url: str, length: int, auth: str | None = None) -> bytes:
+    host = url.removeprefix("http://")
+    head = [f"POST /admin/adapters HTTP/1.1", f"Host: {host}", f"Content-Length: {length}",
+            "Content-Type: multipart/form-data; boundary=b0undary"]
+    if auth:
+        head.append(f"Authorization: Bearer {auth}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
+def test_an_anonymous_upload_is_refused_before_its_body_is_read(guarded):
+    """Finding 1: a 200 MB anonymous upload was spooled to disk whole before its 401."""
+    _, url, tmp = guarded
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(raw_upload_headers(url, 200 << 20))
+        answer = sock.recv(65536).decode()  # not one byte of the 200 MB body has been sent
+    assert answer.startswith("HTTP/1.1 401"), answer[:200]
+    assert '"code":"invalid_admin_token"' in answer.replace(" ", "")
+    # With part of a body sent too, nothing lands in the gateway's spool folder.
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(raw_upload_headers(url, 200 << 20))
+        try:
+            for _ in range(64):
+                sock.sendall(b"\0" * (1 << 20))
+        except OSError:
+            pass  # the gateway answered and closed the connection
+    assert list((tmp / "spool").iterdir()) == []
+    audit = (tmp / "state" / "audit.log").read_text().splitlines()
+    assert any(json.loads(line)["result"].startswith("refused") for line in audit)
+
+
+def hostile_archives() -> list[bytes]:
+    endless = gzip.compress(tar_header(b"adapter_config.json", negative_base256(512)))
+    long_name = gzip.compress(tar_header(b"././@LongLink", octal(3 << 30), kind=b"L") + bytes(4 << 20))
+    members = gzip.compress(tar_header(b"d/", octal(0), kind=b"5") * 200_000)
+    zeros = gzip.compress(tar_header(b"adapter_model.safetensors", octal(1 << 33)) + bytes(64 << 20))
+    return [endless, long_name, members, zeros]
+
+
+def test_hostile_uploads_keep_the_gateway_small_and_responsive(guarded):
+    """Finding 2 under load: 20 concurrent hostile uploads; gateway memory grows < 300 MB, /health stays fast."""
+    proc, url, _ = guarded
+    gateway = psutil.Process(proc.pid)
+    before = gateway.memory_info().rss
+    archives = hostile_archives()
+    latencies, peak, done = [], [before], threading.Event()
+
+    def probe():
+        with httpx.Client(timeout=5) as c:
+            while not done.is_set():
+                start = time.monotonic()
+                assert c.get(f"{url}/health").status_code == 200
+                latencies.append(time.monotonic() - start)
+                peak.append(gateway.memory_info().rss)
+                time.sleep(0.05)
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120,
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
+            return await asyncio.gather(*(
+                c.post("/admin/adapters", data={"name": f"hostile{i}", "tenant": "evil"},
+                       files={"file": ("a.tgz", archives[i % len(archives)])}) for i in range(20)))
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        responses = asyncio.run(send_all())
+    finally:
+        done.set()
+        prober.join()
+    assert [r.status_code for r in responses] == [400] * 20, [r.text[:200] for r in responses]
+    assert all(len(r.content) < 4096 for r in responses)
+    grown = (max(peak) - before) / 2**20
+    print(f"gateway grew {grown:.0f} MB; /health max {max(latencies) * 1000:.0f} ms, "
+          f"median {statistics.median(latencies) * 1000:.1f} ms over {len(latencies)} probes")
+    assert grown < 300 and max(latencies) < 1.0 and statistics.median(latencies) < 0.1
+
+
+def test_metrics_need_a_credential(guarded):
+    """Finding 5: /metrics and /metrics/engine/N named every adapter to anyone."""
+    _, url, _ = guarded
+    for path in ("/metrics", "/metrics/engine/0"):
+        for token in (None, "wrong", "lpx-a-tenant-key"):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            r = httpx.get(f"{url}{path}", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (path, token)
+        for token in (METRICS_TOKEN, ADMIN_TOKEN):
+            assert httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_revoking_the_last_key_keeps_v1_closed(guarded, server):
+    """Finding 6: revoking every key used to turn authentication off."""
+    _, url, tmp = guarded
+    env = {**server.env, "LORAPLEX_STATE_DIR": str(tmp / "state")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*LOADER, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    assert httpx.get(f"{url}/ready").json()["auth"] == "open"
+    assert httpx.get(f"{url}/v1/models").status_code == 200
+    created = cli("keys", "create", "--tenant", "acme")
+    key = created.stdout.split()[-1]
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    key_id = json.loads(cli("keys", "list").stdout)[0]["id"]
+    assert cli("keys", "revoke", key_id).returncode == 0
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    assert httpx.get(f"{url}/ready").json()["auth"] == "keys"
+
+
+def test_v1_models_names_no_other_tenant_and_no_server_path(server, guarded):
+    """Finding 5: /v1/models showed a public adapter's owner and the base model's local path."""
+    _, url, tmp = guarded
+    env = {**server.env, "LORAPLEX_STATE_DIR": str(tmp / "state"), "LORAPLEX_REGISTRY": str(tmp / "registry")}
+    added = subprocess.run([*LOADER, "adapters", "add", "shared-pub", str(server.adapter_dirs["alpha"]),
+                            "--tenant", "globex", "--public"], env=env, capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr
+    key = subprocess.run([*LOADER, "keys", "create", "--tenant", "acme"], env=env, capture_output=True, text=True,
+                         timeout=120).stdout.split()[-1]
+    text = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).text
+    cards = {m["id"]: m for m in json.loads(text)["data"]}
+    assert cards["shared-pub"]["owned_by"] != "globex" and "globex" not in text
+    assert str(Path(server.env["LORAPLEX_BASE_MODEL"]).parent) not in text and str(tmp) not in text
