@@ -33,6 +33,7 @@ class StubEngine:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/completions", self._complete)
+        app.router.add_post("/v1/load_lora_adapter", self._refuse_load)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -48,6 +49,14 @@ class StubEngine:
     @staticmethod
     async def _metrics(_: web.Request) -> web.Response:
         return web.Response(text="vllm:stub 1\n")
+
+    @staticmethod
+    async def _refuse_load(request: web.Request) -> web.Response:
+        """Refuses every adapter the way vLLM refuses a broken one: naming the path it was given."""
+        body = await request.json()
+        message = f"Loading lora {body['lora_name']} failed: No adapter found for {body['lora_path']}"
+        return web.json_response({"error": {"message": message, "type": "BadRequestError", "code": 400}},
+                                 status=400)
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1

@@ -102,3 +102,17 @@ async def test_non_finite_numbers_and_odd_versions_are_400s_naming_the_field(bas
         r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user"}]})
         assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages.0"), r.text
     await engine.stop()
+
+
+async def test_an_engine_load_error_names_no_server_path(base, tmp_path, adapter_factory):
+    """Finding 5: the engine's load error, with the registry's absolute path, went to the tenant as it was."""
+    from server.registry import Registry
+
+    Registry(tmp_path / "registry").register("acme", adapter_factory(), base=base, base_model="base", max_rank=16)
+    engine = await StubEngine().start()
+    async with gateway_over([engine.url], str(base.path), tmp_path) as client:
+        assert await wait_for(lambda: ready(client), 10)
+        r = await client.post("/v1/completions", json={**PROMPT, "adapter": "acme"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_load_failed", r.text
+        assert str(tmp_path) not in r.text and "/registry" not in r.text
+    await engine.stop()

@@ -77,3 +77,16 @@ def test_exported_manifest_must_carry_the_served_fingerprint(base, adapter_facto
     (d / "manifest.json").write_text(json.dumps({"base_fingerprint": "f" * 64}))
     with pytest.raises(InvalidAdapter, match="fingerprint"):
         check_exported_manifest(d, base)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"lora_alpha": "16"}, "lora_alpha must be a finite positive number"),
+    ({"lora_alpha": 10**400}, "lora_alpha must be a finite positive number"),
+    ({"lora_alpha": -1}, "lora_alpha must be a finite positive number"),
+    ({"base_model_name_or_path": ["a", "b"]}, "base_model_name_or_path must be a string"),
+    ({"r": 8}, "r is 8, but"),
+])
+def test_hostile_config_values_are_refused(base, adapter_factory, config, message):
+    """Hardening review: these were 500s on upload (a string or 10**400 alpha, a list as base model)."""
+    with pytest.raises(InvalidAdapter, match=message):
+        check_adapter(adapter_factory(config=config), base, 64)
