@@ -22,28 +22,40 @@ def generated_by_engine(server) -> float:
     return sum(series(httpx.get(f"{server.engine_url()}/metrics").text, "vllm:generation_tokens_total"))
 
 
+@pytest.fixture
+def second_gateway(server, tmp_path):
+    proc, url = start_gateway(server, tmp_path, LORAPLEX_MAX_IN_FLIGHT_PER_ENGINE="2")
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def test_disconnected_clients_abort_engine_work(server):
     """The engine stops generating soon after the client leaves, counted in the engine's own tokens.
 
-    Eight sequences of 900 tokens would be 7,200 tokens; the bound is on what the engine generates after the client
+    Sixteen sequences of 1,000 tokens would be 16,000 tokens; the bound is on what the engine generates after the client
     left, a share of that, so it holds however fast the engine or the machine is (a bound in seconds did not)."""
-    work = {**LONG, "n": 8, "temperature": 1.0, "seed": 0}  # vLLM refuses n > 1 with greedy sampling
+    # Long enough that a fast engine is still generating when the non-streamed client gives up after 1 s.
+    work = {**LONG, "max_tokens": 1000, "n": 16, "temperature": 1.0, "seed": 0}  # n > 1 needs sampling
     whole = work["n"] * work["max_tokens"]
     assert wait_until(lambda: running_in_engine(server) == 0, 30)
+    before = generated_by_engine(server)
+    assert httpx.post(f"{server.url}/v1/completions", json={**LONG, "max_tokens": 8}, timeout=60).status_code == 200
+    assert wait_until(lambda: generated_by_engine(server) >= before + 8, 10), "the token counter must count"
     after_leaving = {}
     for stream in (False, True):
-        # A stream's headers can take more than a second on a loaded machine; only the non-streamed client gives up.
-        with httpx.Client(timeout=30.0 if stream else 1.0) as c:
-            if stream:
+        if stream:
+            with httpx.Client(timeout=60) as c:
                 with c.stream("POST", f"{server.url}/v1/completions", json={**work, "stream": True}) as r:
                     assert r.status_code == 200
                     # The first event means the engine is generating. Leaving the block then closes the connection
                     # mid-stream; polling the engine's metrics per event instead could outlast a fast engine's
                     # whole generation, and then walk thousands of buffered events.
                     assert any(line.startswith("data: {") for line in r.iter_lines())
-            else:
-                with pytest.raises(httpx.TimeoutException):  # the client gives up after 1 s
-                    c.post(f"{server.url}/v1/completions", json=work)
+        else:
+            with httpx.Client(timeout=1.0) as c, pytest.raises(httpx.TimeoutException):
+                c.post(f"{server.url}/v1/completions", json=work)  # the client gives up after 1 s
         left_at = generated_by_engine(server)
         assert wait_until(lambda: running_in_engine(server) == 0, 60), f"stream={stream}: engine still generating"
         after_leaving[stream] = generated_by_engine(server) - left_at
