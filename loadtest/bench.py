@@ -28,7 +28,7 @@ import psutil
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from loadtest.servers import LOADER, Gateway
 from server import basemodel
-from server.engine import free_port
+from server.engine_process import free_port
 from server.registry import Registry
 from server.archive import pack_archive
 

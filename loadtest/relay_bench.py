@@ -19,7 +19,7 @@ import psutil
 from aiohttp import web
 
 from loadtest.servers import Gateway
-from server.engine import free_port
+from server.engine_process import free_port
 
 TOKENS = 32
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from server.engine import free_port
+from server.engine_process import free_port
 
 LOADER = str(Path(sys.executable).parent / "loraplex")
 

@@ -18,7 +18,8 @@ from .admission import Admission
 from .audit import AuditLog
 from .auth import Credentials, KeyStore, admin_token
 from .config import Settings
-from .engine import EngineClient, EngineProcess
+from .engine_client import EngineClient
+from .engine_process import EngineProcess
 from .gateway import Gateway
 from .limits import BodyLimit
 from .metrics import Metrics

@@ -3,28 +3,25 @@
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import anyio
-import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from .auth import caller_tenant
-from .engine import EngineError
+from .engine_client import EngineError, Unreachable, load_refusal, refusal, too_large
 from .gateway import Gateway
 from .metrics import RequestTimer
 from .protocol import (
-    MAX_MESSAGE_CHARS,
     STREAM_OR_JSON,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     ModelList,
-    _Request,
-    error_response,
-    non_finite_field,
+    OpenAIRequest,
 )
 from .registry import InvalidReference, NotFound, Version
 from .routing import Backend
@@ -79,26 +76,20 @@ def check_budget(gw: Gateway, body) -> None:
                            param=param, code="invalid_value")
 
 
-async def forward(gw: Gateway, body: _Request, path: str, tenant: str | None, caller: Request) -> Response:
+async def forward(gw: Gateway, body: OpenAIRequest, path: str, tenant: str | None, caller: Request) -> Response:
+    """The request path: resolve the adapter, send it to an engine, relay the answer; the timer sees it all."""
     timer = RequestTimer(gw.metrics, path.removeprefix("/v1/"))
     try:
         check_budget(gw, body)
         version = resolve_target(gw, body, tenant)
         timer.adapter = gw.metrics.adapter_label(version.name if version else None)
-        response = await _send(gw, body, path, version, timer, tenant, caller)
+        return await _send(gw, body, path, version, timer, tenant, caller)  # the stream calls timer.done at its end
     except BaseException as e:
         timer.done(e.status if isinstance(e, APIError) else 500)
         raise
-    if not isinstance(response, EngineStream):  # a stream reports when it ends
-        timer.done(response.status_code)
-    return response
 
 
-class Unreachable(Exception):
-    """The request never reached the engine, so another engine may take it."""
-
-
-def _payload(gw: Gateway, body: _Request, version: Version | None) -> dict:
+def _payload(gw: Gateway, body: OpenAIRequest, version: Version | None) -> dict:
     payload = body.model_dump(exclude_unset=True, exclude={"adapter"})
     payload["model"] = version.key if version else gw.settings.model_name
     if body.stream:
@@ -107,10 +98,10 @@ def _payload(gw: Gateway, body: _Request, version: Version | None) -> dict:
     return payload
 
 
-async def _send(gw: Gateway, body: _Request, path: str, version: Version | None, timer: RequestTimer,
+async def _send(gw: Gateway, body: OpenAIRequest, path: str, version: Version | None, timer: RequestTimer,
                 tenant: str | None, caller: Request) -> Response:
     """Sends to the chosen engine; a request that could not reach it is sent once more, to another engine."""
-    wants_usage = bool((body.stream_options and body.stream_options.include_usage))
+    wants_usage = bool(body.stream_options and body.stream_options.include_usage)
     payload, tried = _payload(gw, body, version), ()
     while True:
         backend = gw.router.choose(version.key if version else None, exclude=tried)
@@ -128,86 +119,27 @@ async def _send(gw: Gateway, body: _Request, path: str, version: Version | None,
 
 async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, version: Version | None,
                    timer: RequestTimer, tenant: str | None, caller: Request, wants_usage: bool) -> Response:
-    engine = backend.engine
+    """One engine's try: admission, the adapter's lease, the upstream request; the stream takes them over."""
     async with AsyncExitStack() as stack:
         stack.enter_context(gw.admission.admit(tenant, backend))
-        try:
-            if version is not None:
+        if version is not None:
+            try:
                 await stack.enter_async_context(backend.residency.lease(version.key, str(version.path)))
-            upstream_request = engine.client.build_request("POST", f"{engine.url}{path}", json=payload)
-        except EngineError as e:
-            raise _load_failed(version, e) from None
-        except httpx.TransportError as e:
-            raise Unreachable(type(e).__name__) from None
-        except ValueError:  # httpx refuses NaN and infinities when it encodes the body
-            raise _non_finite(payload) from None
-        try:
-            # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile.
-            upstream = await _unless_client_leaves(engine.client.send(upstream_request, stream=True), caller)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise Unreachable(type(e).__name__) from None
-        except httpx.TransportError as e:
-            raise APIError(503, f"engine unavailable: {type(e).__name__}", type="server_error",
-                           code="engine_unavailable") from None
+            except EngineError as e:
+                raise load_refusal(version.key, e) from None
+        # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile.
+        upstream = await _unless_client_leaves(backend.engine.send(path, payload), caller)
         # Closing the upstream connection early is what makes vLLM abort the request.
-        stack.push_async_callback(upstream.aclose)
+        stack.push_async_callback(upstream.close)
         limit = gw.settings.max_response_bytes
-        if upstream.status_code != 200:
-            return engine_error(upstream.status_code, await _read_bounded(upstream, caller, limit))
-        declared = upstream.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise _too_large(limit)
-        headers = {"content-type": upstream.headers.get("content-type", "application/json")}
+        if upstream.status != 200:
+            raise refusal(upstream.status, await _unless_client_leaves(upstream.read(limit), caller))
+        if upstream.length is not None and upstream.length > limit:
+            raise too_large(limit)
         stack.callback(timer.done, 200)
-        relay = (_relay(upstream, timer, wants_usage, limit) if payload.get("stream")
-                 else _relay_body(upstream, timer, limit))
-        return EngineStream(relay, stack.pop_all(), headers=headers)
-
-
-def _load_failed(version: Version, e: EngineError) -> APIError:
-    # The engine's message names the registry's path on this server; tenants get the status, the log the rest.
-    log.warning("engine refused to load %s: %s", version.key, e.message)
-    client_side = e.status < 500
-    return APIError(400 if client_side else 502, f"loading adapter {version.key} failed: the engine refused it"
-                    f" (status {e.status})", type="invalid_request_error" if client_side else "server_error",
-                    code="adapter_load_failed")
-
-
-def _non_finite(payload: dict) -> APIError:
-    field = non_finite_field(payload) or "body"
-    return APIError(400, f"{field}: must be a finite number (NaN and Infinity are not JSON)", param=field,
-                    code="invalid_value")
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(502, f"the engine's answer is larger than {limit} bytes (LORAPLEX_MAX_RESPONSE_BYTES)",
-                    type="server_error", code="response_too_large")
-
-
-async def _read_bounded(upstream: httpx.Response, caller: Request, limit: int) -> bytes:
-    async def read() -> bytes:
-        parts, size = [], 0
-        async for chunk in upstream.aiter_raw():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            parts.append(chunk)
-        return b"".join(parts)
-
-    return await _unless_client_leaves(read(), caller)
-
-
-def engine_error(status: int, content: bytes) -> Response:
-    """The engine's refusal in OpenAI's error shape (vLLM's own has an integer code and exception names as type)."""
-    try:
-        error = json.loads(content)["error"]
-        message, param = str(error["message"]), error.get("param")
-    except (ValueError, KeyError, TypeError):
-        message, param = content.decode(errors="replace") or f"engine answered {status}", None
-    message = message[:MAX_MESSAGE_CHARS]
-    if status >= 500:
-        return error_response(502, f"engine failed: {message}", type="server_error", code="engine_error")
-    return error_response(status, message, param=param if isinstance(param, str) else None, code="engine_rejected")
+        chunks = upstream.chunks()
+        relay = _relay(chunks, timer, wants_usage, limit) if payload.get("stream") else _relay_body(chunks, timer, limit)
+        return EngineStream(relay, stack.pop_all(), headers={"content-type": upstream.content_type})
 
 
 async def _unless_client_leaves(awaitable, client: Request):
@@ -246,12 +178,12 @@ def _event_too_large(limit: int) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-async def _relay(upstream: httpx.Response, timer: RequestTimer, keep_usage: bool, limit: int):
+async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, keep_usage: bool, limit: int) -> AsyncIterator[bytes]:
     """Passes engine events through as they come, timing them and reading the usage event.
 
     Each byte is searched for the event boundary once, so a large event costs time in proportion to its size."""
     pending = bytearray()
-    async for chunk in upstream.aiter_raw():
+    async for chunk in chunks:
         searched = max(len(pending) - 1, 0)
         pending += chunk
         end = pending.rfind(b"\n\n", searched)
@@ -286,12 +218,12 @@ USAGE_KEY = b'"usage":'
 USAGE_BYTES = 1024
 
 
-async def _relay_body(upstream: httpx.Response, timer: RequestTimer, limit: int):
+async def _relay_body(chunks: AsyncIterator[bytes], timer: RequestTimer, limit: int) -> AsyncIterator[bytes]:
     """Passes a non-streamed answer through as it comes, noting its usage without parsing the whole document.
 
     JSON escapes quotes inside strings, so the first `"usage":` is the answer's own usage field."""
     size, carry, usage = 0, b"", None
-    async for chunk in upstream.aiter_raw():
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             log.warning("engine answer over %d bytes cut short (LORAPLEX_MAX_RESPONSE_BYTES)", limit)

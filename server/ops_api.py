@@ -2,7 +2,6 @@
 
 import asyncio
 
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -32,13 +31,8 @@ async def engine_metrics(index: int, request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     if not 0 <= index < len(gw.router.backends):
         raise APIError(404, f"no engine {index}", type="not_found_error", code="engine_not_found")
-    engine = gw.router.backends[index].engine
-    try:
-        r = await engine.client.get(f"{engine.url}/metrics", timeout=10)
-    except httpx.TransportError as e:
-        raise APIError(503, f"engine unavailable: {type(e).__name__}", type="server_error",
-                       code="engine_unavailable") from None
-    return Response(r.content, status_code=r.status_code, media_type=CONTENT_TYPE_LATEST)
+    status, text = await gw.router.backends[index].engine.metrics()
+    return Response(text, status_code=status, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")

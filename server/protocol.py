@@ -95,7 +95,7 @@ class ContentPart(BaseModel):
     text: Text
 
 
-class _Request(BaseModel):
+class OpenAIRequest(BaseModel):
     # Sampling fields we do not model (vLLM's extensions among them) pass through to the engine.
     model_config = ConfigDict(extra="allow")
 
@@ -114,7 +114,7 @@ class _Request(BaseModel):
     user: Name | None = None
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(OpenAIRequest):
     prompt: (Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -136,7 +136,7 @@ class ChatMessage(BaseModel):
         return self
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64, description="At most the model's context length.")
     logprobs: bool | None = None

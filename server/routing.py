@@ -3,7 +3,8 @@
 import time
 from dataclasses import dataclass
 
-from .engine import EngineClient, EngineProcess
+from .engine_client import EngineClient
+from .engine_process import EngineProcess
 from .residency import Residency
 
 

@@ -49,7 +49,7 @@ class Supervisor:
 
     async def _start(self, i: int, b: Backend) -> None:
         try:
-            await b.process.wait_ready(b.engine.client, self.start_timeout)
+            await b.process.wait_ready(b.engine, self.start_timeout)
             b.up = True
             log.info("engine %d ready at %s", i, b.engine.url)
         except Exception:

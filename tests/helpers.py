@@ -10,7 +10,7 @@ from aiohttp import web
 
 from server.app import create_app
 from server.config import Settings
-from server.engine import free_port
+from server.engine_process import free_port
 
 
 @dataclass

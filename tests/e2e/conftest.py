@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from server.demo_model import build
-from server.engine import free_port
+from server.engine_process import free_port
 from tests.adapters import make_adapter
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -2,7 +2,7 @@ import httpx
 
 from server.app import create_app
 from server.config import Settings
-from server.engine import free_port
+from server.engine_process import free_port
 
 
 async def test_unreachable_engine_is_503(base_model, tmp_path):

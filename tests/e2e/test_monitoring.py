@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from server.engine import free_port
+from server.engine_process import free_port
 from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN
 from tests.e2e.test_serving import complete, streamed_text
 

@@ -4,7 +4,7 @@ import time
 import psutil
 
 from server.config import Settings
-from server.engine import EngineProcess, engine_command
+from server.engine_process import EngineProcess, engine_command
 
 # A stand-in for the API server that leaves a child behind when it dies, as vLLM's EngineCore does.
 LEAVES_A_CHILD = "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); print(p.pid, flush=True)"

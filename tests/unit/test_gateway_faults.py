@@ -3,7 +3,7 @@
 import asyncio
 import time
 
-from server.engine import free_port
+from server.engine_process import free_port
 from tests.helpers import StubEngine, gateway_over, ready, wait_for
 
 PROMPT = {"prompt": "x", "max_tokens": 4}

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from server.engine import EngineError
+from server.engine_client import EngineError
 from server.residency import Residency
 from server.routing import Backend, Router
 

@@ -1,4 +1,4 @@
-"""The vLLM engine: a supervised child process, and the client that talks to one engine by URL."""
+"""A local vLLM engine: the OpenAI API server as a supervised child process in its own process group."""
 
 import asyncio
 import importlib.metadata
@@ -11,20 +11,10 @@ import subprocess
 import sys
 import time
 
-import httpx
-
 from .config import LORA_OPS_ENV, Settings
+from .engine_client import EngineClient
 
-log = logging.getLogger("loraplex.engine")
-
-
-class EngineError(Exception):
-    """The engine refused an operation; carries its status and message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+log = logging.getLogger("loraplex.engine_process")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -85,16 +75,13 @@ class EngineProcess:
         # A new session makes the API server, EngineCore and workers one process group to signal together.
         self.proc = subprocess.Popen(self.command, env=env, start_new_session=True)
 
-    async def wait_ready(self, client: httpx.AsyncClient, timeout: float) -> None:
+    async def wait_ready(self, engine: EngineClient, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"engine exited with code {self.proc.returncode} during startup")
-            try:
-                if (await client.get(f"{self.url}/health", timeout=2.0)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+            if await engine.healthy():
+                return
             await asyncio.sleep(0.5)
         raise TimeoutError(f"engine did not become healthy within {timeout:.0f} s")
 
@@ -115,50 +102,3 @@ class EngineProcess:
         except ProcessLookupError:
             pass
         self.proc.wait()
-
-
-class EngineClient:
-    """Talks to one vLLM OpenAI server over the gateway's shared HTTP client."""
-
-    def __init__(self, url: str, client: httpx.AsyncClient):
-        self.url = url.rstrip("/")
-        self.client = client
-        self.in_flight = 0
-
-    async def healthy(self) -> bool | None:
-        """Whether /health says 200; None when it did not answer in time, as a saturated engine may not.
-
-        A connection that cannot be made is down at once: aiohttp's transport reports a refused connection as
-        ConnectTimeout, and a saturated engine still accepts connections. Any other failure is a failed probe."""
-        try:
-            return (await self.client.get(f"{self.url}/health", timeout=2.0)).status_code == 200
-        except (httpx.ConnectError, httpx.ConnectTimeout):
-            return False
-        except httpx.TimeoutException:
-            return None
-        except Exception:
-            log.warning("health probe of %s failed", self.url, exc_info=True)
-            return False
-
-    async def _post(self, path: str, body: dict) -> httpx.Response:
-        return await self.client.post(f"{self.url}{path}", json=body)
-
-    async def load_lora(self, name: str, path: str) -> None:
-        r = await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
-        # The engine can already hold it when the gateway restarted; version directories never change.
-        if r.status_code == 400 and "already been loaded" in r.text:
-            return
-        if r.status_code != 200:
-            raise EngineError(r.status_code, _engine_message(r))
-
-    async def unload_lora(self, name: str) -> None:
-        r = await self._post("/v1/unload_lora_adapter", {"lora_name": name})
-        if r.status_code not in (200, 404):
-            raise EngineError(r.status_code, _engine_message(r))
-
-
-def _engine_message(r: httpx.Response) -> str:
-    try:
-        return r.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return r.text[:500]
