@@ -1,8 +1,13 @@
 """Admission control: bounded requests in flight per engine and per tenant; past a bound, 429 at once."""
 
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from .protocol import APIError
+
+if TYPE_CHECKING:
+    from .routing import Backend
 
 
 class Admission:
@@ -16,7 +21,7 @@ class Admission:
                         headers={"Retry-After": str(self.retry_after)})
 
     @contextmanager
-    def admit(self, tenant: str | None, backend):
+    def admit(self, tenant: str | None, backend: "Backend") -> Iterator[None]:
         """Counts the request against its tenant (when keys identify one) and its engine while it runs."""
         if backend.in_flight >= self.per_engine:
             raise self._refuse("engine")

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -97,7 +98,7 @@ def _log_unexpected_end(task: asyncio.Task) -> None:
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         base = await asyncio.to_thread(basemodel.load, settings.base_model)
         gw = app.state.gateway = _gateway(settings, base)
         if gw.keys.enabled():

@@ -14,7 +14,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json(path: Path, data, mode: int = 0o644) -> None:
+def write_json(path: Path, data: object, mode: int = 0o644) -> None:
     """Writes to a temporary file, fsyncs, and renames over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:

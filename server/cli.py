@@ -63,8 +63,8 @@ def serve(
     admin = uvicorn.Server(uvicorn.Config(create_admin_app(settings, app), host=settings.admin_host or settings.host,
                                           port=settings.admin_port, log_level=settings.log_level, lifespan="off"))
 
-    async def both():
-        async def admin_once_started():
+    async def both() -> None:
+        async def admin_once_started() -> None:
             while not main.started and not main.should_exit:
                 await asyncio.sleep(0.05)  # the admin app needs the gateway the main app's startup builds
             if main.started:

@@ -5,8 +5,13 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -101,7 +106,7 @@ def chats(seed: int, count: int = 1500) -> list[list[dict]]:
     ]
 
 
-def build_tokenizer(texts: list[str], vocab: int):
+def build_tokenizer(texts: list[str], vocab: int) -> "PreTrainedTokenizerFast":
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -142,7 +147,7 @@ def _packed(docs: list[list[int]], seq_len: int, seed: int):
 
 
 def build(out: Path, preset: str = "demo", seed: int = 0, steps: int | None = None,
-          log=print) -> Path:
+          log: Callable[[str], object] = print) -> Path:
     """Trains the preset briefly on generated text and writes a HF model directory to `out` atomically."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

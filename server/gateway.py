@@ -39,7 +39,7 @@ class Gateway:
 
     def retire(self, deleted: list[tuple[str, Path]]) -> None:
         """Unloads deleted versions from every engine once their requests finish, then removes their files."""
-        async def cleanup():
+        async def cleanup() -> None:
             for key, trash in deleted:
                 for backend in self.router.backends:
                     await backend.residency.retire(key)

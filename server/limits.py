@@ -18,7 +18,7 @@ class BodyLimit:
             return await self._refuse(limit, scope, receive, send)
         received, over, started = 0, False, False
 
-        async def limited_receive():
+        async def limited_receive() -> dict:
             nonlocal received, over
             if over:
                 return {"type": "http.disconnect"}
@@ -30,7 +30,7 @@ class BodyLimit:
                     return {"type": "http.disconnect"}
             return message
 
-        async def guarded_send(message):
+        async def guarded_send(message: dict) -> None:
             nonlocal started
             if over:
                 return

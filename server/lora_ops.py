@@ -86,16 +86,18 @@ def _write(y: torch.Tensor, rows: torch.Tensor, cols: slice, out: torch.Tensor, 
         y[rows, cols] = out
 
 
-def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, token_nums, scaling):
+def sgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor,
+                b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
+                batches: int, max_seq_length: int, token_nums: int, scaling: float) -> None:
     p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
     if p.order.numel():
         out = _apply(p, inputs, lora_a_weights, output_tensor.dtype)
         _write(output_tensor, p.order, slice(0, out.shape[1]), scaling * out, add=False)
 
 
-def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, token_nums, add_inputs=False):
+def sgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+                b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
+                batches: int, max_seq_length: int, token_nums: int, add_inputs: bool = False) -> None:
     p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
     if p.order.numel():
         out = _apply(p, inputs, lora_b_weights, output_tensor.dtype)
@@ -104,8 +106,10 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
         _write(output_tensor, p.order, slice(0, common), out[:, :common], add_inputs)
 
 
-def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                      batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
+def sgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+                      b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
+                      batches: int, max_seq_length: int, token_nums: int, slice_offset: int, slice_size: int,
+                      add_inputs: bool = False) -> None:
     p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
     if p.order.numel():
         out = _apply(p, inputs, lora_b_weights, output_tensor.dtype)

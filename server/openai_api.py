@@ -35,7 +35,7 @@ def visible(manifest: dict, tenant: str | None) -> bool:
     return tenant is None or manifest.get("tenant") == tenant or bool(manifest.get("public"))
 
 
-def resolve_target(gw: Gateway, body, tenant: str | None) -> Version | None:
+def resolve_target(gw: Gateway, body: OpenAIRequest, tenant: str | None) -> Version | None:
     """The adapter version a request names in `adapter`, or else in `model`; None for the base model.
 
     Another tenant's adapter is answered exactly like a missing one, so its existence does not leak."""
@@ -66,7 +66,7 @@ def resolve_target(gw: Gateway, body, tenant: str | None) -> Version | None:
     return version
 
 
-def check_budget(gw: Gateway, body) -> None:
+def check_budget(gw: Gateway, body: OpenAIRequest) -> None:
     """Refuses an output budget no request could use: more tokens than the model's whole context."""
     context = gw.settings.max_model_len or gw.base.context_len
     for param in ("max_tokens", "max_completion_tokens"):
@@ -138,7 +138,8 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
             raise too_large(limit)
         stack.callback(timer.done, 200)
         chunks = upstream.chunks()
-        relay = _relay(chunks, timer, wants_usage, limit) if payload.get("stream") else _relay_body(chunks, timer, limit)
+        relay = (_relay(chunks, timer, wants_usage, limit) if payload.get("stream")
+                 else _relay_body(chunks, timer, limit))
         return EngineStream(relay, stack.pop_all(), headers={"content-type": upstream.content_type})
 
 
@@ -178,7 +179,8 @@ def _event_too_large(limit: int) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, keep_usage: bool, limit: int) -> AsyncIterator[bytes]:
+async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, keep_usage: bool,
+                 limit: int) -> AsyncIterator[bytes]:
     """Passes engine events through as they come, timing them and reading the usage event.
 
     Each byte is searched for the event boundary once, so a large event costs time in proportion to its size."""

@@ -227,7 +227,7 @@ class Registry:
             raise InvalidReference(f"invalid alias {shown(alias)}: must match {ALIAS_PATTERN} and not be {LATEST!r}")
         self.get(name, version)
 
-        def change(state):
+        def change(state: dict) -> None:
             previous = state["aliases"].get(alias)
             if previous is not None and previous != version:
                 state.setdefault("alias_history", {}).setdefault(alias, []).append(previous)
@@ -242,7 +242,7 @@ class Registry:
             raise NotFound(f"adapter {name!r} not found")
         result = {}
 
-        def change(state):
+        def change(state: dict) -> None:
             history = state.setdefault("alias_history", {}).get(alias, [])
             while history and history[-1] not in present:
                 history.pop()

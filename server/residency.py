@@ -4,6 +4,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 log = logging.getLogger("loraplex.residency")
@@ -29,7 +30,7 @@ class Residency:
         return len(self._leases)
 
     @asynccontextmanager
-    async def lease(self, key: str, path: str):
+    async def lease(self, key: str, path: str) -> AsyncIterator[None]:
         """Holds `key` loaded on the engine for the duration of the block."""
         await self._acquire(key, path)
         generation = self._generation

@@ -85,7 +85,8 @@ def _lora_tensors(meta: dict[str, dict]) -> dict[str, dict[str, dict]]:
                 modules.setdefault(name[len(_PREFIX): -len(suffix)], {})[kind] = tensor
                 break
         else:
-            raise InvalidAdapter(f"{WEIGHTS_FILE}: unexpected tensor {shown(name)} (only lora_A/lora_B weights are served)")
+            raise InvalidAdapter(f"{WEIGHTS_FILE}: unexpected tensor {shown(name)} "
+                                 "(only lora_A/lora_B weights are served)")
     return modules
 
 

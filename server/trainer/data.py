@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,9 @@ class Dataset:
     files: list[dict] = field(default_factory=list)
 
 
+# Tokens in one example, as the base tokenizer counts them (evaluate.count_tokens makes one).
+TokenCounter = Callable[["Example"], int]
+
 def _str(row: dict, key: str, where: str, required: bool = True) -> str:
     value = row.get(key)
     if value is None and not required:
@@ -45,7 +49,7 @@ def _str(row: dict, key: str, where: str, required: bool = True) -> str:
     return value
 
 
-def parse_row(row, where: str) -> Example:
+def parse_row(row: object, where: str) -> Example:
     """One JSON row in any of the three formats; the last assistant turn of a chat is the completion."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object")
@@ -110,8 +114,8 @@ def _minhash(text: str, num_perm: int):
     return m
 
 
-def curate(examples: list[Example], count_tokens, max_seq_len: int, near_threshold: float,
-           log=print) -> tuple[list[Example], dict[str, int]]:
+def curate(examples: list[Example], count_tokens: TokenCounter, max_seq_len: int, near_threshold: float,
+           log: Callable[[str], object] = print) -> tuple[list[Example], dict[str, int]]:
     """Drops empty rows, exact and near duplicates (MinHash LSH) and rows over max_seq_len tokens, in that order."""
     from datasketch import MinHashLSH
 
@@ -146,8 +150,8 @@ def in_eval(example: Example, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def load(paths: list[Path], count_tokens, max_seq_len: int, near_threshold: float, eval_fraction: float,
-         log=print) -> Dataset:
+def load(paths: list[Path], count_tokens: TokenCounter, max_seq_len: int, near_threshold: float,
+         eval_fraction: float, log: Callable[[str], object] = print) -> Dataset:
     examples, files = read_rows(paths)
     kept, counts = curate(examples, count_tokens, max_seq_len, near_threshold, log)
     train = [e for e in kept if not in_eval(e, eval_fraction)]

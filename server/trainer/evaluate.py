@@ -1,8 +1,13 @@
 """Held-out and general-text evaluation of the base model against base + adapter."""
 
 import math
+from typing import TYPE_CHECKING
 
-from .data import Example
+from .data import Example, TokenCounter
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -10,7 +15,7 @@ def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -
                                          return_dict=False)
 
 
-def count_tokens(tokenizer):
+def count_tokens(tokenizer: "PreTrainedTokenizerBase") -> TokenCounter:
     """Token length of a row as it is trained: chat template applied, answer included."""
     def count(example: Example) -> int:
         return len(_ids(tokenizer, example.messages() + [{"role": "assistant", "content": example.completion}]))
@@ -18,7 +23,8 @@ def count_tokens(tokenizer):
     return count
 
 
-def completion_loss(model, tokenizer, examples: list[Example], max_seq_len: int) -> float:
+def completion_loss(model: "PreTrainedModel | PeftModel", tokenizer: "PreTrainedTokenizerBase",
+                    examples: list[Example], max_seq_len: int) -> float:
     """Mean negative log-likelihood per answer token, the prompt excluded, as in training."""
     import torch
 
@@ -37,7 +43,8 @@ def completion_loss(model, tokenizer, examples: list[Example], max_seq_len: int)
     return nll / max(tokens, 1)
 
 
-def text_loss(model, tokenizer, text: str, max_seq_len: int) -> float:
+def text_loss(model: "PreTrainedModel | PeftModel", tokenizer: "PreTrainedTokenizerBase",
+              text: str, max_seq_len: int) -> float:
     """Mean negative log-likelihood per token of plain text, in windows of max_seq_len."""
     import torch
 
@@ -54,7 +61,8 @@ def text_loss(model, tokenizer, text: str, max_seq_len: int) -> float:
     return nll / max(tokens, 1)
 
 
-def generation_scores(model, tokenizer, examples: list[Example], max_new_tokens: int) -> dict:
+def generation_scores(model: "PreTrainedModel | PeftModel", tokenizer: "PreTrainedTokenizerBase",
+                      examples: list[Example], max_new_tokens: int) -> dict:
     """Greedy answers scored against the references: exact match and ROUGE-L F1."""
     import torch
     from rouge_score import rouge_scorer
@@ -75,7 +83,8 @@ def generation_scores(model, tokenizer, examples: list[Example], max_new_tokens:
     return {"exact_match": exact / n, "rouge_l": rouge / n, "samples": samples}
 
 
-def measure(model, tokenizer, held_out: list[Example], general_text: str | None, max_seq_len: int,
+def measure(model: "PreTrainedModel | PeftModel", tokenizer: "PreTrainedTokenizerBase",
+            held_out: list[Example], general_text: str | None, max_seq_len: int,
             generations: int, max_new_tokens: int) -> dict:
     loss = completion_loss(model, tokenizer, held_out, max_seq_len)
     result = {"eval_loss": loss, "eval_perplexity": math.exp(loss),
@@ -85,7 +94,8 @@ def measure(model, tokenizer, held_out: list[Example], general_text: str | None,
     return result
 
 
-def compare(peft_model, tokenizer, held_out, general_text, max_seq_len, generations, max_new_tokens) -> dict:
+def compare(peft_model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", held_out: list[Example],
+            general_text: str | None, max_seq_len: int, generations: int, max_new_tokens: int) -> dict:
     """The same metrics with the adapter disabled (the base model) and enabled."""
     with peft_model.disable_adapter():
         base = measure(peft_model, tokenizer, held_out, general_text, max_seq_len, generations, max_new_tokens)

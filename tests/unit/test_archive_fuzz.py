@@ -57,8 +57,8 @@ def zip_archives(draw) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for _ in range(draw(st.integers(0, 20))):
-            zf.writestr(draw(names.filter(lambda n: len(n.encode()) < 60_000 and "\0" not in n)) or "x", draw(st.one_of(st.binary(max_size=512),
-                                                          st.integers(0, 1 << 22).map(bytes))))
+            name = draw(names.filter(lambda n: len(n.encode()) < 60_000 and "\0" not in n)) or "x"
+            zf.writestr(name, draw(st.one_of(st.binary(max_size=512), st.integers(0, 1 << 22).map(bytes))))
     raw = bytearray(buf.getvalue())
     for _ in range(draw(st.integers(0, 6))):
         sig = draw(st.sampled_from([b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06"]))
