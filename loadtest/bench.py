@@ -137,7 +137,7 @@ class Bench:
         self.sources = []
         for i in range(count):
             src = self.factory.write(self.work / "src" / f"bench-{i}", seed=i)
-            registry.register(f"bench-{i}", src, base=info, base_model=str(self.base), max_rank=64,
+            registry.register(f"bench-{i}", src, base=info, max_rank=64,
                               tenant="bench", origin="bench")
             self.sources.append(src)
         print(f"{count} rank-8 adapters on all 7 projections registered in {time.monotonic() - t:.0f} s", flush=True)

@@ -177,7 +177,7 @@ def prepare(args, work: Path) -> tuple[AdapterFactory, Path]:
     registry = Registry(work / "registry")
     for i in range(args.adapters):
         src = factory.write(work / "src" / f"soak-{i}", seed=i)
-        version = registry.register(f"soak-{i}", src, base=base, base_model=str(base_dir), max_rank=64,
+        version = registry.register(f"soak-{i}", src, base=base, max_rank=64,
                                     tenant="soak", origin="soak")
         registry.set_alias(f"soak-{i}", "stable", version.version)
     return factory, work / "registry"

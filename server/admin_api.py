@@ -127,8 +127,7 @@ async def _unpack(gw: Gateway, file: UploadFile, work: Path) -> Path:
 
 def _register(gw: Gateway, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
     check_exported_manifest(unpacked, gw.base)
-    return gw.registry.register(name, unpacked, base=gw.base, base_model=gw.settings.base_model,
-                                max_rank=gw.settings.max_lora_rank, tenant=tenant, public=public,
+    return gw.registry.register(name, unpacked, base=gw.base, max_rank=gw.settings.max_lora_rank, tenant=tenant, public=public,
                                 origin=f"upload:{(filename or '')[:200]}")
 
 

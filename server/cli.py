@@ -115,7 +115,7 @@ def adapters_add(
     try:
         base = basemodel.load(settings.base_model)
         version = Registry(settings.registry).register(
-            name, path, base=base, base_model=settings.base_model, max_rank=settings.max_lora_rank,
+            name, path, base=base, max_rank=settings.max_lora_rank,
             tenant=tenant, public=public, origin=f"cli:{path.resolve()}",
         )
     except (InvalidAdapter, RegistryError) as e:

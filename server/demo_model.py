@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -150,14 +151,21 @@ def build(out: Path, preset: str = "demo", seed: int = 0, steps: int | None = No
           log: Callable[[str], object] = print) -> Path:
     """Trains the preset briefly on generated text and writes a HF model directory to `out` atomically."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     p = PRESETS[preset]
-    steps = p.steps if steps is None else steps
     random.seed(seed)
     torch.manual_seed(seed)
     texts = corpus(seed) + [m["content"] for c in chats(seed) for m in c]
     tokenizer = build_tokenizer(texts, p.vocab)
+    model = _model(p, tokenizer)
+    _train(model, _packed(_examples(tokenizer, seed), seq_len=128, seed=seed), p.steps if steps is None else steps,
+           seed, log)
+    return _save(model, tokenizer, Path(out))
+
+
+def _model(p: "Preset", tokenizer: "PreTrainedTokenizerFast") -> "LlamaForCausalLM":
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=p.hidden, intermediate_size=p.intermediate,
         num_hidden_layers=p.layers, num_attention_heads=p.heads, num_key_value_heads=p.heads,
@@ -166,7 +174,17 @@ def build(out: Path, preset: str = "demo", seed: int = 0, steps: int | None = No
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
-    data = _packed(_examples(tokenizer, seed), seq_len=128, seed=seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def _train(model: "LlamaForCausalLM", data: "torch.Tensor", steps: int, seed: int,
+           log: Callable[[str], object]) -> None:
+    import torch
+
     batch = 16
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -185,11 +203,9 @@ def build(out: Path, preset: str = "demo", seed: int = 0, steps: int | None = No
         if step % 50 == 0 or step == steps - 1:
             log(f"step {step + 1}/{steps} loss {loss.item():.3f}")
     model.eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    out = Path(out)
+
+
+def _save(model: "LlamaForCausalLM", tokenizer: "PreTrainedTokenizerFast", out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from .atomic import fsync_dir, write_json
 from .basemodel import BaseModel
-from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_adapter, shown
+from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterInfo, check_adapter, shown
 
 NAME_PATTERN = "^[a-z0-9][a-z0-9._-]{0,63}$"
 # Aliases start with a letter so that "name@3" is always a version and "name@stable" an alias.
@@ -109,6 +109,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stage(source: Path, staging: Path, base: BaseModel, max_rank: int) -> tuple[AdapterInfo, dict]:
+    """Copies the adapter's files into `staging` and validates the copy, so what is checked is what is published."""
+    for fname in (CONFIG_FILE, WEIGHTS_FILE):
+        if (source / fname).is_file():
+            shutil.copyfile(source / fname, staging / fname)
+    info = check_adapter(staging, base, max_rank)
+    files = {}
+    for fname in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(staging / fname, "rb") as f:
+            os.fsync(f.fileno())
+        files[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
+    return info, files
+
+
 class Registry:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()  # engines get absolute paths, whatever directory they run in
@@ -166,51 +180,42 @@ class Registry:
             self._manifests[(name, version, stamp)] = manifest
         return Version(name, version, path, manifest)
 
-    def register(self, name: str, source: Path, *, base: BaseModel, base_model: str, max_rank: int,
-                 tenant: str = "default", origin: str = "cli", public: bool = False,
-                 extra: dict | None = None) -> Version:
+    def register(self, name: str, source: Path, *, base: BaseModel, max_rank: int, tenant: str = "default",
+                 origin: str = "cli", public: bool = False, extra: dict | None = None) -> Version:
         """Copies, validates and publishes `source` as the next version of `name`; all or nothing."""
         check_name(name)
         check_name(tenant, "tenant")
-        source = Path(source)
         adapter_dir = self.root / name
         adapter_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=adapter_dir))
         staging.chmod(0o755)  # mkdtemp makes it private; engines may run as another user
         try:
-            # Validate the copy, not the source, so what is checked is exactly what is published.
-            for fname in (CONFIG_FILE, WEIGHTS_FILE):
-                if (source / fname).is_file():
-                    shutil.copyfile(source / fname, staging / fname)
-            info = check_adapter(staging, base, max_rank)
-            files = {}
-            for fname in (CONFIG_FILE, WEIGHTS_FILE):
-                with open(staging / fname, "rb") as f:
-                    os.fsync(f.fileno())
-                files[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
+            info, files = _stage(Path(source), staging, base, max_rank)
+            manifest = {"name": name, "tenant": tenant, "public": public, "base_model": base.name,
+                        "base_fingerprint": base.fingerprint, "declared_base_model": info.declared_base,
+                        "rank": info.rank, "alpha": info.alpha, "target_modules": info.target_modules,
+                        "files": files, "source": origin, **(extra or {})}
             with FileLock(adapter_dir / ".lock"):
-                state = self._state(name)
-                owner = state.get("tenant")
-                if owner is not None and owner != tenant and self.versions(name):
-                    raise Conflict(f"adapter {name!r} belongs to another tenant")
-                version = max([state.get("next_version", 1), *(v + 1 for v in self.versions(name))])
-                manifest = {
-                    "name": name, "version": version, "tenant": tenant, "public": public,
-                    "base_model": base_model, "base_fingerprint": base.fingerprint,
-                    "declared_base_model": info.declared_base,
-                    "rank": info.rank, "alpha": info.alpha, "target_modules": info.target_modules,
-                    "files": files, "created": time.time(), "source": origin,
-                    **(extra or {}),
-                }
-                write_json(staging / MANIFEST_FILE, manifest)
-                fsync_dir(staging)
-                os.rename(staging, adapter_dir / str(version))
-                fsync_dir(adapter_dir)
-                state.update(next_version=version + 1, tenant=tenant)
-                write_json(adapter_dir / STATE_FILE, state)
+                version = self._publish(name, staging, manifest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.get(name, version)
+
+    def _publish(self, name: str, staging: Path, manifest: dict) -> int:
+        """Numbers the staged version and renames it into place; the caller holds the adapter's lock."""
+        adapter_dir = self.root / name
+        state = self._state(name)
+        owner = state.get("tenant")
+        if owner is not None and owner != manifest["tenant"] and self.versions(name):
+            raise Conflict(f"adapter {name!r} belongs to another tenant")
+        version = max([state.get("next_version", 1), *(v + 1 for v in self.versions(name))])
+        write_json(staging / MANIFEST_FILE, {**manifest, "version": version, "created": time.time()})
+        fsync_dir(staging)
+        os.rename(staging, adapter_dir / str(version))
+        fsync_dir(adapter_dir)
+        state.update(next_version=version + 1, tenant=manifest["tenant"])
+        write_json(adapter_dir / STATE_FILE, state)
+        return version
 
     def _update_state(self, name: str, change) -> dict:
         """Applies `change(state)` under the adapter's lock and writes the state atomically."""

@@ -162,7 +162,7 @@ def run(job: Job, job_file: Path, registry_root: Path, max_rank: int, resume: bo
         log(f"\nQ: {b['question']}\n  expected: {b['reference']}\n  base:     {b['answer']}\n  adapter:  {a['answer']}")
     registry = Registry(registry_root)
     version = registry.register(
-        job.adapter.name, adapter_dir, base=base, base_model=job.base_model, max_rank=max_rank,
+        job.adapter.name, adapter_dir, base=base, max_rank=max_rank,
         tenant=job.adapter.tenant, public=job.adapter.public, origin=f"train:{job_file}",
         extra={"training": facts, "metrics": metrics, "samples": samples,
                "job": job.model_dump(mode="json"), "libraries": _versions()},

@@ -14,7 +14,7 @@ base = basemodel.load(sys.argv[1])
 reg = Registry(sys.argv[2])
 first = True
 while True:
-    v = reg.register("acme", sys.argv[3], base=base, base_model="base", max_rank=64)
+    v = reg.register("acme", sys.argv[3], base=base, max_rank=64)
     reg.set_alias("acme", "stable", v.version)
     if first:  # warmed up (imports done): from here on, kills land inside the registration loop
         print("ready", flush=True)
@@ -45,6 +45,6 @@ def test_kill_at_any_moment_leaves_a_clean_registry(tmp_path, base, adapter_fact
         assert reg.get("acme", v).manifest["version"] == v
     assert reg.resolve("acme").version == versions[-1]
     # a later registration still works and takes a fresh number
-    assert reg.register("acme", src, base=base, base_model="base", max_rank=64).version > versions[-1]
+    assert reg.register("acme", src, base=base, max_rank=64).version > versions[-1]
     assert kills == 8
     print(f"{kills} kills, {len(versions)} complete versions, {len(notes)} interrupted writes left aside")

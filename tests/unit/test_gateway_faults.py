@@ -108,7 +108,7 @@ async def test_an_engine_load_error_names_no_server_path(base, tmp_path, adapter
     """Finding 5: the engine's load error, with the registry's absolute path, went to the tenant as it was."""
     from server.registry import Registry
 
-    Registry(tmp_path / "registry").register("acme", adapter_factory(), base=base, base_model="base", max_rank=16)
+    Registry(tmp_path / "registry").register("acme", adapter_factory(), base=base, max_rank=16)
     engine = await StubEngine().start()
     async with gateway_over([engine.url], str(base.path), tmp_path) as client:
         assert await wait_for(lambda: ready(client), 10)

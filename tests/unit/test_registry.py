@@ -28,7 +28,7 @@ def test_parse_ref_rejects(text):
 
 
 def register(reg, base, src, name="acme", **kw):
-    return reg.register(name, src, base=base, base_model="base", max_rank=64, **kw)
+    return reg.register(name, src, base=base, max_rank=64, **kw)
 
 
 def test_versions_latest_and_aliases(tmp_path, base, adapter_factory):
