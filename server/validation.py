@@ -2,6 +2,7 @@
 
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,16 +64,20 @@ def _positive_finite(value) -> bool:
 
 
 def _tensor_meta(path: Path) -> dict[str, dict]:
-    """{name: {"dtype", "shape"}} as safetensors itself parses the file, so a malformed header, offsets that
-    overlap or run past the end, or a truncated file are refused exactly as the engine's loader would."""
+    """{name: {"dtype", "shape", "data_offsets"}} once safetensors itself has checked the file, so a malformed
+    header, offsets that overlap or run past the end, or a truncated file are refused as the engine's loader would.
+    numpy, not torch: the CLI that registers adapters starts in a fraction of the time."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(path, framework="pt") as f:
-            return {name: {"dtype": f.get_slice(name).get_dtype(), "shape": f.get_slice(name).get_shape()}
-                    for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+        with safe_open(path, framework="numpy") as f:
+            names = set(f.keys())
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+    except (SafetensorError, OSError, ValueError, struct.error) as e:
         raise InvalidAdapter(f"{WEIGHTS_FILE}: not a valid safetensors file ({e})") from None
+    return {name: {**header[name], "start": 8 + size} for name in names}
 
 
 def _lora_tensors(meta: dict[str, dict]) -> dict[str, dict[str, dict]]:
@@ -90,14 +95,23 @@ def _lora_tensors(meta: dict[str, dict]) -> dict[str, dict[str, dict]]:
     return modules
 
 
-def _check_finite(path: Path) -> None:
-    import torch
-    from safetensors import safe_open
+# bfloat16, which numpy lacks, is read as uint16: a value is NaN or infinite when its 8 exponent bits are all set.
+_BF16_EXPONENT = 0x7F80
 
-    with safe_open(path, framework="pt") as f:
-        for name in f.keys():
-            if not torch.isfinite(f.get_tensor(name)).all():
-                raise InvalidAdapter(f"{WEIGHTS_FILE}: tensor {shown(name)} has NaN or infinite values")
+
+def _check_finite(path: Path, meta: dict[str, dict]) -> None:
+    import numpy as np
+
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, tensor in meta.items():
+        start, end = (tensor["start"] + offset for offset in tensor["data_offsets"])
+        raw = data[start:end]
+        if tensor["dtype"] == "BF16":
+            finite = not ((raw.view(np.uint16) & _BF16_EXPONENT) == _BF16_EXPONENT).any()
+        else:
+            finite = bool(np.isfinite(raw.view(np.float32 if tensor["dtype"] == "F32" else np.float16)).all())
+        if not finite:
+            raise InvalidAdapter(f"{WEIGHTS_FILE}: tensor {shown(name)} has NaN or infinite values")
 
 
 def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInfo:
@@ -107,7 +121,8 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise InvalidAdapter(f"{WEIGHTS_FILE} is missing (only safetensors weights are accepted)")
-    modules = _lora_tensors(_tensor_meta(weights))
+    meta = _tensor_meta(weights)
+    modules = _lora_tensors(meta)
     if not modules:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors")
     rank = 0
@@ -135,7 +150,7 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
     declared = config.get("base_model_name_or_path")
     if declared and not base.answers_to(declared):
         raise InvalidAdapter(f"{CONFIG_FILE} declares base model {shown(declared)}; this server serves {base.name!r}")
-    _check_finite(weights)
+    _check_finite(weights, meta)
     return AdapterInfo(
         rank=rank,
         alpha=float(config.get("lora_alpha", rank)),

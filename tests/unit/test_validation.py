@@ -90,3 +90,20 @@ def test_hostile_config_values_are_refused(base, adapter_factory, config, messag
     """Hardening review: these were 500s on upload (a string or 10**400 alpha, a list as base model)."""
     with pytest.raises(InvalidAdapter, match=message):
         check_adapter(adapter_factory(config=config), base, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [None, float("inf"), float("-inf"), float("nan")])
+def test_non_finite_values_are_found_in_every_float_dtype(base, adapter_factory, dtype, bad):
+    """The check reads raw bytes with numpy (bfloat16 through its exponent bits), without torch."""
+    a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors = {a: torch.randn(4, 8).to(dtype), b: torch.randn(8, 4).to(dtype)}
+    if bad is not None:
+        tensors[b][3, 1] = bad
+    src = adapter_factory(tensors=tensors)
+    if bad is None:
+        assert check_adapter(src, base, 64).rank == 4
+    else:
+        with pytest.raises(InvalidAdapter, match="NaN or infinite"):
+            check_adapter(src, base, 64)
