@@ -8,7 +8,10 @@ import secrets
 import time
 from pathlib import Path
 
+from collections.abc import Callable
+
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 from filelock import FileLock
 
 from .atomic import write_json
@@ -90,7 +93,7 @@ class KeyStore:
         self._refresh()
         return self._tenants.get(hash_key(key))
 
-    def _change(self, change) -> None:
+    def _change(self, change: Callable[[dict], object]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.path) + ".lock"):
             data = self._read()
@@ -154,10 +157,10 @@ class Credentials:
 
     A FastAPI dependency runs only after the body is parsed, and for an upload that means spooled to disk."""
 
-    def __init__(self, app, guard_admin: bool):
+    def __init__(self, app: ASGIApp, guard_admin: bool):
         self.app, self.guard_admin = app, guard_admin
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
         admin = self.guard_admin and (path == "/admin" or path.startswith("/admin/"))
         if not admin and not (path == "/metrics" or path.startswith("/metrics/")):
@@ -178,7 +181,7 @@ class Credentials:
         await response(scope, receive, send)
 
 
-def _bearer_of(scope) -> str | None:
+def _bearer_of(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")

@@ -161,7 +161,7 @@ def _admin(method: str, path: str, url: str | None, token: str | None, **kwargs)
     return body
 
 
-def _echo_json(data) -> None:
+def _echo_json(data: object) -> None:
     import json
 
     typer.echo(json.dumps(data, indent=2, sort_keys=True))

@@ -88,14 +88,14 @@ class Settings(BaseSettings):
 
     @field_validator("engine_urls", "cors_origins", mode="before")
     @classmethod
-    def _split_urls(cls, v):
+    def _split_urls(cls, v: object) -> object:
         if isinstance(v, str):
             return [u.strip().rstrip("/") for u in v.split(",") if u.strip()]
         return v
 
     @field_validator("max_lora_rank")
     @classmethod
-    def _rank_supported(cls, v):
+    def _rank_supported(cls, v: int) -> int:
         supported = (1, 8, 16, 32, 64, 128, 256, 320, 512)
         if v not in supported:
             raise ValueError(f"must be one of {supported} (the ranks vLLM supports)")

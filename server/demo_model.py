@@ -132,7 +132,7 @@ def build_tokenizer(texts: list[str], vocab: int) -> "PreTrainedTokenizerFast":
     return fast
 
 
-def _examples(tokenizer, seed: int) -> list[list[int]]:
+def _examples(tokenizer: "PreTrainedTokenizerFast", seed: int) -> list[list[int]]:
     eos = tokenizer.eos_token_id
     docs = [tokenizer(t)["input_ids"] + [eos] for t in corpus(seed)]
     docs += [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in chats(seed)]

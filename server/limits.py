@@ -1,15 +1,17 @@
 """Request body size limits, enforced on the bytes as they arrive rather than on Content-Length alone."""
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from .protocol import error_response
 
 
 class BodyLimit:
     """ASGI middleware: a body over its route's limit gets 413 before the app reads past the limit."""
 
-    def __init__(self, app, default: int, per_path: dict[str, int]):
+    def __init__(self, app: ASGIApp, default: int, per_path: dict[str, int]):
         self.app, self.default, self.per_path = app, default, per_path
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.per_path.get(scope["path"], self.default)
@@ -46,6 +48,6 @@ class BodyLimit:
             await self._refuse(limit, scope, receive, send)
 
     @staticmethod
-    async def _refuse(limit, scope, receive, send):
+    async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(413, f"request body is larger than {limit} bytes", code="request_too_large")
         await response(scope, receive, send)

@@ -3,12 +3,14 @@
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from .auth import caller_tenant
 from .engine_client import EngineError, Unreachable, load_refusal, refusal, too_large
@@ -27,6 +29,7 @@ from .registry import InvalidReference, NotFound, Version
 from .routing import Backend
 
 log = logging.getLogger("loraplex.api")
+T = TypeVar("T")
 
 router = APIRouter(prefix="/v1")
 
@@ -143,7 +146,7 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
         return EngineStream(relay, stack.pop_all(), headers={"content-type": upstream.content_type})
 
 
-async def _unless_client_leaves(awaitable, client: Request):
+async def _unless_client_leaves(awaitable: Awaitable[T], client: Request) -> T:
     """Awaits an engine call, abandoning it if the client disconnects first (FastAPI would not notice)."""
     task = asyncio.ensure_future(awaitable)
     try:
@@ -159,11 +162,11 @@ async def _unless_client_leaves(awaitable, client: Request):
 class EngineStream(StreamingResponse):
     """An engine answer relayed as it arrives; it owns the request's lease and upstream connection until it ends."""
 
-    def __init__(self, content, stack: AsyncExitStack, headers: dict):
+    def __init__(self, content: AsyncIterator[bytes], stack: AsyncExitStack, headers: dict):
         super().__init__(content, status_code=200, headers=headers)
         self.stack = stack
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:

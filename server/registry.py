@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,7 +218,7 @@ class Registry:
         write_json(adapter_dir / STATE_FILE, state)
         return version
 
-    def _update_state(self, name: str, change) -> dict:
+    def _update_state(self, name: str, change: Callable[[dict], None]) -> dict:
         """Applies `change(state)` under the adapter's lock and writes the state atomically."""
         adapter_dir = self.root / check_name(name)
         with FileLock(adapter_dir / ".lock"):

@@ -6,6 +6,12 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .engine_client import EngineClient
 
 log = logging.getLogger("loraplex.residency")
 
@@ -13,7 +19,7 @@ log = logging.getLogger("loraplex.residency")
 class Residency:
     """Loads a version on first use, keeps at most `capacity` idle ones, never unloads one in use."""
 
-    def __init__(self, engine, capacity: int, metrics=None):
+    def __init__(self, engine: "EngineClient", capacity: int, metrics: Metrics | None = None):
         self.engine = engine
         self.capacity = capacity
         self.metrics = metrics

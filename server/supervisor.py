@@ -3,13 +3,14 @@
 import asyncio
 import logging
 
+from .metrics import Metrics
 from .routing import Backend
 
 log = logging.getLogger("loraplex.supervisor")
 
 
 class Supervisor:
-    def __init__(self, backends: list[Backend], metrics, start_timeout: float, interval: float = 1.0,
+    def __init__(self, backends: list[Backend], metrics: Metrics, start_timeout: float, interval: float = 1.0,
                  max_backoff: float = 60.0, slow_probes_tolerated: int = 5):
         self.backends, self.metrics = backends, metrics
         self.start_timeout, self.interval, self.max_backoff = start_timeout, interval, max_backoff

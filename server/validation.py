@@ -54,7 +54,7 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _positive_finite(value) -> bool:
+def _positive_finite(value: object) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:

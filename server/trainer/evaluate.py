@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def _ids(tokenizer: "PreTrainedTokenizerBase", messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
                                          return_dict=False)
 

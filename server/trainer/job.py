@@ -56,7 +56,7 @@ class Job(_Strict):
 
     @field_validator("data", mode="before")
     @classmethod
-    def _one_or_many(cls, v):
+    def _one_or_many(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ from .job import Job
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-    from trl import SFTConfig
+    from trl import SFTConfig, SFTTrainer
 
 Log = Callable[[str], object]
 
@@ -55,7 +55,7 @@ def load_training_model(job: Job) -> "PreTrainedModel":
 
 def sft_config(job: Job) -> "SFTConfig":
     import torch
-    from trl import SFTConfig
+    from trl import SFTConfig, SFTTrainer
 
     cuda = torch.cuda.is_available()
     return SFTConfig(
@@ -87,7 +87,7 @@ def sft_rows(examples: list[datamod.Example]) -> list[dict]:
             for e in examples]
 
 
-def _tokens_per_second(trainer, runtime: float) -> float:
+def _tokens_per_second(trainer: "SFTTrainer", runtime: float) -> float:
     tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
     return float(tokens) / runtime if runtime else 0.0
 
