@@ -17,8 +17,8 @@ from .archive import Limits, unpack_isolated
 from .auth import require_admin
 from .gateway import Gateway
 from .protocol import APIError
-from .registry import LATEST, MAX_VERSION, Conflict, InvalidReference, NotFound, Version, check_name
-from .validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest, shown
+from .registry import LATEST, MAX_VERSION, Conflict, InvalidReference, NotFound, RegistryError, Version, check_name
+from .validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest
 
 
 def _gateway(request: Request) -> Gateway:
@@ -34,9 +34,10 @@ class AuditedRoute(APIRoute):
         async def audited(request: Request) -> Response:
             try:
                 return await handler(request)
-            except (APIError, RequestValidationError) as e:
-                status = e.status if isinstance(e, APIError) else 400
-                message = e.message if isinstance(e, APIError) else str(e.errors()[:1])
+            except (APIError, RegistryError, RequestValidationError) as e:
+                error = registry_error(e) if isinstance(e, RegistryError) else e
+                status = error.status if isinstance(error, APIError) else 400
+                message = error.message if isinstance(error, APIError) else str(error.errors()[:1])
                 client = request.client.host if request.client else "unknown"
                 adapter = request.path_params.get("name") or getattr(request.state, "adapter", None)
                 await _gateway(request).audit.arecord(f"admin@{client}", self.name, adapter and str(adapter)[:200],
@@ -58,8 +59,13 @@ class RollbackBody(BaseModel):
     alias: str = "stable"
 
 
-def _not_found(e: NotFound) -> APIError:
-    return APIError(404, str(e), type="not_found_error", code="adapter_not_found")
+def registry_error(e: RegistryError) -> APIError:
+    """The one mapping of the registry's errors to answers, registered as the app's handler for them."""
+    if isinstance(e, NotFound):
+        return APIError(404, str(e), type="not_found_error", param=e.param, code="adapter_not_found")
+    if isinstance(e, Conflict):
+        return APIError(409, str(e), param=e.param, code="adapter_conflict")
+    return APIError(400, str(e), param=e.param, code="invalid_reference")
 
 
 def _sha(gw: Gateway, name: str, version: int) -> str | None:
@@ -87,19 +93,14 @@ async def upload(
 ) -> dict:
     gw = _gateway(request)
     request.state.adapter = name[:200]
-    try:
-        check_name(name)
-        check_name(tenant, "tenant")
-    except InvalidReference as e:
-        raise APIError(400, str(e), param="name" if "name" in str(e) else "tenant", code="invalid_name") from None
+    check_name(name)
+    check_name(tenant, "tenant")
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-upload-"))
     try:
         unpacked = await _unpack(gw, file, work)
         version = await asyncio.to_thread(_register, gw, unpacked, name, tenant, public, file.filename)
-    except (InvalidAdapter, InvalidReference) as e:
+    except InvalidAdapter as e:
         raise APIError(400, str(e), param="file", code="invalid_adapter") from None
-    except Conflict as e:
-        raise APIError(409, str(e), param="name", code="adapter_conflict") from None
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
     sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
@@ -108,8 +109,7 @@ async def upload(
         try:
             await asyncio.to_thread(gw.registry.set_alias, name, alias, version.version)
         except InvalidReference as e:
-            raise APIError(400, f"registered {version.key}, but not aliased: {e}", param="alias",
-                           code="invalid_alias") from None
+            raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
         await gw.audit.arecord(actor, "alias", name, version.version, sha, alias=alias)
     return version.manifest
 
@@ -159,22 +159,14 @@ async def show_adapter(name: str, request: Request, actor: str = Depends(require
         versions = [gw.registry.get(name, v).manifest for v in gw.registry.versions(name)]
         return {"name": name, "tenant": gw.registry.tenant(name), "aliases": aliases, "versions": versions}
 
-    try:
-        return await asyncio.to_thread(show)
-    except (NotFound, InvalidReference):
-        raise _not_found(NotFound(f"adapter {shown(name)} not found")) from None
+    return await asyncio.to_thread(show)
 
 
 @router.put("/adapters/{name}/aliases/{alias}")
 async def set_alias(name: str, alias: str, body: AliasBody, request: Request,
                     actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
-    try:
-        await asyncio.to_thread(gw.registry.set_alias, name, alias, body.version)
-    except InvalidReference as e:
-        raise APIError(400, str(e), param="alias", code="invalid_alias") from None
-    except NotFound as e:
-        raise _not_found(e) from None
+    await asyncio.to_thread(gw.registry.set_alias, name, alias, body.version)
     sha = await asyncio.to_thread(_sha, gw, name, body.version)
     await gw.audit.arecord(actor, "alias", name, body.version, sha, alias=alias)
     return {"name": name, "alias": alias, "version": body.version}
@@ -185,10 +177,7 @@ async def rollback(name: str, request: Request, body: RollbackBody | None = None
                    actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
     alias = (body or RollbackBody()).alias
-    try:
-        version = await asyncio.to_thread(gw.registry.rollback, name, alias)
-    except (NotFound, InvalidReference) as e:
-        raise _not_found(NotFound(str(e))) from None
+    version = await asyncio.to_thread(gw.registry.rollback, name, alias)
     sha = await asyncio.to_thread(_sha, gw, name, version)
     await gw.audit.arecord(actor, "rollback", name, version, sha, alias=alias)
     return {"name": name, "alias": alias, "version": version}
@@ -199,10 +188,7 @@ async def delete_version(name: str, request: Request, version: int = VersionPara
                          actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
     sha = await asyncio.to_thread(_sha, gw, name, version)
-    try:
-        trash = await asyncio.to_thread(gw.registry.delete_version, name, version)
-    except (NotFound, InvalidReference):
-        raise _not_found(NotFound(f"adapter {shown(name)}@{version} not found")) from None
+    trash = await asyncio.to_thread(gw.registry.delete_version, name, version)
     gw.retire([(f"{name}@{version}", trash)])
     await gw.audit.arecord(actor, "delete_version", name, version, sha)
     return {"name": name, "version": version, "deleted": True}
@@ -211,10 +197,7 @@ async def delete_version(name: str, request: Request, version: int = VersionPara
 @router.delete("/adapters/{name}")
 async def delete_adapter(name: str, request: Request, actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
-    try:
-        trashed = await asyncio.to_thread(gw.registry.delete, name)
-    except (NotFound, InvalidReference):
-        raise _not_found(NotFound(f"adapter {shown(name)} not found")) from None
+    trashed = await asyncio.to_thread(gw.registry.delete, name)
     gw.retire([(f"{name}@{v}", trash) for v, trash in trashed])
     await gw.audit.arecord(actor, "delete", name, versions=[v for v, _ in trashed])
     return {"name": name, "versions": [v for v, _ in trashed], "deleted": True}

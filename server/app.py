@@ -25,7 +25,7 @@ from .gateway import Gateway
 from .limits import BodyLimit
 from .metrics import Metrics
 from .protocol import ERROR_RESPONSES, APIError, error_response
-from .registry import Registry
+from .registry import Registry, RegistryError
 from .residency import Residency
 from .routing import Backend, Router
 from .supervisor import Supervisor
@@ -56,6 +56,10 @@ def _install_errors(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(RegistryError)
+    async def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        return admin_api.registry_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -35,7 +35,11 @@ STATE_FILE = "state.json"
 
 
 class RegistryError(Exception):
-    """Base of the registry's errors."""
+    """Base of the registry's errors; `param` names the input at fault, when one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class InvalidReference(RegistryError, ValueError):
@@ -77,7 +81,7 @@ class Version:
 
 def check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InvalidReference(f"invalid adapter {what} {shown(str(name))}: must match {NAME_PATTERN}")
+        raise InvalidReference(f"invalid adapter {what} {shown(str(name))}: must match {NAME_PATTERN}", what)
     return name
 
 
@@ -208,7 +212,7 @@ class Registry:
         state = self._state(name)
         owner = state.get("tenant")
         if owner is not None and owner != manifest["tenant"] and self.versions(name):
-            raise Conflict(f"adapter {name!r} belongs to another tenant")
+            raise Conflict(f"adapter {name!r} belongs to another tenant", "name")
         version = max([state.get("next_version", 1), *(v + 1 for v in self.versions(name))])
         write_json(staging / MANIFEST_FILE, {**manifest, "version": version, "created": time.time()})
         fsync_dir(staging)
@@ -230,7 +234,8 @@ class Registry:
     def set_alias(self, name: str, alias: str, version: int) -> None:
         """Points `alias` at `version`, remembering where it pointed so that rollback can return there."""
         if not ALIAS_RE.fullmatch(alias) or alias == LATEST:
-            raise InvalidReference(f"invalid alias {shown(alias)}: must match {ALIAS_PATTERN} and not be {LATEST!r}")
+            raise InvalidReference(f"invalid alias {shown(alias)}: must match {ALIAS_PATTERN} and not be {LATEST!r}",
+                                   "alias")
         self.get(name, version)
 
         def change(state: dict) -> None:

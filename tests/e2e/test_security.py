@@ -35,7 +35,7 @@ def guarded(server, tmp_path_factory):
 
 def raw_upload_headers(url: str, length: int, auth: str | None = None) -> bytes:
     host = url.removeprefix("http://")
-    head = [f"POST /admin/adapters HTTP/1.1", f"Host: {host}", f"Content-Length: {length}",
+    head = ["POST /admin/adapters HTTP/1.1", f"Host: {host}", f"Content-Length: {length}",
             "Content-Type: multipart/form-data; boundary=b0undary"]
     if auth:
         head.append(f"Authorization: Bearer {auth}")
