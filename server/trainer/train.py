@@ -55,7 +55,7 @@ def load_training_model(job: Job) -> "PreTrainedModel":
 
 def sft_config(job: Job) -> "SFTConfig":
     import torch
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     cuda = torch.cuda.is_available()
     return SFTConfig(
