@@ -1,11 +1,17 @@
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from fastapi.testclient import TestClient
+
 from server import basemodel
+from server.app import create_app
+from server.auth import KeyStore
+from server.config import Settings
 
 HIDDEN, INTER = 8, 12
 # Linear weights of a one-layer Llama-shaped model: {module: (out_features, in_features)}.
@@ -51,3 +57,13 @@ def adapter_factory(tmp_path: Path):
         return write_adapter(tmp_path / f"src{next(counter)}", **kw)
 
     return make
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    """The app without its lifespan: answers what needs no engine (validation, CORS, the key check)."""
+    # No `with`: the lifespan (and so the engine) never starts; validation answers before any handler runs,
+    # and only the key check, which runs first, needs part of the gateway.
+    app = create_app(Settings(state_dir=tmp_path, registry=tmp_path / "r"))
+    app.state.gateway = SimpleNamespace(keys=KeyStore(tmp_path))
+    return TestClient(app)

@@ -3,7 +3,7 @@ import asyncio
 from server.residency import Residency
 from server.routing import Backend
 from server.supervisor import Supervisor
-from tests.unit.test_residency import FakeEngine
+from tests.helpers import FakeEngine
 
 
 class ProbedEngine(FakeEngine):

@@ -1,0 +1,22 @@
+import pytest
+
+from server.admission import Admission
+from server.protocol import APIError
+from server.residency import Residency
+from server.routing import Backend
+from tests.helpers import FakeEngine
+
+
+def test_admission_bounds_engine_and_tenant():
+    adm = Admission(per_engine=3, per_tenant=2, retry_after=7)
+    b = Backend(FakeEngine(), Residency(FakeEngine(), 1), up=True)
+    with adm.admit("acme", b), adm.admit("acme", b):
+        with pytest.raises(APIError) as e:
+            with adm.admit("acme", b):
+                pass
+        assert e.value.status == 429 and e.value.headers == {"Retry-After": "7"} and "tenant" in e.value.message
+        with adm.admit(None, b):  # open mode: no tenant bound, the engine's still holds
+            with pytest.raises(APIError, match="engine"):
+                with adm.admit("globex", b):
+                    pass
+    assert b.in_flight == 0 and adm.tenants == {}
