@@ -26,7 +26,7 @@ import httpx
 import psutil
 
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
-from loadtest.servers import LOADER, Gateway
+from loadtest.servers import LOADER, Gateway, wait_ready
 from server import basemodel
 from server.engine_process import free_port
 from server.registry import Registry
@@ -199,18 +199,14 @@ class Bench:
         for src in self.sources[:64]:
             (adapters / src.name).symlink_to(src)
         port = free_port()
-        log = open(self.work / "naive.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "loadtest.naive_server", "--base", str(self.base),
-                                 "--adapters", str(adapters), "--port", str(port)], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT)
+        log = self.work / "naive.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "loadtest.naive_server", "--base", str(self.base),
+                                     "--adapters", str(adapters), "--port", str(port)], cwd=ROOT, stdout=out,
+                                    stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(1)
+            wait_ready(url, proc, log, timeout=600)
             for n in (8, 64):
                 print(f"loraplex against naive PEFT, {n} adapters", flush=True)
                 r = self.pair(f"naive-{n}", {"loraplex": {"url": gw.url, "adapters": self.names(n)},

@@ -24,67 +24,72 @@ from locust.env import Environment  # noqa: E402
 from loadtest.workload import Workload, markdown, parser, plot, summarize  # noqa: E402
 
 
-def make_user(workload: Workload):
+def _read_stream(r) -> tuple[float | None, int]:
+    """(time of the first token, completion tokens from the usage event) of a streamed answer."""
+    first, tokens = None, 0
+    for line in r.iter_lines():
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        if event.get("choices") and first is None:
+            first = time.perf_counter()
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    return first, tokens
+
+
+def send_one(client, workload: Workload) -> None:
+    """One streamed completion through locust's client, recorded as a sample of `workload`."""
+    name, body = workload.body()
+    start = time.perf_counter()
+    first, tokens, error = None, 0, None
+    try:
+        with client.post("/v1/completions", json=body, stream=True, name=name, catch_response=True,
+                         timeout=workload.args.request_timeout) as r:
+            if r.status_code != 200:
+                error = f"HTTP {r.status_code}"
+            else:
+                first, tokens = _read_stream(r)
+                error = "no tokens" if first is None or tokens == 0 else None
+            if error:
+                r.failure(error)
+    except Exception as e:  # a broken connection is a result to count, not a crash
+        error = type(e).__name__
+    end = time.perf_counter()
+    sample = {"adapter": name, "start": start, "end": end, "error": error, "tokens": tokens}
+    if error is None:
+        sample.update(ttft=first - start, e2e=end - start, itl=(end - first) / (tokens - 1) if tokens > 1 else None)
+    workload.samples.append(sample)
+
+
+def open_loop(send, workload: Workload) -> None:
+    """Generates every arrival from one user; each request runs in its own greenlet."""
+    args = workload.args
+    rng = random.Random(args.seed + 1)
+    running: set = set()
+    next_at = time.perf_counter()
+    while True:
+        next_at += rng.expovariate(args.rate) if args.arrivals == "poisson" else 1 / args.rate
+        gevent.sleep(max(0.0, next_at - time.perf_counter()))
+        if len(running) >= args.max_outstanding:
+            workload.arrivals_skipped += 1  # bounded memory: the server is past saturation
+            continue
+        g = gevent.spawn(send)
+        running.add(g)
+        g.link(running.discard)
+
+
+def make_user(workload: Workload) -> type[HttpUser]:
     class LLMUser(HttpUser):
         wait_time = constant(0)
         host = workload.args.url
 
-        def send(self):
-            name, body = workload.body()
-            start = time.perf_counter()
-            first = None
-            tokens = 0
-            error = None
-            try:
-                with self.client.post("/v1/completions", json=body, stream=True, name=name,
-                                      catch_response=True, timeout=workload.args.request_timeout) as r:
-                    if r.status_code != 200:
-                        error = f"HTTP {r.status_code}"
-                        r.failure(error)
-                    else:
-                        for line in r.iter_lines():
-                            if not line.startswith(b"data: {"):
-                                continue
-                            event = json.loads(line[6:])
-                            if event.get("choices") and first is None:
-                                first = time.perf_counter()
-                            if event.get("usage"):
-                                tokens = event["usage"]["completion_tokens"]
-                        if first is None or tokens == 0:
-                            error = "no tokens"
-                            r.failure(error)
-            except Exception as e:  # a broken connection is a result to count, not a crash
-                error = type(e).__name__
-            end = time.perf_counter()
-            sample = {"adapter": name, "start": start, "end": end, "error": error, "tokens": tokens}
-            if error is None:
-                sample.update(ttft=first - start, e2e=end - start,
-                              itl=(end - first) / (tokens - 1) if tokens > 1 else None)
-            workload.samples.append(sample)
-
         @task
         def closed_loop(self):
             if workload.args.rate:
-                self.open_loop()
+                open_loop(lambda: send_one(self.client, workload), workload)
             else:
-                self.send()
-
-        def open_loop(self):
-            """One user generates every arrival; each request runs in its own greenlet."""
-            args = workload.args
-            rng = random.Random(args.seed + 1)
-            running: set = set()
-            next_at = time.perf_counter()
-            while True:
-                gap = rng.expovariate(args.rate) if args.arrivals == "poisson" else 1 / args.rate
-                next_at += gap
-                gevent.sleep(max(0.0, next_at - time.perf_counter()))
-                if len(running) >= args.max_outstanding:
-                    workload.arrivals_skipped += 1  # bounded memory: the server is past saturation
-                    continue
-                g = gevent.spawn(self.send)
-                running.add(g)
-                g.link(running.discard)
+                send_one(self.client, workload)
 
     return LLMUser
 

@@ -7,7 +7,6 @@ at a time and at 32 concurrent streams. Run: `python -m loadtest.relay_bench`.
 
 import argparse
 import asyncio
-import json
 import subprocess
 import sys
 import tempfile
@@ -16,38 +15,11 @@ from pathlib import Path
 
 import aiohttp
 import psutil
-from aiohttp import web
 
 from loadtest.servers import Gateway
 from server.engine_process import free_port
 
-TOKENS = 32
-
-
-async def _stream(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
-    response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
-    await response.prepare(request)
-    head = {"id": "cmpl-stub", "object": "text_completion", "created": 1, "model": body["model"]}
-    for i in range(TOKENS):
-        await asyncio.sleep(0.005)
-        choice = {"index": 0, "text": " tok", "finish_reason": "length" if i == TOKENS - 1 else None}
-        await response.write(b"data: " + json.dumps({**head, "choices": [choice], "usage": None}).encode() + b"\n\n")
-    usage = {"prompt_tokens": 4, "completion_tokens": TOKENS, "total_tokens": TOKENS + 4}
-    await response.write(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
-    return response
-
-
-async def _health(_: web.Request) -> web.Response:
-    return web.Response(text="")
-
-
-def stub_engine(port: int) -> None:
-    app = web.Application()
-    app.router.add_get("/health", _health)
-    app.router.add_post("/v1/completions", _stream)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+TOKENS = 32  # events per answer, as `python -m loadtest.stub_engine` streams by default
 
 
 async def measure(url: str, pid: int, requests: int, concurrency: int) -> dict:
@@ -84,8 +56,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     stub_port = free_port()
-    stub = subprocess.Popen([sys.executable, "-c",
-                             f"from loadtest.relay_bench import stub_engine; stub_engine({stub_port})"])
+    stub = subprocess.Popen([sys.executable, "-m", "loadtest.stub_engine", "--port", str(stub_port)])
     work = Path(tempfile.mkdtemp(prefix="loraplex-relay-"))
     gateway = None
     try:

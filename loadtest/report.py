@@ -16,62 +16,92 @@ def _pair(rows: dict, sides: list[str]) -> list[str]:
     return out
 
 
-def tables(results: dict) -> str:
+def _overhead(results: dict) -> list[str]:
+    if "overhead" not in results:
+        return []
+    o = results["overhead"]
+    lines = ["### Gateway overhead (base model)", "", *_pair(o, ["gateway", "vllm"]), "",
+             f"Throughput ratio gateway / vLLM: **{o['throughput_ratio']:.3f}** (target ≥ 0.97). "
+             f"Added latency: p50 {o['added_p50_ms']:+.1f} ms (target ≤ 2 ms), p99 {o['added_p99_ms']:+.1f} ms, "
+             f"TTFT p50 {o['added_ttft_p50_ms']:+.1f} ms.", ""]
+    if "gateway_cpu_ms_per_request" in o["gateway"]:
+        lines += [f"Gateway process CPU per request: {o['gateway']['gateway_cpu_ms_per_request']:.1f} ms "
+                  f"(idle while vLLM is called directly: {o['vllm']['gateway_cpu_ms_per_request']:.1f} ms). On 2 "
+                  "cores shared with the engine and the load generator, that CPU time is taken from the engine.", ""]
+    return lines
+
+
+def _sequential(results: dict) -> list[str]:
+    if "overhead-sequential" not in results:
+        return []
+    o = results["overhead-sequential"]
+    return ["### Gateway overhead, one request at a time (base model)", "", *_pair(o, ["gateway", "vllm"]), "",
+            f"Added latency without queueing: p50 {o['added_p50_ms']:+.2f} ms, p99 {o['added_p99_ms']:+.2f} ms, "
+            f"TTFT p50 {o['added_ttft_p50_ms']:+.2f} ms; throughput ratio {o['throughput_ratio']:.3f}.", ""]
+
+
+def _naive(results: dict) -> list[str]:
     lines = []
-    if "overhead" in results:
-        o = results["overhead"]
-        lines += ["### Gateway overhead (base model)", "", *_pair(o, ["gateway", "vllm"]), "",
-                  f"Throughput ratio gateway / vLLM: **{o['throughput_ratio']:.3f}** (target ≥ 0.97). "
-                  f"Added latency: p50 {o['added_p50_ms']:+.1f} ms (target ≤ 2 ms), p99 {o['added_p99_ms']:+.1f} ms, "
-                  f"TTFT p50 {o['added_ttft_p50_ms']:+.1f} ms.", ""]
-        if "gateway_cpu_ms_per_request" in o["gateway"]:
-            lines += [f"Gateway process CPU per request: {o['gateway']['gateway_cpu_ms_per_request']:.1f} ms "
-                      f"(idle while vLLM is called directly: {o['vllm']['gateway_cpu_ms_per_request']:.1f} ms). On 2 "
-                      "cores shared with the engine and the load generator, that CPU time is taken from the engine.",
-                      ""]
-    if "overhead-sequential" in results:
-        o = results["overhead-sequential"]
-        lines += ["### Gateway overhead, one request at a time (base model)", "", *_pair(o, ["gateway", "vllm"]), "",
-                  f"Added latency without queueing: p50 {o['added_p50_ms']:+.2f} ms, p99 {o['added_p99_ms']:+.2f} ms, "
-                  f"TTFT p50 {o['added_ttft_p50_ms']:+.2f} ms; throughput ratio {o['throughput_ratio']:.3f}.", ""]
     for n in (8, 64):
-        key = f"naive-{n}"
-        if key in results:
-            r = results[key]
+        if f"naive-{n}" in results:
+            r = results[f"naive-{n}"]
             lines += [f"### loraplex against a naive PEFT server, {n} adapters (Zipf)", "",
                       *_pair(r, ["loraplex", "naive"]), "",
                       f"Throughput ratio: **{r['throughput_ratio']:.2f}x** (target ≥ 3x at 64 adapters).", ""]
-    if "lora-ops" in results:
-        r = results["lora-ops"]
-        lines += ["### loraplex's grouped LoRA ops against vLLM's own, 64 adapters (Zipf)", "",
-                  *_pair(r, ["grouped", "vllm"]), "",
-                  f"Throughput ratio grouped / vLLM's ops: **{r['throughput_ratio']:.2f}x** (same gateway settings; "
-                  "`LORAPLEX_LORA_OPS=vllm` on the second).", ""]
-    if "sweep" in results:
-        lines += ["### Adapter-count sweep (Zipf s=1)", "",
-                  "| residency | adapters | output tok/s | E2E p99 ms | errors | adapter loads | evictions |",
-                  "|---|---|---|---|---|---|---|"]
-        for label, points in results["sweep"].items():
-            for n, p in points.items():
-                lines.append(f"| {label} | {n} | {p['output_tokens_per_s']:.1f} | {p['e2e_p99_ms']:.0f} "
-                             f"| {p['errors']} "
-                             f"| {p['loads']:.0f} | {p['evictions']:.0f} |")
-        d = next((v for k, v in results["sweep"].items() if k.startswith("defaults")), {})
-        if "1" in d and "512" in d:
-            lines += ["", f"512 adapters / 1 adapter with the defaults: **"
-                          f"{d['512']['output_tokens_per_s'] / d['1']['output_tokens_per_s']:.2f}** (target ≥ 0.70)."]
-        lines.append("")
-    if "merged" in results:
-        r = results["merged"]
-        lines += ["### Merged-weight ceiling (one adapter)", "", *_pair(r, ["lora", "merged"]), "",
-                  f"LoRA / merged throughput: **{r['throughput_ratio']:.2f}**.", ""]
-    if "cold_start" in results:
-        lines += ["### Cold start: registration to first token (rank 8, all projections)", "",
-                  "| via | register s (median) | first token s | total s |", "|---|---|---|---|"]
-        for via, m in results["cold_start"]["median"].items():
-            lines.append(f"| {via} | {m['register_s']:.3f} | {m['first_token_s']:.3f} | {m['total_s']:.3f} |")
-        lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _lora_ops(results: dict) -> list[str]:
+    if "lora-ops" not in results:
+        return []
+    r = results["lora-ops"]
+    return ["### loraplex's grouped LoRA ops against vLLM's own, 64 adapters (Zipf)", "",
+            *_pair(r, ["grouped", "vllm"]), "",
+            f"Throughput ratio grouped / vLLM's ops: **{r['throughput_ratio']:.2f}x** (same gateway settings; "
+            "`LORAPLEX_LORA_OPS=vllm` on the second).", ""]
+
+
+def _sweep(results: dict) -> list[str]:
+    if "sweep" not in results:
+        return []
+    lines = ["### Adapter-count sweep (Zipf s=1)", "",
+             "| residency | adapters | output tok/s | E2E p99 ms | errors | adapter loads | evictions |",
+             "|---|---|---|---|---|---|---|"]
+    for label, points in results["sweep"].items():
+        for n, p in points.items():
+            lines.append(f"| {label} | {n} | {p['output_tokens_per_s']:.1f} | {p['e2e_p99_ms']:.0f} "
+                         f"| {p['errors']} | {p['loads']:.0f} | {p['evictions']:.0f} |")
+    d = next((v for k, v in results["sweep"].items() if k.startswith("defaults")), {})
+    if "1" in d and "512" in d:
+        lines += ["", f"512 adapters / 1 adapter with the defaults: **"
+                      f"{d['512']['output_tokens_per_s'] / d['1']['output_tokens_per_s']:.2f}** (target ≥ 0.70)."]
+    return lines + [""]
+
+
+def _merged(results: dict) -> list[str]:
+    if "merged" not in results:
+        return []
+    r = results["merged"]
+    return ["### Merged-weight ceiling (one adapter)", "", *_pair(r, ["lora", "merged"]), "",
+            f"LoRA / merged throughput: **{r['throughput_ratio']:.2f}**.", ""]
+
+
+def _cold_start(results: dict) -> list[str]:
+    if "cold_start" not in results:
+        return []
+    lines = ["### Cold start: registration to first token (rank 8, all projections)", "",
+             "| via | register s (median) | first token s | total s |", "|---|---|---|---|"]
+    for via, m in results["cold_start"]["median"].items():
+        lines.append(f"| {via} | {m['register_s']:.3f} | {m['first_token_s']:.3f} | {m['total_s']:.3f} |")
+    return lines + [""]
+
+
+SECTIONS = (_overhead, _sequential, _naive, _lora_ops, _sweep, _merged, _cold_start)
+
+
+def tables(results: dict) -> str:
+    """Every part of the results present, as Markdown, in the order BENCHMARKS.md shows them."""
+    return "\n".join(line for section in SECTIONS for line in section(results))
 
 
 def write(results: dict, quick: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""Starts and stops a loraplex gateway (with its engine) for load scripts, in a process group of its own."""
+"""Starts and stops a loraplex gateway (with its engine) for tests, load scripts and benchmarks, in a process group
+of its own; and the one readiness wait they all use."""
 
 import os
 import signal
@@ -15,6 +16,28 @@ from server.engine_process import free_port
 LOADER = str(Path(sys.executable).parent / "loraplex")
 
 
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float,
+               seen: list[tuple[int, int]] | None = None) -> None:
+    """Polls /ready until it answers 200; raises if the process exits or `timeout` passes. Each poll's
+    (/health, /ready) status pair goes to `seen` when given."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: exited with code {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            health = httpx.get(f"{url}/health", timeout=5).status_code if seen is not None else 200
+            ready = httpx.get(f"{url}/ready", timeout=5).status_code
+        except httpx.TransportError:
+            ready = None
+        else:
+            if seen is not None:
+                seen.append((health, ready))
+        if ready == 200:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}: not ready after {timeout:.0f} s: {log.read_text()[-3000:]}")
+
+
 class Gateway:
     """`loraplex serve` with the given settings; `url`, `pid`, and the RSS of it and of its engine."""
 
@@ -23,21 +46,15 @@ class Gateway:
         self.env = {**os.environ, **env, "LORAPLEX_PORT": str(self.port)}
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.startup: list[tuple[int, int]] = []  # (/health, /ready) while it started
         with open(log, "w") as out:
             self.proc = subprocess.Popen([LOADER, "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"gateway not ready after {timeout} s: {log.read_text()[-3000:]}")
+        try:
+            wait_ready(self.url, self.proc, log, timeout, self.startup)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def engine_url(self) -> str:
         """The URL of the engine this gateway spawned, read off the engine's command line."""

@@ -1,17 +1,21 @@
-"""Shared test helpers: a stand-in vLLM engine served over real HTTP, and an in-process gateway in front of it."""
+"""Shared test helpers: an in-memory engine, the real gateway app in process, and the requests and polls the
+end-to-end tests share. The stand-in engine over real HTTP is loadtest.stub_engine.StubEngine."""
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
-from aiohttp import web
 
 from server.app import create_app
 from server.config import Settings
 from server.engine_client import EngineError
-from server.engine_process import free_port
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import Output
 
 
 class FakeEngine:
@@ -40,69 +44,6 @@ class FakeEngine:
         self.calls.append(("unload", name))
         await asyncio.sleep(self.delay)
         self.loaded.discard(name)
-
-
-@dataclass
-class StubEngine:
-    """Answers /health, /v1/completions (streamed or not) and /metrics like vLLM, computing nothing.
-
-    `event_bytes` pads one streamed event (or the non-streamed answer) to that size; `requests` counts completions."""
-
-    event_bytes: int = 0
-    port: int = field(default_factory=free_port)
-    requests: int = 0
-    _runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> "StubEngine":
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_post("/v1/completions", self._complete)
-        app.router.add_post("/v1/load_lora_adapter", self._refuse_load)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
-
-    @staticmethod
-    async def _health(_: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    @staticmethod
-    async def _metrics(_: web.Request) -> web.Response:
-        return web.Response(text="vllm:stub 1\n")
-
-    @staticmethod
-    async def _refuse_load(request: web.Request) -> web.Response:
-        """Refuses every adapter the way vLLM refuses a broken one: naming the path it was given."""
-        body = await request.json()
-        message = f"Loading lora {body['lora_name']} failed: No adapter found for {body['lora_path']}"
-        return web.json_response({"error": {"message": message, "type": "BadRequestError", "code": 400}},
-                                 status=400)
-
-    async def _complete(self, request: web.Request) -> web.StreamResponse:
-        self.requests += 1
-        body = await request.json()
-        text = "x" * self.event_bytes
-        usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
-        head = {"id": "cmpl-stub", "object": "text_completion", "created": 1, "model": body["model"]}
-        if not body.get("stream"):
-            return web.json_response({**head, "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
-                                      "usage": usage, "kv_transfer_params": None})
-        response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
-        await response.prepare(request)
-        chunk = {**head, "choices": [{"index": 0, "text": text, "finish_reason": None}]}
-        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        await response.write(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        return response
 
 
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
@@ -134,3 +75,72 @@ async def gateway_over(engine_urls: list[str], base_model: str, tmp_path, **sett
 async def ready(client: httpx.AsyncClient, engines: int = 1) -> bool:
     r = await client.get("/ready")
     return r.status_code == 200 and sum(r.json()["engines"]) >= engines
+
+
+# Requests and polls shared by the end-to-end tests.
+PROMPTS = ["Ada and", "Today Chen", "The printer"]
+CHATS = [
+    [{"role": "user", "content": "How do I reset my password?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my order?"}],
+]
+MAX_TOKENS = 16
+
+
+def complete(client: httpx.Client, prompt: str | list, max_tokens: int = MAX_TOKENS, **extra) -> dict:
+    """A greedy completion with its token ids; asserts a 200."""
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                             "return_token_ids": True, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def chat(client: httpx.Client, messages: list[dict], max_tokens: int = MAX_TOKENS, **extra) -> dict:
+    """A greedy chat completion with its token ids; asserts a 200."""
+    r = client.post("/v1/chat/completions",
+                    json={"messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                          "return_token_ids": True, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def same(choice: dict, expected: "Output") -> bool:
+    """Whether an answer's choice is the reference output, token for token."""
+    text = choice["text"] if "text" in choice else choice["message"]["content"]
+    return expected.matches(choice["token_ids"], text)
+
+
+def streamed_text(client: httpx.Client, path: str, body: dict) -> str:
+    """The text of a streamed answer; asserts it is server-sent events ending with [DONE]."""
+    parts, done = [], False
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+    assert done, "stream did not end with data: [DONE]"
+    return "".join(parts)
+
+
+def series(text: str, name: str, **labels: str) -> list[float]:
+    """Values of a Prometheus series with these labels, in the text format."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            out.append(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
+    """Polls `predicate` until it holds or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic() < deadline
+        time.sleep(0.1)
+    return False

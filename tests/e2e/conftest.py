@@ -2,51 +2,59 @@
 
 import os
 import random
-import re
-import signal
 import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
+from loadtest.adapters import ALL_LINEAR, AdapterFactory
+from loadtest.servers import LOADER as LOADER_PATH
+from loadtest.servers import Gateway
 from server.demo_model import build
-from server.engine_process import free_port
-from tests.adapters import make_adapter
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Different ranks and target modules; seeds are drawn per run so the tests cannot know the weights in advance.
 ADAPTERS = {
     "alpha": (8, ["q_proj", "v_proj"]),
     "beta": (16, ALL_LINEAR),
     "gamma": (32, ["o_proj", "up_proj", "down_proj"]),
 }
-# The console script `make serve` runs.
 ADMIN_TOKEN = "e2e-admin-token"
 # /metrics needs the admin or metrics token.
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-LOADER = [str(Path(sys.executable).parent / "loraplex")]
+# The console script `make serve` runs.
+LOADER = [LOADER_PATH]
 
 
 @dataclass
 class Server:
-    url: str
-    env: dict
-    log: Path
+    """The session's gateway (loadtest.servers.Gateway, the one way tests and benchmarks start one) and its inputs."""
+
+    gateway: Gateway
     adapter_dirs: dict[str, Path]
-    health_before_ready: bool
-    startup: list = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    @property
+    def env(self) -> dict:
+        return self.gateway.env
+
+    @property
+    def log(self) -> Path:
+        return self.gateway.log
+
+    @property
+    def startup(self) -> list[tuple[int, int]]:
+        return self.gateway.startup
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([*LOADER, *args], env=self.env, capture_output=True, text=True, timeout=300)
 
     def engine_url(self) -> str:
-        port = re.search(r"starting engine: .* --port (\d+)", self.log.read_text()).group(1)
-        return f"http://127.0.0.1:{port}"
+        return self.gateway.engine_url()
 
 
 @pytest.fixture(scope="session")
@@ -66,67 +74,31 @@ def adapter_dirs(workdir, base_model) -> dict[str, Path]:
     for name, (rank, targets) in ADAPTERS.items():
         seed = rng.randrange(2**31)
         print(f"adapter {name}: rank {rank} targets {targets} seed {seed}")
-        dirs[name] = make_adapter(base_model, workdir / "src" / name, rank, targets, seed)
+        dirs[name] = AdapterFactory(base_model, rank, targets).write(workdir / "src" / name, seed)
     return dirs
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 @pytest.fixture(scope="session")
 def server(workdir, base_model, adapter_dirs):
-    port = free_port()
-    env = dict(os.environ)
-    env.update({
+    env = {
         "LORAPLEX_BASE_MODEL": str(base_model),
         "LORAPLEX_REGISTRY": str(workdir / "registry"),
-        "LORAPLEX_PORT": str(port),
         "LORAPLEX_MAX_LORAS": "2",
         "LORAPLEX_MAX_LORA_RANK": "64",  # the adapters go up to rank 32, and a rank-128 upload must be refused
         "LORAPLEX_MAX_RESIDENT_ADAPTERS": "2",  # fewer than the adapters used, so eviction is exercised
         "LORAPLEX_STATE_DIR": str(workdir / "state"),
         "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
         "LORAPLEX_MAX_UPLOAD_BYTES": str(8 << 20),
-    })
-    srv = Server(f"http://127.0.0.1:{port}", env, workdir / "serve.log", adapter_dirs, False)
+    }
     for name in ("alpha", "beta"):  # gamma is registered while the server runs
-        r = srv.cli("adapters", "add", name, str(adapter_dirs[name]), "--tenant", "acme")
+        r = subprocess.run([*LOADER, "adapters", "add", name, str(adapter_dirs[name]), "--tenant", "acme"],
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-    with open(srv.log, "w") as log:
-        proc = subprocess.Popen([*LOADER, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    gateway = Gateway(env, workdir / "serve.log")
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, srv.log.read_text()[-3000:]
-            try:
-                health = httpx.get(f"{srv.url}/health", timeout=2).status_code
-                ready = httpx.get(f"{srv.url}/ready", timeout=5).status_code
-            except httpx.TransportError:
-                time.sleep(0.5)
-                continue
-            srv.startup.append((health, ready))
-            if ready == 200:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not become ready:\n" + srv.log.read_text()[-3000:])
-        yield srv
+        yield Server(gateway, adapter_dirs)
     finally:
-        _stop(proc)
+        gateway.stop()
 
 
 @dataclass(frozen=True)
@@ -183,32 +155,13 @@ def reference(base_model) -> Reference:
     return Reference(base_model)
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic() < deadline
-        time.sleep(0.1)
-    return False
-
 
 def start_gateway(server: Server, tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
     """Another gateway in front of the session's engine, with its own state dir and any settings given."""
-    port = free_port()
-    env = {**server.env, "LORAPLEX_PORT": str(port), "LORAPLEX_ENGINE_URLS": server.engine_url(),
+    env = {**server.env, "LORAPLEX_PORT": "", "LORAPLEX_ENGINE_URLS": server.engine_url(),
            "LORAPLEX_STATE_DIR": str(tmp_path / "state"), **env}
-    log = open(tmp_path / "gateway.log", "w")
-    proc = subprocess.Popen([*LOADER, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            return httpx.get(f"{url}/ready").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    assert wait_until(ready, 120), (tmp_path / "gateway.log").read_text()
-    return proc, url
+    gateway = Gateway(env, tmp_path / "gateway.log", timeout=120)
+    return gateway.proc, gateway.url
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.adapters import make_adapter
+from loadtest.adapters import AdapterFactory
 from tests.e2e.conftest import wait_until
-from tests.e2e.test_serving import MAX_TOKENS, PROMPTS, complete, same
+from tests.helpers import MAX_TOKENS, PROMPTS, complete, same
 
 
 def archive(src: Path, extra: dict[str, bytes] | None = None, skip: tuple = ()) -> bytes:
@@ -92,7 +92,7 @@ def _first(tensors, kind="lora_A"):
 @pytest.fixture(scope="module")
 def bad_archives(server, workdir, base_model) -> dict:
     src = server.adapter_dirs["alpha"]
-    high = make_adapter(base_model, workdir / "src" / "rank128", 128, ["q_proj"], 0)
+    high = AdapterFactory(base_model, 128, ["q_proj"]).write(workdir / "src" / "rank128", 0)
     nan = _weights(src, lambda t: t[_first(t)].fill_(float("nan")))
     inf = _weights(src, lambda t: t[_first(t, "lora_B")].fill_(float("-inf")))
     f64 = _weights(src, lambda t: t.update({k: v.double() for k, v in t.items()}))

@@ -13,7 +13,7 @@ import yaml
 
 from server.engine_process import free_port
 from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN
-from tests.e2e.test_serving import complete, streamed_text
+from tests.helpers import complete, series, streamed_text
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 ADAPTERS = ["alpha@1", "beta@1", "mon-third"]
@@ -46,13 +46,6 @@ def _send_traffic(client):
                                                             "max_tokens": 8, "adapter": adapter})
     assert client.post("/v1/completions", json={"prompt": "x", "adapter": "ghost"}).status_code == 404
 
-
-def series(text: str, name: str, **labels) -> list[float]:
-    out = []
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            out.append(float(line.rsplit(" ", 1)[1]))
-    return out
 
 
 def test_metrics_per_adapter(client, traffic):

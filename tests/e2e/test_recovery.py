@@ -8,8 +8,8 @@ import time
 import httpx
 
 from tests.e2e.conftest import ADMIN_AUTH
-from tests.e2e.test_monitoring import series
-from tests.e2e.test_serving import PROMPTS, complete
+from tests.helpers import series
+from tests.helpers import PROMPTS, complete
 
 
 def test_engine_crash_is_survived(server, client):

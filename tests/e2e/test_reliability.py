@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import start_gateway, wait_until
-from tests.e2e.test_monitoring import series
+from tests.helpers import series
 
 LONG = {"prompt": "Ada and", "max_tokens": 900, "temperature": 0, "ignore_eos": True}
 

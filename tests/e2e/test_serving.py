@@ -5,50 +5,7 @@ import shutil
 import httpx
 import pytest
 
-PROMPTS = ["Ada and", "Today Chen", "The printer"]
-CHATS = [
-    [{"role": "user", "content": "How do I reset my password?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my order?"}],
-]
-MAX_TOKENS = 16
-
-
-def complete(client, prompt, max_tokens=MAX_TOKENS, **extra) -> dict:
-    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                             "return_token_ids": True, **extra})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def chat(client, messages, max_tokens=MAX_TOKENS, **extra) -> dict:
-    r = client.post("/v1/chat/completions",
-                    json={"messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                          "return_token_ids": True, **extra})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def same(choice: dict, expected) -> bool:
-    text = choice["text"] if "text" in choice else choice["message"]["content"]
-    return expected.matches(choice["token_ids"], text)
-
-
-def streamed_text(client, path, body) -> str:
-    parts, done = [], False
-    with client.stream("POST", path, json={**body, "stream": True}) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                done = True
-                continue
-            choice = json.loads(line[6:])["choices"][0]
-            parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
-    assert done, "stream did not end with data: [DONE]"
-    return "".join(parts)
-
+from tests.helpers import CHATS, MAX_TOKENS, PROMPTS, chat, complete, same, streamed_text
 
 def test_health_answers_before_ready(server):
     assert server.startup[0][0] == 200
@@ -236,9 +193,9 @@ def test_engine_error_passes_through(client):
 
 
 def test_rank_above_engine_limit_is_refused(server, workdir, base_model):
-    from tests.adapters import make_adapter
+    from loadtest.adapters import AdapterFactory
 
-    big = make_adapter(base_model, workdir / "src" / "big", 128, ["q_proj"], 0)
+    big = AdapterFactory(base_model, 128, ["q_proj"]).write(workdir / "src" / "big", 0)
     r = server.cli("adapters", "add", "big", str(big))
     assert r.returncode == 1 and "rank 128 exceeds the engine's limit of 64" in r.stderr
     assert not (workdir / "registry" / "big" / "1").exists()

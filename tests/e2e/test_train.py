@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.e2e.test_serving import complete, same
+from tests.helpers import complete, same
 
 DEMO_DATA = Path(__file__).parents[2] / "examples" / "demo-support"
 

@@ -4,7 +4,8 @@ import asyncio
 import time
 
 from server.engine_process import free_port
-from tests.helpers import StubEngine, gateway_over, ready, wait_for
+from loadtest.stub_engine import StubEngine
+from tests.helpers import gateway_over, ready, wait_for
 
 PROMPT = {"prompt": "x", "max_tokens": 4}
 

@@ -1,0 +1,100 @@
+"""A stand-in vLLM engine that computes nothing: /health, /metrics, /v1/completions (streamed or not), and an
+adapter load it always refuses. The relay benchmark measures the gateway against it; tests fault-inject with it.
+
+    python -m loadtest.stub_engine --port 8400 [--tokens 32] [--gap 0.005]
+"""
+
+import argparse
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from server.engine_process import free_port
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+
+@dataclass
+class StubEngine:
+    """Streams `tokens` events `gap` seconds apart, then a usage event and [DONE]; `event_bytes` pads each event's
+    text (or the non-streamed answer's) to that size. `requests` counts completions."""
+
+    tokens: int = 1
+    gap: float = 0.0
+    event_bytes: int = 0
+    port: int = field(default_factory=free_port)
+    requests: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/v1/completions", self._complete)
+        app.router.add_post("/v1/load_lora_adapter", self._refuse_load)
+        return app
+
+    async def start(self) -> "StubEngine":
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    @staticmethod
+    async def _health(_: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    @staticmethod
+    async def _metrics(_: web.Request) -> web.Response:
+        return web.Response(text="vllm:stub 1\n")
+
+    @staticmethod
+    async def _refuse_load(request: web.Request) -> web.Response:
+        """Refuses every adapter the way vLLM refuses a broken one: naming the path it was given."""
+        body = await request.json()
+        message = f"Loading lora {body['lora_name']} failed: No adapter found for {body['lora_path']}"
+        return web.json_response({"error": {"message": message, "type": "BadRequestError", "code": 400}},
+                                 status=400)
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        body = await request.json()
+        head = {"id": "cmpl-stub", "object": "text_completion", "created": 1, "model": body["model"]}
+        text = "x" * self.event_bytes or " tok"
+        if not body.get("stream"):
+            choice = {"index": 0, "text": text * self.tokens, "finish_reason": "length"}
+            return web.json_response({**head, "choices": [choice], "usage": USAGE, "kv_transfer_params": None})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        for i in range(self.tokens):
+            if self.gap:
+                await asyncio.sleep(self.gap)
+            choice = {"index": 0, "text": text, "finish_reason": "length" if i == self.tokens - 1 else None}
+            await response.write(b"data: " + json.dumps({**head, "choices": [choice], "usage": None}).encode()
+                                 + b"\n\n")
+        await response.write(b"data: " + json.dumps({**head, "choices": [], "usage": USAGE}).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--gap", type=float, default=0.005, help="seconds between token events")
+    args = p.parse_args()
+    web.run_app(StubEngine(args.tokens, args.gap, port=args.port).app(), host="127.0.0.1", port=args.port,
+                print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
