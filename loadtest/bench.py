@@ -49,9 +49,10 @@ class Bench:
         self.results["config"] = {k: str(v) for k, v in vars(args).items()}
 
     def load(self, url: str, label: str, adapters: list[str] = (), field: str = "adapter", model: str = "",
-             concurrency: int | None = None, plot: bool = False, cpu_of: Gateway | None = None) -> dict:
-        """One run of the load generator, in its own process (Locust patches the standard library);
-        with `cpu_of`, also the CPU seconds that gateway process spent meanwhile."""
+             concurrency: int | None = None, plot: bool = False, cpu_of: Gateway | None = None,
+             no_stream: bool = False) -> dict:
+        """One run of the load generator, in its own process (Locust patches the standard library); with
+        `cpu_of`, also the CPU seconds that gateway process and its engine's vLLM API server spent meanwhile."""
         label = f"quick-{label}" if self.args.quick else label  # its plots must not replace the full run's
         out = self.work / f"{label}.json"
         cmd = [sys.executable, "-m", "loadtest.load", "--url", url, "--model", model or self.model_name,
@@ -60,12 +61,14 @@ class Bench:
                "--warmup", str(self.args.warmup), "--output-tokens", str(self.args.output_tokens), "--json", str(out)]
         if plot:
             cmd += ["--plot", str(RESULTS / f"{label}.png"), "--markdown", str(RESULTS / f"{label}.md")]
-        cpu = psutil.Process(cpu_of.proc.pid) if cpu_of else None
-        before = sum(cpu.cpu_times()[:2]) if cpu else 0
+        if no_stream:
+            cmd.append("--no-stream")
+        watched = {"gateway": psutil.Process(cpu_of.proc.pid), "vllm_api": cpu_of.api_server()} if cpu_of else {}
+        before = {k: sum(p.cpu_times()[:2]) for k, p in watched.items()}
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
         report = json.loads(out.read_text())
-        if cpu:
-            report["gateway_cpu_s"] = sum(cpu.cpu_times()[:2]) - before
+        for k, p in watched.items():
+            report[f"{k}_cpu_s"] = sum(p.cpu_times()[:2]) - before[k]
         t, o = report["throughput"], report["overall"]
         if not o["requests"] or o["errors"] == o["requests"]:
             raise RuntimeError(f"{label}: no request succeeded: {report['errors']}")
@@ -92,10 +95,11 @@ class Bench:
                 "errors": sum(x["overall"]["errors"] for x in reports),
                 "rounds_tok_s": [round(x["throughput"]["output_tokens_per_s"], 1) for x in reports],
             }
-            if "gateway_cpu_s" in reports[0]:
-                # Per request the generator sent in the whole run, warm-up included, as the CPU time was.
-                out[side]["gateway_cpu_ms_per_request"] = statistics.median(
-                    x["gateway_cpu_s"] * 1000 / len(x["timeline"]) for x in reports)
+            for process in ("gateway", "vllm_api"):
+                if f"{process}_cpu_s" in reports[0]:
+                    # Per request the generator sent in the whole run, warm-up included, as the CPU time was.
+                    out[side][f"{process}_cpu_ms_per_request"] = statistics.median(
+                        x[f"{process}_cpu_s"] * 1000 / len(x["timeline"]) for x in reports)
         self.results[name] = out
         self.save()
         return out
@@ -148,11 +152,12 @@ class Bench:
     def overhead(self, gw: Gateway) -> None:
         direct = gw.engine_url()
         # Single rounds of the 32-stream pair vary by up to 18% here, against a 3% target: it gets more rounds.
-        for name, concurrency, rounds, what in (
-                ("overhead", None, self.args.overhead_rounds, ""),
-                ("overhead-sequential", 1, None, ", one request at a time (no queueing)")):
+        for name, concurrency, rounds, no_stream, what in (
+                ("overhead", None, self.args.overhead_rounds, False, ""),
+                ("overhead-nonstream", 16, None, True, ", non-streamed at 16 clients"),
+                ("overhead-sequential", 1, None, False, ", one request at a time (no queueing)")):
             print(f"gateway overhead{what}", flush=True)
-            side = {"concurrency": concurrency, "cpu_of": gw}
+            side = {"concurrency": concurrency, "cpu_of": gw, "no_stream": no_stream}
             r = self.pair(name, {"gateway": {"url": gw.url, **side}, "vllm": {"url": direct, **side}}, rounds)
             r["throughput_ratio"] = r["gateway"]["output_tokens_per_s"] / r["vllm"]["output_tokens_per_s"]
             for key in ("e2e_p50_ms", "e2e_p99_ms", "ttft_p50_ms"):

@@ -38,6 +38,12 @@ def _read_stream(r) -> tuple[float | None, int]:
     return first, tokens
 
 
+def _read_answer(r) -> tuple[float, int]:
+    """(time the whole answer arrived, completion tokens) of a non-streamed answer."""
+    tokens = r.json()["usage"]["completion_tokens"]
+    return time.perf_counter(), tokens
+
+
 def send_one(client, workload: Workload) -> None:
     """One streamed completion through locust's client, recorded as a sample of `workload`."""
     name, body = workload.body()
@@ -49,7 +55,7 @@ def send_one(client, workload: Workload) -> None:
             if r.status_code != 200:
                 error = f"HTTP {r.status_code}"
             else:
-                first, tokens = _read_stream(r)
+                first, tokens = _read_answer(r) if workload.args.no_stream else _read_stream(r)
                 error = "no tokens" if first is None or tokens == 0 else None
             if error:
                 r.failure(error)

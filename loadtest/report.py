@@ -96,7 +96,24 @@ def _cold_start(results: dict) -> list[str]:
     return lines + [""]
 
 
-SECTIONS = (_overhead, _sequential, _naive, _lora_ops, _sweep, _merged, _cold_start)
+def _front_end_cpu(results: dict) -> list[str]:
+    """The gateway's CPU per request beside what vLLM's own API server spends on the same request called directly."""
+    rows = [(name, what) for name, what in (("overhead", "streamed, 32 clients"),
+                                            ("overhead-nonstream", "non-streamed, 16 clients"))
+            if "vllm_api_cpu_ms_per_request" in results.get(name, {}).get("vllm", {})]
+    if not rows:
+        return []
+    lines = ["### Gateway CPU against vLLM's own front end", "",
+             "| completions | gateway CPU ms/request | vLLM API server CPU ms/request (called directly) | ratio |",
+             "|---|---|---|---|"]
+    for name, what in rows:
+        gateway = results[name]["gateway"]["gateway_cpu_ms_per_request"]
+        front = results[name]["vllm"]["vllm_api_cpu_ms_per_request"]
+        lines.append(f"| {what} | {gateway:.2f} | {front:.2f} | **{gateway / front:.2f}** |")
+    return lines + ["", "Target: the gateway at most half of vLLM's front end (ratio ≤ 0.5).", ""]
+
+
+SECTIONS = (_overhead, _front_end_cpu, _sequential, _naive, _lora_ops, _sweep, _merged, _cold_start)
 
 
 def tables(results: dict) -> str:

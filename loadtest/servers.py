@@ -56,13 +56,17 @@ class Gateway:
             self.stop()
             raise
 
+    def api_server(self) -> psutil.Process:
+        """vLLM's OpenAI API server process of the engine this gateway spawned (its front end, not EngineCore)."""
+        for child in psutil.Process(self.proc.pid).children():
+            if "vllm.entrypoints.openai.api_server" in child.cmdline():
+                return child
+        raise RuntimeError("no spawned engine found")
+
     def engine_url(self) -> str:
         """The URL of the engine this gateway spawned, read off the engine's command line."""
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            cmd = child.cmdline()
-            if "vllm.entrypoints.openai.api_server" in cmd and "--port" in cmd:
-                return f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-        raise RuntimeError("no spawned engine found")
+        cmd = self.api_server().cmdline()
+        return f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
 
     def rss_mb(self) -> dict[str, float]:
         """Resident memory of the gateway process and, summed, of everything it started (the engine)."""

@@ -13,54 +13,6 @@ import subprocess
 import sys
 import tempfile
 
-OURS = """
-import json, resource, sys
-from server.trainer.job import load_job
-from server.trainer.train import train
-job = load_job(sys.argv[1], ["max_steps=" + sys.argv[2], "output_dir=" + sys.argv[3]])
-_, _, facts = train(job, resume=False, log=lambda *a: None)
-print(json.dumps({"tokens_per_second": facts["tokens_per_second"], "runtime_s": facts["runtime_s"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
-
-# A plain TRL QLoRA script, as its documentation writes one, on the rows our curation kept (argv[4]), so both
-# sides train on the same sequences in the same order: nothing of ours runs in it.
-PLAIN = """
-import json, resource, sys
-import torch, yaml
-from pathlib import Path
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-from trl import SFTConfig, SFTTrainer
-
-job_path = Path(sys.argv[1])
-job = yaml.safe_load(job_path.read_text())
-root = job_path.parent
-base = str(root / job["base_model"]) if (root / job["base_model"]).exists() else job["base_model"]
-rows = [json.loads(line) for line in open(sys.argv[4])]
-quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32)
-lora = job.get("lora", {})
-args = SFTConfig(output_dir=sys.argv[3], max_steps=int(sys.argv[2]), per_device_train_batch_size=job["batch_size"],
-                 learning_rate=job["learning_rate"], lr_scheduler_type="cosine", warmup_steps=0.03,
-                 max_length=job["max_seq_len"], completion_only_loss=True, seed=job.get("seed", 0),
-                 save_steps=job.get("save_steps", 50), report_to=[], use_cpu=True, logging_steps=10,
-                 bf16=False)  # TRL defaults to bf16 autocast, 5x slower on this CPU; same precision as ours
-trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                     processing_class=AutoTokenizer.from_pretrained(base),
-                     peft_config=LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32),
-                                            lora_dropout=lora.get("dropout", 0.05),
-                                            target_modules=lora.get("target_modules", "all-linear"),
-                                            task_type="CAUSAL_LM"))
-runtime = trainer.train().metrics["train_runtime"]
-tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
-print(json.dumps({"tokens_per_second": tokens / runtime, "runtime_s": runtime,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
-
-
 def curated_rows(job_path: str) -> str:
     """Writes the rows `loraplex train` trains on, in TRL's format, for the plain side."""
     from transformers import AutoTokenizer
@@ -79,10 +31,11 @@ def curated_rows(job_path: str) -> str:
     return path
 
 
-def run_side(code: str, job: str, steps: int, rows: str) -> dict:
+def run_side(side: str, job: str, steps: int, rows: str) -> dict:
+    """Trains one side (loadtest/train_sides.py) in a fresh process, so peak memory is its own."""
     with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run([sys.executable, "-c", code, job, str(steps), out, rows], capture_output=True,
-                              text=True, check=False)
+        done = subprocess.run([sys.executable, "-m", "loadtest.train_sides", side, job, str(steps), out, rows],
+                              capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"benchmark side failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -100,7 +53,7 @@ def main() -> None:
     for i in range(args.rounds):
         order = ("ours", "plain") if i % 2 == 0 else ("plain", "ours")
         for side in order:
-            r = run_side(OURS if side == "ours" else PLAIN, args.job, args.steps, rows)
+            r = run_side(side, args.job, args.steps, rows)
             results[side].append(r)
             print(f"round {i + 1} {side:<5} {r['tokens_per_second']:8.1f} tok/s  peak {r['peak_rss_mb']:7.1f} MB",
                   flush=True)

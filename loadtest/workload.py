@@ -40,8 +40,9 @@ class Workload:
     def body(self) -> tuple[str, dict]:
         name = self.rng.choices(self.names, self.weights)[0]
         body = {"model": self.args.model, "prompt": self.rng.choice(self.prompts),
-                "max_tokens": self.args.output_tokens,
-                "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                "max_tokens": self.args.output_tokens, "ignore_eos": True, "temperature": 0}
+        if not self.args.no_stream:
+            body.update(stream=True, stream_options={"include_usage": True})
         if name != BASE:
             body[self.args.adapter_field] = name
         return name, body
@@ -145,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-words", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--request-timeout", type=float, default=300)
+    p.add_argument("--no-stream", action="store_true", help="non-streamed completions (TTFT is then end to end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)

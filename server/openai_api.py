@@ -195,9 +195,13 @@ async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, keep_usage: 
         if end >= 0:
             events = bytes(pending[:end]).split(b"\n\n")
             del pending[:end + 2]
-            out = _events(events, timer, keep_usage)
+            fits = next((i for i, event in enumerate(events) if len(event) > limit), len(events))
+            out = _events(events[:fits], timer, keep_usage)
             if out:
                 yield out
+            if fits < len(events):
+                yield _event_too_large(limit)
+                return
         if len(pending) > limit:
             yield _event_too_large(limit)
             return

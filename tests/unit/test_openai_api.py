@@ -1,0 +1,132 @@
+"""The /v1 forwarding path piece by piece: the relays over chunked input, and _send over httpx's mock transport."""
+
+import json
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.admission import Admission
+from server.engine_client import EngineClient
+from server.metrics import Metrics, RequestTimer
+from server.openai_api import EngineStream, _relay, _relay_body, _send
+from server.protocol import APIError, CompletionRequest
+from server.residency import Residency
+from server.routing import Backend, Router
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+EVENTS = [b'data: {"choices":[{"text":"a"}]}', b'data: {"choices":[{"text":"b"}]}',
+          b'data: {"choices":[],"usage":' + json.dumps(USAGE, separators=(",", ":")).encode() + b"}",
+          b"data: [DONE]"]
+STREAM = b"".join(e + b"\n\n" for e in EVENTS)
+
+
+async def chunked(data: bytes, cuts: list[int]):
+    start = 0
+    for cut in sorted(set(cuts)) + [len(data)]:
+        if cut > start:
+            yield data[start:cut]
+            start = cut
+
+
+def timer() -> RequestTimer:
+    return RequestTimer(Metrics(10), "completions", "(base)")
+
+
+async def collect(gen) -> bytes:
+    return b"".join([part async for part in gen])
+
+
+@settings(max_examples=50, deadline=None)
+@given(cuts=st.lists(st.integers(1, len(STREAM) - 1), max_size=12), keep=st.booleans())
+async def test_relay_passes_events_through_whatever_the_chunking(cuts, keep):
+    t = timer()
+    out = await collect(_relay(chunked(STREAM, cuts), t, keep_usage=keep, limit=1 << 20))
+    expected = STREAM if keep else STREAM.replace(EVENTS[2] + b"\n\n", b"")
+    assert out == expected
+    assert t.m.completion_tokens.labels("(base)")._value.get() == 2 and not t.first
+
+
+async def test_relay_refuses_an_event_over_the_limit_with_an_error_event():
+    big = b'data: {"choices":[{"text":"' + b"x" * 5000 + b'"}]}\n\n'
+    out = await collect(_relay(chunked(EVENTS[0] + b"\n\n" + big, [10, 100, 3000]), timer(), True, limit=4096))
+    assert out.startswith(EVENTS[0] + b"\n\n") and b'"code": "response_too_large"' in out
+    assert out.endswith(b"data: [DONE]\n\n") and len(out) < 1024
+
+
+@settings(max_examples=50, deadline=None)
+@given(cuts=st.lists(st.integers(1, 200), max_size=8))
+async def test_relay_body_notes_usage_split_across_chunks(cuts):
+    body = json.dumps({"id": "x", "choices": [{"text": "usage: \"usage\":{"}], "usage": USAGE,
+                       "kv_transfer_params": None}).encode()
+    t = timer()
+    assert await collect(_relay_body(chunked(body, cuts), t, limit=1 << 20)) == body
+    assert t.m.prompt_tokens.labels("(base)")._value.get() == 3
+
+
+def gateway(*handlers) -> SimpleNamespace:
+    """A gateway of engines answering through httpx's mock transport, one handler each."""
+    backends = []
+    for i, handler in enumerate(handlers):
+        engine = EngineClient(f"http://engine{i}", httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+        backends.append(Backend(engine, Residency(engine, 4), up=True))
+    return SimpleNamespace(router=Router(backends), admission=Admission(8, 8, 1), metrics=Metrics(10),
+                           settings=SimpleNamespace(model_name="base", max_response_bytes=1 << 20))
+
+
+def streamed(status: int, body: dict) -> httpx.Response:
+    """An answer whose body is read as it streams, as the gateway reads every engine answer."""
+    return httpx.Response(status, headers={"content-type": "application/json"},
+                          stream=httpx.ByteStream(json.dumps(body).encode()))
+
+
+def refused(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+def answers(request: httpx.Request) -> httpx.Response:
+    return streamed(200, {"choices": [{"text": "ok"}], "usage": USAGE})
+
+
+class Caller:
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+async def send(gw, **body) -> EngineStream:
+    request = CompletionRequest(prompt="x", **body)
+    return await _send(gw, request, "/v1/completions", None, timer(), None, Caller())
+
+
+async def test_send_retries_once_on_another_engine_when_one_cannot_be_reached():
+    gw = gateway(refused, answers)
+    response = await send(gw)
+    assert isinstance(response, EngineStream)
+    body = await collect(response.body_iterator)
+    await response.stack.aclose()
+    assert json.loads(body)["choices"][0]["text"] == "ok"
+    assert [b.up for b in gw.router.backends] == [False, True]
+
+
+async def test_send_gives_up_after_the_second_unreachable_engine():
+    gw = gateway(refused, refused)
+    with pytest.raises(APIError) as e:
+        await send(gw)
+    assert e.value.status == 503 and e.value.code == "engine_unavailable"
+
+
+async def test_send_maps_an_engine_refusal_and_releases_admission():
+    gw = gateway(lambda r: streamed(400, {"error": {"message": "too long", "code": 400}}))
+    with pytest.raises(APIError) as e:
+        await send(gw)
+    assert (e.value.status, e.value.code, e.value.message) == (400, "engine_rejected", "too long")
+    assert gw.router.backends[0].in_flight == 0
+
+
+async def test_send_refuses_non_finite_numbers_naming_the_field():
+    gw = gateway(answers)
+    with pytest.raises(APIError) as e:
+        await send(gw, min_p=float("nan"))
+    assert e.value.status == 400 and e.value.param == "min_p"
