@@ -114,6 +114,28 @@ def _check_finite(path: Path, meta: dict[str, dict]) -> None:
             raise InvalidAdapter(f"{WEIGHTS_FILE}: tensor {shown(name)} has NaN or infinite values")
 
 
+def _module_rank(module: str, pair: dict[str, dict], base: BaseModel, config: dict) -> int:
+    """The rank of one module's lora_A/lora_B pair, once its shapes fit the base weight and its dtypes are floats."""
+    if set(pair) != {"A", "B"}:
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: {module} lacks lora_A or lora_B")
+    base_shape = base.linear_shape(module)
+    if base_shape is None or len(base_shape) != 2:
+        raise InvalidAdapter(f"target module {shown(module)} does not exist in the base model")
+    out_features, in_features = base_shape
+    a, b = pair["A"], pair["B"]
+    if a["dtype"] not in _FLOAT_DTYPES or b["dtype"] not in _FLOAT_DTYPES:
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: {module} tensors must be F32, F16 or BF16")
+    r = a["shape"][0] if len(a["shape"]) == 2 else -1
+    if list(a["shape"]) != [r, in_features] or list(b["shape"]) != [out_features, r]:
+        raise InvalidAdapter(
+            f"{WEIGHTS_FILE}: {module} shapes A{a['shape']} B{b.get('shape')} do not fit "
+            f"base weight [{out_features}, {in_features}]"
+        )
+    if r != config["r"] and not config.get("rank_pattern"):
+        raise InvalidAdapter(f"{CONFIG_FILE}: r is {config['r']}, but {module} has rank {r}")
+    return r
+
+
 def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInfo:
     """Validates config and tensors against the base model's linear shapes and the engine's rank limit."""
     directory = Path(directory)
@@ -125,26 +147,7 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
     modules = _lora_tensors(meta)
     if not modules:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors")
-    rank = 0
-    for module, pair in sorted(modules.items()):
-        if set(pair) != {"A", "B"}:
-            raise InvalidAdapter(f"{WEIGHTS_FILE}: {module} lacks lora_A or lora_B")
-        base_shape = base.linear_shape(module)
-        if base_shape is None or len(base_shape) != 2:
-            raise InvalidAdapter(f"target module {shown(module)} does not exist in the base model")
-        out_features, in_features = base_shape
-        a, b = pair["A"], pair["B"]
-        if a["dtype"] not in _FLOAT_DTYPES or b["dtype"] not in _FLOAT_DTYPES:
-            raise InvalidAdapter(f"{WEIGHTS_FILE}: {module} tensors must be F32, F16 or BF16")
-        r = a["shape"][0] if len(a["shape"]) == 2 else -1
-        if list(a["shape"]) != [r, in_features] or list(b["shape"]) != [out_features, r]:
-            raise InvalidAdapter(
-                f"{WEIGHTS_FILE}: {module} shapes A{a['shape']} B{b.get('shape')} do not fit "
-                f"base weight [{out_features}, {in_features}]"
-            )
-        rank = max(rank, r)
-        if r != config["r"] and not config.get("rank_pattern"):
-            raise InvalidAdapter(f"{CONFIG_FILE}: r is {config['r']}, but {module} has rank {r}")
+    rank = max(_module_rank(module, pair, base, config) for module, pair in sorted(modules.items()))
     if rank > max_rank:
         raise InvalidAdapter(f"LoRA rank {rank} exceeds the engine's limit of {max_rank}")
     declared = config.get("base_model_name_or_path")
