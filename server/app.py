@@ -6,12 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from httpx_aiohttp import AiohttpTransport
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import admin_api, basemodel, openai_api, ops_api
@@ -77,18 +75,15 @@ def _install_errors(app: FastAPI, settings: Settings) -> None:
 
 
 def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
-    # httpx's API over aiohttp's C parser and pool: relaying a stream cost twice the CPU on httpcore and h11.
     # Idle connections close before vLLM's 5 s keep-alive does, so a POST never goes out on a closing one.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
-    client = httpx.AsyncClient(transport=AiohttpTransport(client=aiohttp.ClientSession(connector=connector)),
-                               timeout=httpx.Timeout(settings.request_timeout, connect=5.0))
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0))
     metrics = Metrics(settings.metrics_max_adapters)
     spawned = [] if settings.engine_urls else [EngineProcess(settings, str(base.path))]
-    engines = [(EngineClient(p.url, client), p) for p in spawned] or [
-        (EngineClient(url, client), None) for url in settings.engine_urls]
+    engines = [(EngineClient(p.url, session, settings.request_timeout), p) for p in spawned] or [
+        (EngineClient(url, session, settings.request_timeout), None) for url in settings.engine_urls]
     backends = [Backend(e, Residency(e, settings.max_resident_adapters, metrics), p) for e, p in engines]
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
-    return Gateway(settings, Registry(settings.registry), base, client, Router(backends),
+    return Gateway(settings, Registry(settings.registry), base, session, Router(backends),
                    KeyStore(settings.state_dir, settings.auth), AuditLog(settings.state_dir), metrics,
                    Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
                              settings.retry_after), admin_token(settings), metrics_token,
@@ -120,7 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             supervisor.cancel()
-            await gw.client.aclose()
+            await gw.session.close()
             for proc in spawned:
                 await asyncio.to_thread(proc.stop)
 

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from .admission import Admission
 from .audit import AuditLog
@@ -25,7 +25,7 @@ class Gateway:
     settings: Settings
     registry: Registry
     base: BaseModel
-    client: httpx.AsyncClient
+    session: aiohttp.ClientSession  # shared by every engine client
     router: Router
     keys: KeyStore
     audit: AuditLog

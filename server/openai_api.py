@@ -130,8 +130,11 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
                 await stack.enter_async_context(backend.residency.lease(version.key, str(version.path)))
             except EngineError as e:
                 raise load_refusal(version.key, e) from None
-        # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile.
-        upstream = await _unless_client_leaves(backend.engine.send(path, payload), caller)
+        stream = bool(payload.get("stream"))
+        sending = backend.engine.send(path, payload)
+        # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile;
+        # a stream's headers come at once.
+        upstream = await (sending if stream else _unless_client_leaves(sending, caller))
         # Closing the upstream connection early is what makes vLLM abort the request.
         stack.push_async_callback(upstream.close)
         limit = gw.settings.max_response_bytes
@@ -140,10 +143,14 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
         if upstream.length is not None and upstream.length > limit:
             raise too_large(limit)
         stack.callback(timer.done, 200)
+        headers = {"content-type": upstream.content_type}
+        if not stream and upstream.length is not None and upstream.length <= WHOLE_BYTES:
+            content = await _unless_client_leaves(upstream.read(limit), caller)
+            timer.usage(_usage(content))
+            return Response(content, headers=headers)
         chunks = upstream.chunks()
-        relay = (_relay(chunks, timer, wants_usage, limit) if payload.get("stream")
-                 else _relay_body(chunks, timer, limit))
-        return EngineStream(relay, stack.pop_all(), headers={"content-type": upstream.content_type})
+        relay = _relay(chunks, timer, wants_usage, limit) if stream else _relay_body(chunks, timer, limit)
+        return EngineStream(relay, stack.pop_all(), headers=headers)
 
 
 async def _unless_client_leaves(awaitable: Awaitable[T], client: Request) -> T:
@@ -225,37 +232,39 @@ def _events(events: list[bytes], timer: RequestTimer, keep_usage: bool) -> bytes
 
 USAGE_KEY = b'"usage":'
 USAGE_BYTES = 1024
+# A non-streamed answer up to this size is read whole and sent as one response: streaming it through costs a task
+# group and a generator per request. Larger ones (logprobs of long answers) stream, so memory stays bounded.
+WHOLE_BYTES = 1 << 20
 
 
 async def _relay_body(chunks: AsyncIterator[bytes], timer: RequestTimer, limit: int) -> AsyncIterator[bytes]:
-    """Passes a non-streamed answer through as it comes, noting its usage without parsing the whole document.
-
-    JSON escapes quotes inside strings, so the first `"usage":` is the answer's own usage field."""
-    size, carry, usage = 0, b"", None
+    """Passes a large non-streamed answer through as it comes, noting its usage without parsing the document."""
+    size, window, found = 0, b"", False
     async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             log.warning("engine answer over %d bytes cut short (LORAPLEX_MAX_RESPONSE_BYTES)", limit)
             return  # the headers are out: the client sees the answer end early
-        if usage is None:
-            window = carry + chunk
+        if found:
+            window += chunk[:USAGE_BYTES - len(window)]
+        else:  # the key's start may end the last chunk, so its tail is searched with this one
+            window = window[-len(USAGE_KEY):] + chunk
             at = window.find(USAGE_KEY)
-            if at >= 0:
-                usage = window[at + len(USAGE_KEY):at + USAGE_BYTES]
-            else:
-                carry = window[-len(USAGE_KEY):]
-        elif len(usage) < USAGE_BYTES:
-            usage += chunk[:USAGE_BYTES]
+            found = at >= 0
+            window = window[at:at + USAGE_BYTES] if found else window[-len(USAGE_KEY):]
         yield chunk
-    timer.usage(_usage(usage))
+    timer.usage(_usage(window))
 
 
-def _usage(raw: bytes | None) -> dict | None:
+def _usage(content: bytes) -> dict | None:
+    """The usage object of a non-streamed answer. JSON escapes quotes inside strings, so the first `"usage":` in
+    the document is the answer's own field."""
+    at = content.find(USAGE_KEY)
     try:
-        usage, _ = json.JSONDecoder().raw_decode(raw.decode().lstrip())
-    except (AttributeError, ValueError):
+        usage, _ = json.JSONDecoder().raw_decode(content[at + len(USAGE_KEY):at + USAGE_BYTES].decode().lstrip())
+    except ValueError:
         return None
-    return usage if isinstance(usage, dict) else None
+    return usage if at >= 0 and isinstance(usage, dict) else None
 
 
 @router.post("/completions", responses=STREAM_OR_JSON)

@@ -1,17 +1,20 @@
-"""The /v1 forwarding path piece by piece: the relays over chunked input, and _send over httpx's mock transport."""
+"""The /v1 forwarding path piece by piece: the relays over chunked input, and _send over engines on real sockets."""
 
 import json
 from types import SimpleNamespace
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
+from fastapi.responses import Response
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.admission import Admission
 from server.engine_client import EngineClient
 from server.metrics import Metrics, RequestTimer
-from server.openai_api import EngineStream, _relay, _relay_body, _send
+from server.engine_process import free_port
+from server.openai_api import _relay, _relay_body, _send
 from server.protocol import APIError, CompletionRequest
 from server.residency import Residency
 from server.routing import Backend, Router
@@ -66,28 +69,41 @@ async def test_relay_body_notes_usage_split_across_chunks(cuts):
     assert t.m.prompt_tokens.labels("(base)")._value.get() == 3
 
 
-def gateway(*handlers) -> SimpleNamespace:
-    """A gateway of engines answering through httpx's mock transport, one handler each."""
-    backends = []
-    for i, handler in enumerate(handlers):
-        engine = EngineClient(f"http://engine{i}", httpx.AsyncClient(transport=httpx.MockTransport(handler)))
-        backends.append(Backend(engine, Residency(engine, 4), up=True))
-    return SimpleNamespace(router=Router(backends), admission=Admission(8, 8, 1), metrics=Metrics(10),
-                           settings=SimpleNamespace(model_name="base", max_response_bytes=1 << 20))
+@pytest.fixture
+async def engines():
+    """Starts engines, each answering completions with one handler, on real sockets; None leaves a port closed."""
+    runners, session = [], aiohttp.ClientSession()
+
+    async def start(*handlers) -> SimpleNamespace:
+        backends = []
+        for handler in handlers:
+            port = free_port()
+            if handler is not None:
+                app = web.Application()
+                app.router.add_post("/v1/completions", handler)
+                runners.append(web.AppRunner(app))
+                await runners[-1].setup()
+                await web.TCPSite(runners[-1], "127.0.0.1", port).start()
+            engine = EngineClient(f"http://127.0.0.1:{port}", session)
+            backends.append(Backend(engine, Residency(engine, 4), up=True))
+        return SimpleNamespace(router=Router(backends), admission=Admission(8, 8, 1), metrics=Metrics(10),
+                               settings=SimpleNamespace(model_name="base", max_response_bytes=1 << 20))
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+    await session.close()
 
 
-def streamed(status: int, body: dict) -> httpx.Response:
-    """An answer whose body is read as it streams, as the gateway reads every engine answer."""
-    return httpx.Response(status, headers={"content-type": "application/json"},
-                          stream=httpx.ByteStream(json.dumps(body).encode()))
+REFUSED = None
 
 
-def refused(request: httpx.Request) -> httpx.Response:
-    raise httpx.ConnectError("connection refused", request=request)
+async def answers(request: web.Request) -> web.Response:
+    return web.json_response({"choices": [{"text": "ok"}], "usage": USAGE})
 
 
-def answers(request: httpx.Request) -> httpx.Response:
-    return streamed(200, {"choices": [{"text": "ok"}], "usage": USAGE})
+async def too_long(request: web.Request) -> web.Response:
+    return web.json_response({"error": {"message": "too long", "code": 400}}, status=400)
 
 
 class Caller:
@@ -95,38 +111,36 @@ class Caller:
         return False
 
 
-async def send(gw, **body) -> EngineStream:
+async def send(gw, t: RequestTimer | None = None, **body) -> Response:
     request = CompletionRequest(prompt="x", **body)
-    return await _send(gw, request, "/v1/completions", None, timer(), None, Caller())
+    return await _send(gw, request, "/v1/completions", None, t or timer(), None, Caller())
 
 
-async def test_send_retries_once_on_another_engine_when_one_cannot_be_reached():
-    gw = gateway(refused, answers)
-    response = await send(gw)
-    assert isinstance(response, EngineStream)
-    body = await collect(response.body_iterator)
-    await response.stack.aclose()
-    assert json.loads(body)["choices"][0]["text"] == "ok"
+async def test_send_retries_once_on_another_engine_when_one_cannot_be_reached(engines):
+    gw, t = await engines(REFUSED, answers), timer()
+    response = await send(gw, t)
+    assert json.loads(response.body)["choices"][0]["text"] == "ok"  # a small answer, read whole
     assert [b.up for b in gw.router.backends] == [False, True]
+    assert t.m.prompt_tokens.labels("(base)")._value.get() == 3 and gw.router.backends[1].in_flight == 0
 
 
-async def test_send_gives_up_after_the_second_unreachable_engine():
-    gw = gateway(refused, refused)
+async def test_send_gives_up_after_the_second_unreachable_engine(engines):
+    gw = await engines(REFUSED, REFUSED)
     with pytest.raises(APIError) as e:
         await send(gw)
     assert e.value.status == 503 and e.value.code == "engine_unavailable"
 
 
-async def test_send_maps_an_engine_refusal_and_releases_admission():
-    gw = gateway(lambda r: streamed(400, {"error": {"message": "too long", "code": 400}}))
+async def test_send_maps_an_engine_refusal_and_releases_admission(engines):
+    gw = await engines(too_long)
     with pytest.raises(APIError) as e:
         await send(gw)
     assert (e.value.status, e.value.code, e.value.message) == (400, "engine_rejected", "too long")
     assert gw.router.backends[0].in_flight == 0
 
 
-async def test_send_refuses_non_finite_numbers_naming_the_field():
-    gw = gateway(answers)
+async def test_send_refuses_non_finite_numbers_naming_the_field(engines):
+    gw = await engines(answers)
     with pytest.raises(APIError) as e:
         await send(gw, min_p=float("nan"))
     assert e.value.status == 400 and e.value.param == "min_p"
