@@ -13,7 +13,7 @@ import yaml
 
 from server.engine_process import free_port
 from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN
-from tests.helpers import complete, series, streamed_text
+from tests.helpers import complete, series, streamed_text, wait_until
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 ADAPTERS = ["alpha@1", "beta@1", "mon-third"]
@@ -102,26 +102,33 @@ def prometheus(server, traffic, tmp_path_factory):
                             stderr=open(tmp / "prometheus.log", "w"))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/-/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        # Traffic while Prometheus scrapes, so rates over the window see increases.
+        assert wait_until(lambda: _answers(f"{url}/-/ready"), 60), (tmp / "prometheus.log").read_text()[-2000:]
+        # Traffic spread over several 1 s scrapes, so rates over the window see increases.
         with httpx.Client(base_url=server.url, timeout=120) as c:
             for i in range(6):
                 for adapter in ADAPTERS:
                     streamed_text(c, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                               "max_tokens": 6, "adapter": adapter})
-                time.sleep(1)
-        time.sleep(3)
+                time.sleep(1)  # pacing between rounds of traffic, not waiting on anything
+        # Every target scraped twice after the traffic ended, so the last of it is in the data.
+        done = time.time()
+        assert wait_until(lambda: _scraped_since(url, done + 1), 30)
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _scraped_since(url: str, since: float) -> bool:
+    result = query(url, "timestamp(up)")["data"]["result"]
+    return len(result) == 2 and all(float(r["value"][1]) > since for r in result)
 
 
 def query(url: str, expr: str) -> dict:

@@ -3,7 +3,6 @@
 import asyncio
 import signal
 import threading
-import time
 
 import httpx
 import pytest
@@ -86,16 +85,26 @@ def test_sigterm_lets_requests_finish(second_gateway):
     def long_request():
         with httpx.Client(timeout=120) as c:
             with c.stream("POST", f"{url}/v1/completions", json={**LONG, "max_tokens": 300, "stream": True}) as r:
-                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+                lines = []
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                        streaming.set()
         result["lines"] = lines
 
+    def refused() -> bool:
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+        except httpx.TransportError:
+            return True
+        return False
+
+    streaming = threading.Event()
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(1.0)
+    assert streaming.wait(60), "the stream never started"
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{url}/health", timeout=2)  # no longer accepting
+    assert wait_until(refused, 10)  # no longer accepting
     t.join(60)
     assert result["lines"][-1] == "data: [DONE]" and len(result["lines"]) == 301
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down

@@ -104,7 +104,15 @@ def test_alias_resolves(client, server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
 
 
-async def test_concurrent_first_requests_all_succeed_with_equal_output(server):
+@pytest.fixture(scope="module")
+def third(server) -> str:
+    """A third adapter registered here, so no test depends on another having registered one."""
+    r = server.cli("adapters", "add", "third", str(server.adapter_dirs["gamma"]))
+    assert r.returncode == 0, r.stderr
+    return "third@1"
+
+
+async def test_concurrent_first_requests_all_succeed_with_equal_output(server, third):
     """Many first requests for versions not resident race the load and the LRU; all must answer the same."""
     async with httpx.AsyncClient(base_url=server.url, timeout=300) as ac:
         async def one(adapter):
@@ -113,7 +121,7 @@ async def test_concurrent_first_requests_all_succeed_with_equal_output(server):
             assert r.status_code == 200, r.text
             return adapter, r.json()["choices"][0]["text"]
 
-        results = await asyncio.gather(*(one(a) for a in ["alpha@1", "beta@1", "gamma@1"] * 4))
+        results = await asyncio.gather(*(one(a) for a in ["alpha@1", "beta@1", third] * 4))
     by_adapter = {}
     for adapter, text in results:
         by_adapter.setdefault(adapter, set()).add(text)

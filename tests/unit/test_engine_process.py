@@ -1,10 +1,10 @@
 import sys
-import time
 
 import psutil
 
 from server.config import Settings
 from server.engine_process import EngineProcess, engine_command
+from tests.helpers import wait_until
 
 # A stand-in for the API server that leaves a child behind when it dies, as vLLM's EngineCore does.
 LEAVES_A_CHILD = "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); print(p.pid, flush=True)"
@@ -19,8 +19,7 @@ def test_stop_ends_children_the_leader_left_behind():
                and p.pid != proc.proc.pid]
     assert orphans, "the stand-in should have left a child running"
     proc.stop(grace=1)
-    time.sleep(0.2)
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans)
+    assert wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans), 5)
 
 
 def test_engine_command_enables_runtime_lora():

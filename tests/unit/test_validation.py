@@ -62,7 +62,8 @@ def test_fingerprint_tracks_weights(tmp_path, base):
 
 def test_declared_base_may_be_hub_id_or_path(base, adapter_factory):
     for declared in ("some-org/base", str(base.path), "BASE", None):
-        check_adapter(adapter_factory(config={"base_model_name_or_path": declared}), base, max_rank=8)
+        info = check_adapter(adapter_factory(config={"base_model_name_or_path": declared}), base, max_rank=8)
+        assert info.declared_base == declared
 
 
 def test_exported_manifest_must_carry_the_served_fingerprint(base, adapter_factory):
