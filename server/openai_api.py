@@ -196,17 +196,20 @@ async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, keep_usage: 
     Each byte is searched for the event boundary once, so a large event costs time in proportion to its size."""
     pending = bytearray()
     async for chunk in chunks:
-        searched = max(len(pending) - 1, 0)
-        pending += chunk
-        end = pending.rfind(b"\n\n", searched)
-        if end >= 0:
-            events = bytes(pending[:end]).split(b"\n\n")
-            del pending[:end + 2]
-            fits = next((i for i, event in enumerate(events) if len(event) > limit), len(events))
-            out = _events(events[:fits], timer, keep_usage)
+        if not pending and chunk.endswith(b"\n\n"):
+            complete = chunk[:-2]  # the usual case: whole events, nothing held back
+        else:
+            searched = max(len(pending) - 1, 0)
+            pending += chunk
+            end = pending.rfind(b"\n\n", searched)
+            complete = bytes(pending[:end]) if end >= 0 else None
+            if end >= 0:
+                del pending[:end + 2]
+        if complete is not None:
+            out, fits = _events(complete.split(b"\n\n"), timer, keep_usage, limit if len(complete) > limit else 0)
             if out:
                 yield out
-            if fits < len(events):
+            if not fits:
                 yield _event_too_large(limit)
                 return
         if len(pending) > limit:
@@ -216,9 +219,12 @@ async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, keep_usage: 
         yield bytes(pending)
 
 
-def _events(events: list[bytes], timer: RequestTimer, keep_usage: bool) -> bytes:
+def _events(events: list[bytes], timer: RequestTimer, keep_usage: bool, limit: int) -> tuple[bytes, bool]:
+    """The events to pass on, and whether all of them were within `limit` (0: known to be) and so passed on."""
     out = []
     for event in events:
+        if limit and len(event) > limit:
+            return b"".join(out), False
         if event.startswith(b"data: {"):
             if b'"usage":{' in event and b'"choices":[]' in event:
                 timer.usage(json.loads(event[6:]).get("usage"))
@@ -227,7 +233,7 @@ def _events(events: list[bytes], timer: RequestTimer, keep_usage: bool) -> bytes
             else:
                 timer.chunk()
         out.append(event + b"\n\n")
-    return b"".join(out)
+    return b"".join(out), True
 
 
 USAGE_KEY = b'"usage":'
