@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loadtest.adapters import AdapterFactory
-from tests.e2e.conftest import wait_until
+from tests.helpers import wait_until
 from tests.helpers import MAX_TOKENS, PROMPTS, complete, same
 
 

@@ -7,7 +7,8 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.conftest import start_gateway, wait_until
+from tests.e2e.conftest import start_gateway
+from tests.helpers import wait_until
 from tests.helpers import series
 
 LONG = {"prompt": "Ada and", "max_tokens": 900, "temperature": 0, "ignore_eos": True}
