@@ -139,6 +139,8 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
         stack.push_async_callback(upstream.close)
         limit = gw.settings.max_response_bytes
         if upstream.status != 200:
+            if upstream.status >= 500:
+                backend.failed()
             raise refusal(upstream.status, await _unless_client_leaves(upstream.read(limit), caller))
         if upstream.length is not None and upstream.length > limit:
             raise too_large(limit)

@@ -15,12 +15,16 @@ class Backend:
     process: EngineProcess | None = None  # set when the gateway spawned this engine
     up: bool = False
     in_flight: int = 0
-    failed_at: float = float("-inf")  # when a request last failed to reach it
+    failed_at: float = float("-inf")  # when a request to it last failed
+
+    def failed(self) -> None:
+        """A request failed on the engine (a 5xx): it comes last in the choice for a while."""
+        self.failed_at = time.monotonic()
 
     def unreachable(self) -> None:
         """A request could not reach the engine: out of rotation until its next good health probe."""
         self.up = False
-        self.failed_at = time.monotonic()
+        self.failed()
 
     def failing(self, now: float, window: float = 5.0) -> bool:
         return now - self.failed_at < window

@@ -144,3 +144,17 @@ async def test_send_refuses_non_finite_numbers_naming_the_field(engines):
     with pytest.raises(APIError) as e:
         await send(gw, min_p=float("nan"))
     assert e.value.status == 400 and e.value.param == "min_p"
+
+
+async def broken(request: web.Request) -> web.Response:
+    return web.json_response({"error": {"message": "engine dead", "code": 500}}, status=500)
+
+
+async def test_an_engine_that_fails_requests_stops_drawing_them(engines):
+    """Its requests end at once, so its in-flight count stays 0; without the penalty it would get every request."""
+    gw = await engines(broken, answers)
+    gw.router.backends[1].in_flight = 1  # the healthy one looks busier
+    with pytest.raises(APIError) as e:
+        await send(gw)
+    assert e.value.status == 502 and e.value.code == "engine_error"
+    assert json.loads((await send(gw)).body)["choices"][0]["text"] == "ok"
