@@ -28,13 +28,16 @@ import psutil
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from loadtest.servers import LOADER, Gateway, wait_ready
 from server import basemodel
+from server.archive import pack_archive
+from server.auth import engine_key
+from server.config import Settings
 from server.engine_process import free_port
 from server.registry import Registry
-from server.archive import pack_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
 ADMIN = "bench-admin-token"
+ENGINE_KEY = engine_key(Settings(), ADMIN)  # what its gateways derive, or LORAPLEX_ENGINE_API_KEY
 PARTS = ["overhead", "sweep", "cold", "naive", "lora-ops", "merged", "tuned"]
 DEFAULTS = "defaults (max-loras 32, max-lora-rank 16)"
 
@@ -58,7 +61,9 @@ class Bench:
         cmd = [sys.executable, "-m", "loadtest.load", "--url", url, "--model", model or self.model_name,
                "--adapters", ",".join(adapters), "--adapter-field", field, "--zipf", "1.0",
                "--concurrency", str(concurrency or self.args.concurrency), "--duration", str(self.args.duration),
-               "--warmup", str(self.args.warmup), "--output-tokens", str(self.args.output_tokens), "--json", str(out)]
+               "--warmup", str(self.args.warmup), "--output-tokens", str(self.args.output_tokens), "--json", str(out),
+               # The engines' key: vLLM called directly demands it; the gateways, with no API keys, ignore it.
+               "--api-key", ENGINE_KEY]
         if plot:
             cmd += ["--plot", str(RESULTS / f"{label}.png"), "--markdown", str(RESULTS / f"{label}.md")]
         if no_stream:

@@ -49,8 +49,9 @@ def send_one(client, workload: Workload) -> None:
     name, body = workload.body()
     start = time.perf_counter()
     first, tokens, error = None, 0, None
+    auth = {"Authorization": f"Bearer {workload.args.api_key}"} if workload.args.api_key else None
     try:
-        with client.post("/v1/completions", json=body, stream=True, name=name, catch_response=True,
+        with client.post("/v1/completions", json=body, stream=True, name=name, catch_response=True, headers=auth,
                          timeout=workload.args.request_timeout) as r:
             if r.status_code != 200:
                 error = f"HTTP {r.status_code}"

@@ -147,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--request-timeout", type=float, default=300)
     p.add_argument("--no-stream", action="store_true", help="non-streamed completions (TTFT is then end to end)")
+    p.add_argument("--api-key", default="", help="sent as a bearer token (a loraplex key, or an engine's key)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)

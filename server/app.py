@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import admin_api, basemodel, openai_api, ops_api
 from .admission import Admission
 from .audit import AuditLog
-from .auth import Credentials, KeyStore, admin_token
+from .auth import Credentials, KeyStore, admin_token, engine_key
 from .config import Settings
 from .engine_client import EngineClient
 from .engine_process import EngineProcess
@@ -78,15 +78,17 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     # Idle connections close before vLLM's 5 s keep-alive does, so a POST never goes out on a closing one.
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0))
     metrics = Metrics(settings.metrics_max_adapters)
-    spawned = [] if settings.engine_urls else [EngineProcess(settings, str(base.path))]
-    engines = [(EngineClient(p.url, session, settings.request_timeout), p) for p in spawned] or [
-        (EngineClient(url, session, settings.request_timeout), None) for url in settings.engine_urls]
+    admin = admin_token(settings)
+    key = engine_key(settings, admin)
+    spawned = [] if settings.engine_urls else [EngineProcess(settings, str(base.path), key)]
+    engines = [(EngineClient(p.url, session, settings.request_timeout, key), p) for p in spawned] or [
+        (EngineClient(url, session, settings.request_timeout, key), None) for url in settings.engine_urls]
     backends = [Backend(e, Residency(e, settings.max_resident_adapters, metrics), p) for e, p in engines]
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     return Gateway(settings, Registry(settings.registry), base, session, Router(backends),
                    KeyStore(settings.state_dir, settings.auth), AuditLog(settings.state_dir), metrics,
                    Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
-                             settings.retry_after), admin_token(settings), metrics_token,
+                             settings.retry_after), admin, metrics_token,
                    archive_slots=asyncio.Semaphore(settings.archive_workers))
 
 

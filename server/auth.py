@@ -51,6 +51,14 @@ def admin_token(settings: Settings) -> str:
     return path.read_text().strip()
 
 
+def engine_key(settings: Settings, admin: str) -> str:
+    """The credential engines demand of gateways: the configured one, or one derived from the admin token, so a
+    gateway and the engines it spawns or is given agree without more setup, and the admin token is not sent."""
+    if settings.engine_api_key is not None:
+        return settings.engine_api_key.get_secret_value()
+    return hmac.new(admin.encode(), b"loraplex engine api key", hashlib.sha256).hexdigest()
+
+
 class KeyStore:
     """Tenant API keys in STATE_DIR/keys.json as sha256 hashes; changes by other processes are seen at once.
 

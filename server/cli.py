@@ -265,6 +265,15 @@ def keys_revoke(key_id: str) -> None:
     typer.echo(f"revoked {key_id}")
 
 
+@keys_app.command("engine")
+def keys_engine() -> None:
+    """Print the credential engines demand of gateways: give it to engines you start yourself as VLLM_API_KEY."""
+    from .auth import admin_token, engine_key
+
+    settings = load_settings()
+    typer.echo(engine_key(settings, admin_token(settings)))
+
+
 @registry_app.command("check")
 def registry_check() -> None:
     """Verify every version's manifest and file hashes; exit 1 if any is damaged."""

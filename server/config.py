@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin; if unset, one is generated into STATE_DIR/admin_token."
     )
+    engine_api_key: SecretStr | None = Field(
+        None, description="Credential engines demand of gateways (vLLM's VLLM_API_KEY); default: derived from the "
+                          "admin token (HMAC), so gateways sharing that token agree with the engines they start."
+    )
     metrics_token: SecretStr | None = Field(
         None, description="Read-only bearer token for /metrics and /metrics/engine/N (for Prometheus); the admin "
                           "token works there too."

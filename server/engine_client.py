@@ -39,6 +39,10 @@ def engine_message(status: int, content: bytes) -> tuple[str, str | None]:
 def refusal(status: int, content: bytes) -> APIError:
     """An engine's refusal of a request, in OpenAI's error shape (vLLM's own has an integer code)."""
     message, param = engine_message(status, content)
+    if status in (401, 403):  # the engine refused the gateway, not the caller: a misconfiguration
+        log.error("engine refused the gateway's key (%s): set the same LORAPLEX_ENGINE_API_KEY on both", message)
+        return APIError(502, "the engine refused the gateway's credential", type="server_error",
+                        code="engine_auth_failed")
     if status >= 500:
         return APIError(502, f"engine failed: {message}", type="server_error", code="engine_error")
     return APIError(status, message, param=param, code="engine_rejected")
@@ -94,10 +98,12 @@ class EngineClient:
     aiohttp directly, not httpx over it: httpx's request building, cookies and send machinery were a fifth of the
     gateway's CPU per non-streamed request."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, request_timeout: float = 600.0):
+    def __init__(self, url: str, session: aiohttp.ClientSession, request_timeout: float = 600.0,
+                 api_key: str | None = None):
         self.url = url.rstrip("/")
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=request_timeout)
+        self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def send(self, path: str, payload: dict) -> EngineAnswer:
         """Posts a request; the answer's body streams. Unreachable when no connection could be made."""
@@ -109,7 +115,7 @@ class EngineClient:
                            code="invalid_value") from None
         try:
             response = await self.session.post(f"{self.url}{path}", data=data, timeout=self.timeout,
-                                               headers={"content-type": "application/json"})
+                                               headers={"content-type": "application/json", **self.auth})
         except _NO_CONNECTION as e:
             raise Unreachable(type(e).__name__) from None
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -137,7 +143,8 @@ class EngineClient:
     async def metrics(self) -> tuple[int, bytes]:
         """The engine's own Prometheus text and status."""
         try:
-            async with self.session.get(f"{self.url}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            async with self.session.get(f"{self.url}/metrics", timeout=aiohttp.ClientTimeout(total=10),
+                                        headers=self.auth) as r:
                 return r.status, await r.read()
         except (aiohttp.ClientError, TimeoutError) as e:
             raise APIError(503, f"engine unavailable: {type(e).__name__}", type="server_error",
@@ -159,7 +166,8 @@ class EngineClient:
 
     async def _post(self, path: str, body: dict) -> tuple[int, bytes]:
         try:
-            async with self.session.post(f"{self.url}{path}", json=body, timeout=self.timeout) as r:
+            async with self.session.post(f"{self.url}{path}", json=body, timeout=self.timeout,
+                                         headers=self.auth) as r:
                 return r.status, await r.read()
         except (aiohttp.ClientError, TimeoutError) as e:
             raise Unreachable(type(e).__name__) from None

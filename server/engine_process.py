@@ -59,8 +59,8 @@ def engine_command(settings: Settings, base_path: str, port: int) -> list[str]:
 class EngineProcess:
     """One local `vllm.entrypoints.openai.api_server`, in its own process group so it can be ended whole."""
 
-    def __init__(self, settings: Settings, base_path: str):
-        self.settings = settings
+    def __init__(self, settings: Settings, base_path: str, api_key: str):
+        self.settings, self.api_key = settings, api_key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = engine_command(settings, base_path, self.port)
@@ -69,6 +69,8 @@ class EngineProcess:
     def start(self) -> None:
         env = dict(os.environ)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        # vLLM then refuses /v1 without the key; the environment, unlike the command line, is not shown by `ps`.
+        env["VLLM_API_KEY"] = self.api_key
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.engine_kvcache_gib))
         env[LORA_OPS_ENV] = self.settings.lora_ops
         log.info("starting engine: %s", shlex.join(self.command))

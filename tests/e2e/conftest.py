@@ -12,6 +12,8 @@ import pytest
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from loadtest.servers import LOADER as LOADER_PATH
 from loadtest.servers import Gateway
+from server.auth import engine_key
+from server.config import Settings
 from server.demo_model import build
 
 # Different ranks and target modules; seeds are drawn per run so the tests cannot know the weights in advance.
@@ -23,6 +25,8 @@ ADAPTERS = {
 ADMIN_TOKEN = "e2e-admin-token"
 # /metrics needs the admin or metrics token.
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# The engines demand the key their gateways derive from the admin token.
+ENGINE_AUTH = {"Authorization": f"Bearer {engine_key(Settings(), ADMIN_TOKEN)}"}
 # The console script `make serve` runs.
 LOADER = [LOADER_PATH]
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loadtest.adapters import AdapterFactory
+from tests.e2e.conftest import ENGINE_AUTH
 from tests.helpers import wait_until
 from tests.helpers import MAX_TOKENS, PROMPTS, complete, same
 
@@ -203,7 +204,8 @@ def test_alias_and_rollback(admin, client, server):
 
 
 def _engine_loras(server) -> set[str]:
-    return {m["id"] for m in httpx.get(f"{server.engine_url()}/v1/models").json()["data"] if m.get("parent")}
+    models = httpx.get(f"{server.engine_url()}/v1/models", headers=ENGINE_AUTH).json()["data"]
+    return {m["id"] for m in models if m.get("parent")}
 
 
 def test_delete_lets_running_requests_finish(admin, client, server):

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.conftest import ADMIN_TOKEN, LOADER, start_gateway
+from tests.e2e.conftest import ADMIN_TOKEN, ENGINE_AUTH, LOADER, start_gateway
 from tests.unit.test_archive import negative_base256, octal, tar_header
 
 METRICS_TOKEN = "e2e-metrics-token"
@@ -159,3 +159,18 @@ def test_v1_models_names_no_other_tenant_and_no_server_path(server, guarded):
     cards = {m["id"]: m for m in json.loads(text)["data"]}
     assert cards["shared-pub"]["owned_by"] != "globex" and "globex" not in text
     assert str(Path(server.env["LORAPLEX_BASE_MODEL"]).parent) not in text and str(tmp) not in text
+
+
+def test_the_engine_answers_only_gateways(server, client):
+    """Issue 16, item 6: a spawned engine demands the key only gateways hold; anyone else who reaches its port is
+    refused, and the key the gateway derives from the admin token is not the admin token."""
+    engine = server.engine_url()
+    body = {"model": "demo-base", "prompt": "Ada", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
+        assert httpx.post(f"{engine}/v1/completions", json=body, headers=headers).status_code == 401
+        assert httpx.post(f"{engine}/v1/load_lora_adapter", headers=headers,
+                          json={"lora_name": "x", "lora_path": "/etc"}).status_code == 401
+    assert httpx.post(f"{engine}/v1/completions", json=body, headers=ENGINE_AUTH, timeout=60).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "Ada", "max_tokens": 2}).status_code == 200
+    key = subprocess.run([*LOADER, "keys", "engine"], env=server.env, capture_output=True, text=True, timeout=60)
+    assert ENGINE_AUTH["Authorization"] == f"Bearer {key.stdout.strip()}"

@@ -5,6 +5,7 @@ import shutil
 import httpx
 import pytest
 
+from tests.e2e.conftest import ENGINE_AUTH
 from tests.helpers import CHATS, MAX_TOKENS, PROMPTS, chat, complete, same, streamed_text
 
 def test_health_answers_before_ready(server):
@@ -154,7 +155,8 @@ async def test_base_and_adapters_in_one_batch_each_equal_peft(server, reference)
 def test_engine_holds_at_most_max_resident(client, server):
     for adapter in ("alpha@1", "beta@1", "gamma@1", "alpha@1"):
         complete(client, PROMPTS[0], max_tokens=2, adapter=adapter)
-    loras = [m["id"] for m in httpx.get(f"{server.engine_url()}/v1/models").json()["data"] if m.get("parent")]
+    models = httpx.get(f"{server.engine_url()}/v1/models", headers=ENGINE_AUTH).json()["data"]
+    loras = [m["id"] for m in models if m.get("parent")]
     assert 1 <= len(loras) <= int(server.env["LORAPLEX_MAX_RESIDENT_ADAPTERS"]), loras
     assert "alpha@1" in loras
 

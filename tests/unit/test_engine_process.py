@@ -11,7 +11,7 @@ LEAVES_A_CHILD = "import subprocess, sys; p = subprocess.Popen([sys.executable, 
 
 
 def test_stop_ends_children_the_leader_left_behind():
-    proc = EngineProcess(Settings(), "unused")
+    proc = EngineProcess(Settings(), "unused", "engine-key")
     proc.command = [sys.executable, "-c", LEAVES_A_CHILD]
     proc.start()
     proc.proc.wait(timeout=30)
