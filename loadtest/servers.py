@@ -66,7 +66,7 @@ class Gateway:
     def engine_url(self) -> str:
         """The URL of the engine this gateway spawned, read off the engine's command line."""
         cmd = self.api_server().cmdline()
-        return f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+        return f"{'https' if '--ssl-certfile' in cmd else 'http'}://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
 
     def rss_mb(self) -> dict[str, float]:
         """Resident memory of the gateway process and, summed, of everything it started (the engine)."""

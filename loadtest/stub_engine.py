@@ -7,6 +7,7 @@ adapter load it always refuses. The relay benchmark measures the gateway against
 import argparse
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -25,12 +26,13 @@ class StubEngine:
     gap: float = 0.0
     event_bytes: int = 0
     port: int = field(default_factory=free_port)
+    tls: ssl.SSLContext | None = None  # serves HTTPS with it when given
     requests: int = 0
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 30)
@@ -43,7 +45,7 @@ class StubEngine:
     async def start(self) -> "StubEngine":
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.tls).start()
         return self
 
     async def stop(self) -> None:

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -76,7 +77,9 @@ def _install_errors(app: FastAPI, settings: Settings) -> None:
 
 def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     # Idle connections close before vLLM's 5 s keep-alive does, so a POST never goes out on a closing one.
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0))
+    # Engines on https:// URLs are verified against ENGINE_CA when set, else the system's CAs.
+    tls = ssl.create_default_context(cafile=settings.engine_ca) if settings.engine_ca else True
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0, ssl=tls))
     metrics = Metrics(settings.metrics_max_adapters)
     admin = admin_token(settings)
     key = engine_key(settings, admin)

@@ -68,6 +68,14 @@ class Settings(BaseSettings):
         None, description="Credential engines demand of gateways (vLLM's VLLM_API_KEY); default: derived from the "
                           "admin token (HMAC), so gateways sharing that token agree with the engines they start."
     )
+    engine_tls_cert: Path | None = Field(
+        None, description="Certificate (PEM) a spawned engine serves HTTPS with; with ENGINE_TLS_KEY, the gateway "
+                          "then talks to it over TLS."
+    )
+    engine_tls_key: Path | None = Field(None, description="Private key (PEM) of ENGINE_TLS_CERT.")
+    engine_ca: Path | None = Field(
+        None, description="CA bundle (PEM) the gateway verifies engines' certificates against; default: the system's."
+    )
     metrics_token: SecretStr | None = Field(
         None, description="Read-only bearer token for /metrics and /metrics/engine/N (for Prometheus); the admin "
                           "token works there too."
@@ -109,6 +117,12 @@ class Settings(BaseSettings):
     def _admin_apart(self):
         if self.admin_port is not None and self.admin_port == self.port and (self.admin_host or self.host) == self.host:
             raise ValueError("admin_port: must differ from PORT (unset it to serve /admin on PORT)")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.engine_tls_cert is None) != (self.engine_tls_key is None):
+            raise ValueError("engine_tls_cert: set it and ENGINE_TLS_KEY together, or neither")
         return self
 
     @property

@@ -53,6 +53,8 @@ def engine_command(settings: Settings, base_path: str, port: int) -> list[str]:
     ]
     if settings.max_model_len:
         cmd += ["--max-model-len", str(settings.max_model_len)]
+    if settings.engine_tls_cert:
+        cmd += ["--ssl-certfile", str(settings.engine_tls_cert), "--ssl-keyfile", str(settings.engine_tls_key)]
     return cmd + shlex.split(settings.engine_args)
 
 
@@ -62,7 +64,7 @@ class EngineProcess:
     def __init__(self, settings: Settings, base_path: str, api_key: str):
         self.settings, self.api_key = settings, api_key
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if settings.engine_tls_cert else 'http'}://127.0.0.1:{self.port}"
         self.command = engine_command(settings, base_path, self.port)
         self.proc: subprocess.Popen | None = None
 

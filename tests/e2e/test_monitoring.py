@@ -103,6 +103,9 @@ def prometheus(server, traffic, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _answers(f"{url}/-/ready"), 60), (tmp / "prometheus.log").read_text()[-2000:]
+        # Both targets scraped once before the traffic, so rates have a sample from before it to start from.
+        started = time.time()
+        assert wait_until(lambda: _scraped_since(url, started), 30), query(url, "up")
         # Traffic spread over several 1 s scrapes, so rates over the window see increases.
         with httpx.Client(base_url=server.url, timeout=120) as c:
             for i in range(6):
@@ -112,7 +115,7 @@ def prometheus(server, traffic, tmp_path_factory):
                 time.sleep(1)  # pacing between rounds of traffic, not waiting on anything
         # Every target scraped twice after the traffic ended, so the last of it is in the data.
         done = time.time()
-        assert wait_until(lambda: _scraped_since(url, done + 1), 30)
+        assert wait_until(lambda: _scraped_since(url, done + 1), 30), query(url, "up")
         yield url
     finally:
         proc.terminate()
@@ -127,7 +130,8 @@ def _answers(url: str) -> bool:
 
 
 def _scraped_since(url: str, since: float) -> bool:
-    result = query(url, "timestamp(up)")["data"]["result"]
+    """Whether both targets were scraped, successfully, after `since`."""
+    result = query(url, "timestamp(up == 1)")["data"]["result"]
     return len(result) == 2 and all(float(r["value"][1]) > since for r in result)
 
 

@@ -15,7 +15,9 @@ import httpx
 import psutil
 import pytest
 
+from loadtest.servers import Gateway
 from tests.e2e.conftest import ADMIN_TOKEN, ENGINE_AUTH, LOADER, start_gateway
+from tests.helpers import self_signed
 from tests.unit.test_archive import negative_base256, octal, tar_header
 
 METRICS_TOKEN = "e2e-metrics-token"
@@ -174,3 +176,24 @@ def test_the_engine_answers_only_gateways(server, client):
     assert client.post("/v1/completions", json={"prompt": "Ada", "max_tokens": 2}).status_code == 200
     key = subprocess.run([*LOADER, "keys", "engine"], env=server.env, capture_output=True, text=True, timeout=60)
     assert ENGINE_AUTH["Authorization"] == f"Bearer {key.stdout.strip()}"
+
+
+def test_gateway_to_engine_traffic_can_use_tls(server, tmp_path):
+    """Issue 16, item 6: a spawned vLLM engine serves HTTPS with a self-signed certificate, which the gateway
+    verifies against LORAPLEX_ENGINE_CA; plain HTTP to the engine gets nowhere."""
+    cert, key = self_signed(tmp_path)
+    env = {**server.env, "LORAPLEX_PORT": "", "LORAPLEX_STATE_DIR": str(tmp_path / "state"),
+           "LORAPLEX_ENGINE_TLS_CERT": str(cert), "LORAPLEX_ENGINE_TLS_KEY": str(key), "LORAPLEX_ENGINE_CA": str(cert)}
+    gateway = Gateway(env, tmp_path / "tls-gateway.log")
+    try:
+        engine = gateway.engine_url()
+        assert engine.startswith("https://")
+        r = httpx.post(f"{gateway.url}/v1/completions", json={"prompt": "Ada", "max_tokens": 4}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+        assert httpx.get(f"{engine}/health", verify=str(cert)).status_code == 200
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{engine}/health")  # not trusted without the CA
+        with pytest.raises(httpx.TransportError):
+            httpx.get(engine.replace("https://", "http://") + "/health")
+    finally:
+        gateway.stop()

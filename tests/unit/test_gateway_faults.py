@@ -5,7 +5,7 @@ import time
 
 from server.engine_process import free_port
 from loadtest.stub_engine import StubEngine
-from tests.helpers import gateway_over, ready, wait_for
+from tests.helpers import gateway_over, ready, self_signed, wait_for
 
 PROMPT = {"prompt": "x", "max_tokens": 4}
 
@@ -116,4 +116,22 @@ async def test_an_engine_load_error_names_no_server_path(base, tmp_path, adapter
         r = await client.post("/v1/completions", json={**PROMPT, "adapter": "acme"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_load_failed", r.text
         assert str(tmp_path) not in r.text and "/registry" not in r.text
+    await engine.stop()
+
+
+async def test_engines_over_tls_are_verified(base, tmp_path):
+    """Gateway-to-engine TLS: with the engine's CA the gateway serves through it; without, the engine stays out."""
+    import ssl
+
+    cert, key = self_signed(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    engine = await StubEngine(tls=tls).start()
+    async with gateway_over([engine.url], str(base.path), tmp_path / "trusting", engine_ca=cert) as client:
+        assert await wait_for(lambda: ready(client), 10)
+        assert (await client.post("/v1/completions", json=PROMPT)).status_code == 200
+    async with gateway_over([engine.url], str(base.path), tmp_path / "doubting") as client:
+        assert not await wait_for(lambda: ready(client), 3), "an engine with an unknown certificate must stay out"
+        assert (await client.post("/v1/completions", json=PROMPT)).status_code == 503
+    assert engine.requests == 1
     await engine.stop()
