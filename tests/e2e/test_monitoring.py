@@ -130,9 +130,12 @@ def _answers(url: str) -> bool:
 
 
 def _scraped_since(url: str, since: float) -> bool:
-    """Whether both targets were scraped, successfully, after `since`."""
-    result = query(url, "timestamp(up == 1)")["data"]["result"]
-    return len(result) == 2 and all(float(r["value"][1]) > since for r in result)
+    """Whether both targets were scraped, successfully, after `since` (timestamp() of a bare selector gives the
+    scrape's time; of an expression, the query's)."""
+    up = query(url, "up")["data"]["result"]
+    scraped = query(url, "timestamp(up)")["data"]["result"]
+    return (len(up) == len(scraped) == 2 and all(r["value"][1] == "1" for r in up)
+            and all(float(r["value"][1]) > since for r in scraped))
 
 
 def query(url: str, expr: str) -> dict:
