@@ -5,6 +5,7 @@ import asyncio
 import gzip
 import json
 import socket
+import ssl
 import statistics
 import subprocess
 import threading
@@ -190,7 +191,7 @@ def test_gateway_to_engine_traffic_can_use_tls(server, tmp_path):
         assert engine.startswith("https://")
         r = httpx.post(f"{gateway.url}/v1/completions", json={"prompt": "Ada", "max_tokens": 4}, timeout=120)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
-        assert httpx.get(f"{engine}/health", verify=str(cert)).status_code == 200
+        assert httpx.get(f"{engine}/health", verify=ssl.create_default_context(cafile=cert)).status_code == 200
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{engine}/health")  # not trusted without the CA
         with pytest.raises(httpx.TransportError):
