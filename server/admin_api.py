@@ -4,8 +4,8 @@
 import asyncio
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
@@ -127,8 +127,8 @@ async def _unpack(gw: Gateway, file: UploadFile, work: Path) -> Path:
 
 def _register(gw: Gateway, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
     check_exported_manifest(unpacked, gw.base)
-    return gw.registry.register(name, unpacked, base=gw.base, max_rank=gw.settings.max_lora_rank, tenant=tenant, public=public,
-                                origin=f"upload:{(filename or '')[:200]}")
+    return gw.registry.register(name, unpacked, base=gw.base, max_rank=gw.settings.max_lora_rank, tenant=tenant,
+                                public=public, origin=f"upload:{(filename or '')[:200]}")
 
 
 @router.get("/adapters")

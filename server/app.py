@@ -91,8 +91,7 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     return Gateway(settings, Registry(settings.registry), base, session, Router(backends),
                    KeyStore(settings.state_dir, settings.auth), AuditLog(settings.state_dir), metrics,
                    Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
-                             settings.retry_after), admin, metrics_token,
-                   archive_slots=asyncio.Semaphore(settings.archive_workers))
+                             settings.retry_after), admin, metrics_token, asyncio.Semaphore(settings.archive_workers))
 
 
 def _log_unexpected_end(task: asyncio.Task) -> None:

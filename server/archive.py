@@ -13,6 +13,7 @@ import io
 import lzma
 import os
 import resource
+import stat
 import struct
 import sys
 import zipfile
@@ -259,8 +260,6 @@ def _zip_directory_ok(archive: BinaryIO, limits: Limits) -> None:
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
-    import stat
-
     mode = info.external_attr >> 16
     # Zips made off Unix carry no file type bits; those entries are plain files.
     if info.is_dir():

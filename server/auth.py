@@ -6,13 +6,12 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from collections.abc import Callable
-
 from fastapi import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
 from filelock import FileLock
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .atomic import write_json
 from .config import Settings

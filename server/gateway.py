@@ -32,9 +32,9 @@ class Gateway:
     metrics: Metrics
     admission: Admission
     admin_token: str
-    metrics_token: str | None = None
+    metrics_token: str | None
+    archive_slots: asyncio.Semaphore  # LORAPLEX_ARCHIVE_WORKERS uploads unpacked at once
     started: float = field(default_factory=time.time)
-    archive_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     _cleanups: set = field(default_factory=set)
 
     def retire(self, deleted: list[tuple[str, Path]]) -> None:

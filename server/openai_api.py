@@ -3,9 +3,9 @@
 import asyncio
 import json
 import logging
-from typing import TypeVar
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
+from typing import TypeVar
 
 import anyio
 from fastapi import APIRouter, Depends, Request
