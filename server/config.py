@@ -27,7 +27,14 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="Name of the base model in the API; defaults to the last part of BASE_MODEL."
     )
-    registry: Path = Field(Path("adapters"), description="Adapter registry directory.")
+    registry: str = Field(
+        "adapters", description="Adapter registry: a directory, or s3://BUCKET/PREFIX on object storage (with boto3's "
+                                "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)."
+    )
+    registry_poll: float = Field(
+        0.5, gt=0, description="Seconds between a gateway's readings of an object-store registry: how soon a change "
+                               "made through another gateway or the CLI takes effect on this one."
+    )
     engine_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated URLs of running vLLM engines; empty starts one local engine.",
@@ -104,6 +111,11 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [u.strip().rstrip("/") for u in v.split(",") if u.strip()]
         return v
+
+    @field_validator("registry", mode="before")
+    @classmethod
+    def _location(cls, v: object) -> object:
+        return str(v) if isinstance(v, Path) else v
 
     @field_validator("max_lora_rank")
     @classmethod

@@ -14,12 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 from .atomic import fsync_dir, write_json
 from .basemodel import BaseModel
-from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterInfo, check_adapter, shown
+from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_adapter, shown
+
+if TYPE_CHECKING:
+    from .s3_registry import S3Registry
 
 NAME_PATTERN = "^[a-z0-9][a-z0-9._-]{0,63}$"
 # Aliases start with a letter so that "name@3" is always a version and "name@stable" an alias.
@@ -70,7 +74,7 @@ class Ref:
 class Version:
     name: str
     version: int
-    path: Path
+    path: Path | None  # its directory, in a directory registry
     manifest: dict
 
     @property
@@ -114,24 +118,90 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _stage(source: Path, staging: Path, base: BaseModel, max_rank: int) -> tuple[AdapterInfo, dict]:
-    """Copies the adapter's files into `staging` and validates the copy, so what is checked is what is published."""
+def stage(files: Path, staging: Path, base: BaseModel, max_rank: int, **fields: object) -> dict:
+    """Copies the adapter's files into `staging` and validates the copy, so what is checked is what is published;
+    returns the version's manifest, less its number and time, with `fields` added."""
     for fname in (CONFIG_FILE, WEIGHTS_FILE):
-        if (source / fname).is_file():
-            shutil.copyfile(source / fname, staging / fname)
+        if (files / fname).is_file():
+            shutil.copyfile(files / fname, staging / fname)
     info = check_adapter(staging, base, max_rank)
-    files = {}
+    hashes = {}
     for fname in (CONFIG_FILE, WEIGHTS_FILE):
         with open(staging / fname, "rb") as f:
             os.fsync(f.fileno())
-        files[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
-    return info, files
+        hashes[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
+    return {"base_model": base.name, "base_fingerprint": base.fingerprint, "declared_base_model": info.declared_base,
+            "rank": info.rank, "alpha": info.alpha, "target_modules": info.target_modules, "files": hashes,
+            **fields}
+
+
+def manifest_problems(where: str, manifest: dict, name: str, version: str, sizes: dict[str, int],
+                      digest: Callable[[str], str]) -> list[str]:
+    """What is wrong with a stored version, given its files' sizes and a way to hash one of them."""
+    problems = []
+    if manifest.get("name") != name or str(manifest.get("version")) != version:
+        problems.append(f"{where}: manifest names {manifest.get('name')}@{manifest.get('version')}")
+    for fname, meta in manifest.get("files", {}).items():
+        if fname not in sizes:
+            problems.append(f"{where}: {fname} is missing")
+        elif sizes[fname] != meta.get("size") or digest(fname) != meta.get("sha256"):
+            problems.append(f"{where}: {fname} does not match its sha256 in the manifest")
+    if set(manifest.get("files", {})) != {CONFIG_FILE, WEIGHTS_FILE}:
+        problems.append(f"{where}: manifest does not list {CONFIG_FILE} and {WEIGHTS_FILE}")
+    return problems
+
+
+def open_registry(location: str | Path, max_age: float = 0.0) -> "Registry | S3Registry":
+    """The registry at a directory or at s3://BUCKET/PREFIX; boto3 is imported only for the latter."""
+    if str(location).startswith("s3://"):
+        from .s3_registry import S3Registry
+
+        return S3Registry(str(location), max_age=max_age)
+    return Registry(Path(location))
 
 
 class Registry:
     def __init__(self, root: Path):
-        self.root = Path(root).resolve()  # engines get absolute paths, whatever directory they run in
+        self.root = Path(root).resolve()
         self._manifests: dict[tuple[str, int, int], dict] = {}
+
+    def refresh(self) -> dict[str, list[int]]:
+        """Every name's versions; a directory is read live, so there is no snapshot to renew."""
+        return {name: self.versions(name) for name in self.names()}
+
+    def fetch(self, version: Version, dest: Path) -> None:
+        """Copies the version's adapter files into the directory `dest`."""
+        for fname in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(version.path / fname, dest / fname)
+
+    def state(self, name: str) -> dict:
+        return self._state(check_name(name))
+
+    def set_state(self, name: str, state: dict) -> None:
+        """Replaces the owner and aliases of `name` with a copied registry's (`registry copy`)."""
+        self._update_state(name, lambda current: current.update(state))
+
+    def adopt(self, version: Version, files: Path) -> None:
+        """Stores a copy of another registry's version under the same number (`registry copy`)."""
+        adapter_dir = self.root / version.name
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=adapter_dir))
+        staging.chmod(0o755)
+        try:
+            for fname in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(files / fname, staging / fname)
+            write_json(staging / MANIFEST_FILE, version.manifest)
+            fsync_dir(staging)
+            with FileLock(adapter_dir / ".lock"):
+                if (adapter_dir / str(version.version)).exists():
+                    raise Conflict(f"{version.key} already exists in {self.root}")
+                os.rename(staging, adapter_dir / str(version.version))
+                fsync_dir(adapter_dir)
+                state = self._state(version.name)
+                state["next_version"] = max(state.get("next_version", 1), version.version + 1)
+                write_json(adapter_dir / STATE_FILE, state)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -195,11 +265,8 @@ class Registry:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=adapter_dir))
         staging.chmod(0o755)  # mkdtemp makes it private; engines may run as another user
         try:
-            info, files = _stage(Path(source), staging, base, max_rank)
-            manifest = {"name": name, "tenant": tenant, "public": public, "base_model": base.name,
-                        "base_fingerprint": base.fingerprint, "declared_base_model": info.declared_base,
-                        "rank": info.rank, "alpha": info.alpha, "target_modules": info.target_modules,
-                        "files": files, "source": origin, **(extra or {})}
+            manifest = stage(Path(source), staging, base, max_rank, name=name, tenant=tenant, source=origin,
+                             public=public, **(extra or {}))
             with FileLock(adapter_dir / ".lock"):
                 version = self._publish(name, staging, manifest)
         finally:
@@ -267,11 +334,12 @@ class Registry:
     def tenant(self, name: str) -> str | None:
         return self._state(check_name(name)).get("tenant")
 
-    def delete_version(self, name: str, version: int) -> Path:
-        """Hides a version at once by renaming it aside; returns the new place, for removal once unused."""
+    def delete_version(self, name: str, version: int) -> None:
+        """Hides a version at once by renaming it aside, then removes it (engines serve their own copies)."""
         self.get(name, version)
         with FileLock(self.root / name / ".lock"):
-            return self._trash(name, version)
+            trash = self._trash(name, version)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _trash(self, name: str, version: int) -> Path:
         adapter_dir = self.root / name
@@ -283,7 +351,7 @@ class Registry:
         fsync_dir(adapter_dir)
         return trash
 
-    def delete(self, name: str) -> list[tuple[int, Path]]:
+    def delete(self, name: str) -> list[int]:
         """Hides every version; the name becomes free but its version numbers are never reused.
 
         One hold of the adapter's lock from listing to clearing the owner: a registration cannot land between
@@ -300,7 +368,9 @@ class Registry:
             state.update(aliases={}, alias_history={})
             state.pop("tenant", None)
             write_json(adapter_dir / STATE_FILE, state)
-        return trashed
+        for _, trash in trashed:
+            shutil.rmtree(trash, ignore_errors=True)
+        return [version for version, _ in trashed]
 
     def check(self) -> tuple[list[str], list[str]]:
         """Verifies every version's manifest and file hashes; returns (problems, notes)."""
@@ -326,15 +396,5 @@ class Registry:
             manifest = json.loads((path / MANIFEST_FILE).read_text())
         except (OSError, ValueError) as e:
             return [f"{where}: manifest unreadable: {e}"]
-        problems = []
-        if manifest.get("name") != name or str(manifest.get("version")) != path.name:
-            problems.append(f"{where}: manifest names {manifest.get('name')}@{manifest.get('version')}")
-        for fname, meta in manifest.get("files", {}).items():
-            f = path / fname
-            if not f.is_file():
-                problems.append(f"{where}: {fname} is missing")
-            elif f.stat().st_size != meta.get("size") or sha256_file(f) != meta.get("sha256"):
-                problems.append(f"{where}: {fname} does not match its sha256 in the manifest")
-        if set(manifest.get("files", {})) != {CONFIG_FILE, WEIGHTS_FILE}:
-            problems.append(f"{where}: manifest does not list {CONFIG_FILE} and {WEIGHTS_FILE}")
-        return problems
+        sizes = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()}
+        return manifest_problems(where, manifest, name, path.name, sizes, lambda fname: sha256_file(path / fname))

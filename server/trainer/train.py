@@ -7,7 +7,7 @@ import importlib.metadata
 from pathlib import Path
 
 from .. import basemodel
-from ..registry import Registry, Version
+from ..registry import Version, open_registry
 from . import data as datamod
 from .evaluate import compare, count_tokens, table
 from .job import Job
@@ -152,7 +152,7 @@ def promotion(job: Job, metrics: dict) -> tuple[bool, str]:
                   + (f", forgetting {metrics['forgetting']:+.1%}" if "forgetting" in metrics else ""))
 
 
-def run(job: Job, job_file: Path, registry_root: Path, max_rank: int, resume: bool = False, log: Log = print) -> Version:
+def run(job: Job, job_file: Path, registry_root: str | Path, max_rank: int, resume: bool = False, log: Log = print) -> Version:
     """Train, evaluate, register as the next version, and move `stable` if the job asks and the adapter earns it."""
     base = basemodel.load(job.base_model)  # fails fast on a wrong base, before any training
     adapter_dir, data, facts = train(job, resume, log)
@@ -160,7 +160,7 @@ def run(job: Job, job_file: Path, registry_root: Path, max_rank: int, resume: bo
     samples = {side: metrics[side].pop("samples")[:5] for side in ("base", "adapter")}
     for b, a in zip(samples["base"], samples["adapter"]):
         log(f"\nQ: {b['question']}\n  expected: {b['reference']}\n  base:     {b['answer']}\n  adapter:  {a['answer']}")
-    registry = Registry(registry_root)
+    registry = open_registry(registry_root)
     version = registry.register(
         job.adapter.name, adapter_dir, base=base, max_rank=max_rank,
         tenant=job.adapter.tenant, public=job.adapter.public, origin=f"train:{job_file}",

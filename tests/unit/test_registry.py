@@ -1,8 +1,10 @@
+import hashlib
 import json
 
 import pytest
 
 from server.registry import Conflict, InvalidReference, NotFound, Ref, Registry, parse_ref
+from server.s3_registry import S3Registry
 from server.validation import InvalidAdapter
 
 
@@ -31,8 +33,23 @@ def register(reg, base, src, name="acme", **kw):
     return reg.register(name, src, base=base, max_rank=64, **kw)
 
 
-def test_versions_latest_and_aliases(tmp_path, base, adapter_factory):
-    reg = Registry(tmp_path / "reg")
+@pytest.fixture(params=["directory", "s3"])
+def reg(request, tmp_path):
+    """The registry on each backend: every test taking it holds for a directory and for object storage."""
+    if request.param == "directory":
+        return Registry(tmp_path / "reg")
+    return S3Registry(request.getfixturevalue("s3_url"))
+
+
+def stored(reg, tmp_path, version) -> dict[str, bytes]:
+    """The adapter files of `version` as the registry hands them out."""
+    dest = tmp_path / f"fetched-{version.key}"
+    dest.mkdir(parents=True)
+    reg.fetch(version, dest)
+    return {f.name: f.read_bytes() for f in dest.iterdir()}
+
+
+def test_versions_latest_and_aliases(reg, tmp_path, base, adapter_factory):
     v1 = register(reg, base, adapter_factory(seed=1), tenant="t1")
     v2 = register(reg, base, adapter_factory(seed=2, rank=8), tenant="t1")
     assert (v1.version, v2.version) == (1, 2)
@@ -46,12 +63,12 @@ def test_versions_latest_and_aliases(tmp_path, base, adapter_factory):
     assert reg.names() == ["acme"]
     m = v2.manifest
     assert m["rank"] == 8 and m["target_modules"] == ["q_proj"] and m["base_fingerprint"] == base.fingerprint
+    files = stored(reg, tmp_path, v2)
     for fname, meta in m["files"].items():
-        assert (v2.path / fname).stat().st_size == meta["size"] and len(meta["sha256"]) == 64
+        assert len(files[fname]) == meta["size"] and hashlib.sha256(files[fname]).hexdigest() == meta["sha256"]
 
 
-def test_not_found(tmp_path, base, adapter_factory):
-    reg = Registry(tmp_path / "reg")
+def test_not_found(reg, tmp_path, base, adapter_factory):
     with pytest.raises(NotFound):
         reg.resolve("ghost")
     register(reg, base, adapter_factory())
@@ -85,24 +102,28 @@ def test_failed_registration_leaves_nothing(tmp_path, base, adapter_factory):
     assert reg.versions("acme") == [1]
 
 
-def test_registered_copy_is_independent_of_source(tmp_path, base, adapter_factory):
-    reg = Registry(tmp_path / "reg")
+def test_registered_copy_is_independent_of_source(reg, tmp_path, base, adapter_factory):
     src = adapter_factory()
     v = register(reg, base, src)
     (src / "adapter_config.json").write_text("{}")
-    assert json.loads((v.path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert json.loads(stored(reg, tmp_path, v)["adapter_config.json"])["peft_type"] == "LORA"
 
 
-def test_invalid_alias(tmp_path, base, adapter_factory):
-    reg = Registry(tmp_path / "reg")
+def test_deleted_numbers_are_not_reused(reg, base, adapter_factory):
+    register(reg, base, adapter_factory())
+    register(reg, base, adapter_factory(seed=3))
+    reg.delete_version("acme", 2)
+    assert register(reg, base, adapter_factory(seed=4)).version == 3
+
+
+def test_invalid_alias(reg, tmp_path, base, adapter_factory):
     register(reg, base, adapter_factory())
     for alias in ("latest", "3", "Stable", "../x"):
         with pytest.raises(InvalidReference):
             reg.set_alias("acme", alias, 1)
 
 
-def test_name_belongs_to_its_tenant(tmp_path, base, adapter_factory):
-    reg = Registry(tmp_path / "reg")
+def test_name_belongs_to_its_tenant(reg, tmp_path, base, adapter_factory):
     register(reg, base, adapter_factory(), tenant="acme")
     with pytest.raises(Conflict):
         register(reg, base, adapter_factory(), tenant="globex")
@@ -111,8 +132,7 @@ def test_name_belongs_to_its_tenant(tmp_path, base, adapter_factory):
     assert register(reg, base, adapter_factory(), tenant="globex").version == 2  # numbers are never reused
 
 
-def test_rollback_returns_to_previous_version(tmp_path, base, adapter_factory):
-    reg = Registry(tmp_path / "reg")
+def test_rollback_returns_to_previous_version(reg, tmp_path, base, adapter_factory):
     for seed in range(3):
         register(reg, base, adapter_factory(seed=seed))
     with pytest.raises(NotFound):
@@ -127,18 +147,18 @@ def test_rollback_returns_to_previous_version(tmp_path, base, adapter_factory):
     assert reg.resolve("acme@stable").version == 2
 
 
-def test_delete_version_hides_it_at_once(tmp_path, base, adapter_factory):
-    reg = Registry(tmp_path / "reg")
+def test_delete_version_hides_it_at_once(reg, base, adapter_factory):
     register(reg, base, adapter_factory(seed=1))
     register(reg, base, adapter_factory(seed=2))
     reg.set_alias("acme", "stable", 2)
-    trash = reg.delete_version("acme", 2)
-    assert trash.exists() and reg.versions("acme") == [1]
+    reg.delete_version("acme", 2)
+    assert reg.versions("acme") == [1]
     assert reg.resolve("acme").version == 1
     with pytest.raises(NotFound):
         reg.resolve("acme@stable")
-    problems, notes = reg.check()
-    assert problems == [] and any(".trash-2-" in n for n in notes)
+    with pytest.raises(NotFound):
+        reg.get("acme", 2)
+    assert reg.check() == ([], [])
 
 
 def test_check_finds_tampering(tmp_path, base, adapter_factory):
@@ -156,8 +176,7 @@ def test_check_finds_tampering(tmp_path, base, adapter_factory):
     assert any("adapter_config.json is missing" in p for p in problems)
 
 
-def test_a_version_beyond_any_possible_is_not_found(tmp_path, base, adapter_factory):
-    reg = Registry(tmp_path / "reg")
+def test_a_version_beyond_any_possible_is_not_found(reg, tmp_path, base, adapter_factory):
     register(reg, base, adapter_factory(), tenant="t1")
     for version in (10**300, 0, -1):
         with pytest.raises(NotFound):
@@ -198,3 +217,96 @@ def test_whole_delete_and_register_of_one_name_are_serialized(tmp_path, base, ad
     assert reg.tenant("acme") == "t1", "a version that exists must have an owner"
     with pytest.raises(Conflict):
         register(reg, base, adapter_factory(seed=3), tenant="t2")
+
+
+def test_s3_check_finds_tampering(s3_url, base, adapter_factory):
+    reg = S3Registry(s3_url)
+    register(reg, base, adapter_factory())
+    assert reg.check() == ([], [])
+    weights = reg.store.get("acme/1/adapter_model.safetensors")[0]
+    reg.store.put("acme/1/adapter_model.safetensors", weights[:-1] + bytes([weights[-1] ^ 0xFF]))
+    reg.store.delete("acme/1/adapter_config.json")
+    problems, _ = reg.check()
+    assert any("adapter_model.safetensors does not match" in p for p in problems)
+    assert any("adapter_config.json is missing" in p for p in problems)
+
+
+def test_s3_failed_registration_leaves_nothing_visible(s3_url, base, adapter_factory):
+    reg = S3Registry(s3_url)
+    register(reg, base, adapter_factory())
+    before = sorted(k for k, _ in reg.store.keys())
+    with pytest.raises(InvalidAdapter):
+        register(reg, base, adapter_factory(rank=128))
+    with pytest.raises(InvalidReference):
+        register(reg, base, adapter_factory(), name="../evil")
+    assert sorted(k for k, _ in reg.store.keys()) == before
+
+
+def test_s3_a_version_is_visible_only_with_its_manifest(s3_url, base, adapter_factory):
+    """Files of a version whose manifest never landed (a writer killed mid-upload) are invisible and noted."""
+    reg = S3Registry(s3_url)
+    register(reg, base, adapter_factory())
+    reg.store.put("acme/claims/2", b"", create=True)
+    reg.store.put("acme/2/adapter_config.json", b"{}")
+    assert reg.versions("acme") == [1] and reg.resolve("acme").version == 1
+    problems, notes = reg.check()
+    assert problems == [] and any("acme/2: files of an interrupted write" in n for n in notes)
+    assert register(reg, base, adapter_factory(seed=5)).version == 3  # the claimed number is not given out again
+
+
+def test_s3_concurrent_registrations_from_two_writers_get_distinct_versions(s3_url, base, adapter_factory):
+    """Two registries (two gateway replicas, or a gateway and the CLI) on one store, 16 uploads of one name at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    writers = [S3Registry(s3_url), S3Registry(s3_url)]
+    sources = [adapter_factory(seed=i) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        versions = list(pool.map(lambda i: register(writers[i % 2], base, sources[i]).version, range(16)))
+    assert sorted(versions) == list(range(1, 17))
+    assert writers[0].versions("acme") == list(range(1, 17))
+    assert writers[0].check() == ([], [])
+
+
+def test_s3_alias_moves_from_two_writers_lose_none(s3_url, base, adapter_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
+    writers = [S3Registry(s3_url), S3Registry(s3_url)]
+    for i in range(3):
+        register(writers[0], base, adapter_factory(seed=i))
+    aliases = [f"a{i}" for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda i: writers[i % 2].set_alias("acme", aliases[i], i % 3 + 1), range(12)))
+    assert {a: v for a, v in writers[1].aliases("acme").items() if a != "latest"} == \
+        {a: i % 3 + 1 for i, a in enumerate(aliases)}
+
+
+def test_s3_a_second_tenant_cannot_take_a_name(s3_url, base, adapter_factory):
+    first, second = S3Registry(s3_url), S3Registry(s3_url)
+    register(first, base, adapter_factory(), tenant="acme")
+    with pytest.raises(Conflict):
+        register(second, base, adapter_factory(seed=1), tenant="globex")
+
+
+@pytest.mark.parametrize("direction", ["directory to s3", "s3 to directory"])
+def test_registry_copy_keeps_numbers_aliases_and_owners(direction, s3_url, tmp_path, base, adapter_factory):
+    from server.registry_copy import copy_registry
+
+    directory, s3 = Registry(tmp_path / "reg"), S3Registry(s3_url)
+    source, dest = (directory, s3) if direction == "directory to s3" else (s3, directory)
+    for seed in range(3):
+        register(source, base, adapter_factory(seed=seed), tenant="acme")
+    register(source, base, adapter_factory(seed=9), name="globex-bot", tenant="globex", public=True)
+    source.delete_version("acme", 2)
+    source.set_alias("acme", "stable", 1)
+    source.set_alias("acme", "stable", 3)
+    assert copy_registry(source, dest, log=lambda _: None) == (3, 0)
+    assert dest.check() == ([], [])
+    assert dest.versions("acme") == [1, 3] and dest.aliases("acme") == {"stable": 3, "latest": 3}
+    assert dest.tenant("acme") == "acme" and dest.tenant("globex-bot") == "globex"
+    for name, number in (("acme", 1), ("acme", 3), ("globex-bot", 1)):
+        assert dest.get(name, number).manifest == source.get(name, number).manifest
+        assert stored(dest, tmp_path / "d", dest.get(name, number)) == stored(source, tmp_path / "s",
+                                                                            source.get(name, number))
+    assert dest.rollback("acme") == 1  # the alias history came along
+    assert register(dest, base, adapter_factory(seed=7), tenant="acme").version == 4
+    assert copy_registry(source, dest, log=lambda _: None) == (0, 3)  # run again: nothing copied twice
