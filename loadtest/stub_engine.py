@@ -1,5 +1,5 @@
 """A stand-in vLLM engine that computes nothing: /health, /metrics, /v1/completions (streamed or not), and an
-adapter load it always refuses. The relay benchmark measures the gateway against it; tests fault-inject with it.
+adapter it always fails to load. The relay benchmark measures the gateway against it; tests fault-inject with it.
 
     python -m loadtest.stub_engine --port 8400 [--tokens 32] [--gap 0.005]
 """
@@ -39,7 +39,6 @@ class StubEngine:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/completions", self._complete)
-        app.router.add_post("/v1/load_lora_adapter", self._refuse_load)
         return app
 
     async def start(self) -> "StubEngine":
@@ -60,16 +59,19 @@ class StubEngine:
         return web.Response(text="vllm:stub 1\n")
 
     @staticmethod
-    async def _refuse_load(request: web.Request) -> web.Response:
-        """Refuses every adapter the way vLLM refuses a broken one: naming the path it was given."""
-        body = await request.json()
-        message = f"Loading lora {body['lora_name']} failed: No adapter found for {body['lora_path']}"
+    def _refuse_adapter(model: str) -> web.Response:
+        """Fails an adapter the way vLLM fails one its resolver found but could not load, with a server path added
+        the way an engine's load error can carry one."""
+        message = (f"LoRA adapter '{model}' was found but could not be loaded: no adapter in "
+                   f"/srv/loraplex/registry/{model}")
         return web.json_response({"error": {"message": message, "type": "BadRequestError", "code": 400}},
                                  status=400)
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         body = await request.json()
+        if "@" in body["model"]:
+            return self._refuse_adapter(body["model"])
         head = {"id": "cmpl-stub", "object": "text_completion", "created": 1, "model": body["model"]}
         text = "x" * self.event_bytes or " tok"
         if not body.get("stream"):

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,8 +25,7 @@ from .gateway import Gateway
 from .limits import BodyLimit
 from .metrics import Metrics
 from .protocol import ERROR_RESPONSES, APIError, error_response
-from .registry import Registry, RegistryError
-from .residency import Residency
+from .registry import RegistryError, open_registry
 from .routing import Backend, Router
 from .supervisor import Supervisor
 
@@ -86,9 +86,11 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     spawned = [] if settings.engine_urls else [EngineProcess(settings, str(base.path), key)]
     engines = [(EngineClient(p.url, session, settings.request_timeout, key), p) for p in spawned] or [
         (EngineClient(url, session, settings.request_timeout, key), None) for url in settings.engine_urls]
-    backends = [Backend(e, Residency(e, settings.max_resident_adapters, metrics), p) for e, p in engines]
+    backends = [Backend(e, p, label=str(i)) for i, (e, p) in enumerate(engines)]
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
-    return Gateway(settings, Registry(settings.registry), base, session, Router(backends),
+    # Reads come from the snapshot that Gateway.follow_registry renews, never from the store on the request path.
+    registry = open_registry(settings.registry, max_age=math.inf)
+    return Gateway(settings, registry, base, session, Router(backends),
                    KeyStore(settings.state_dir, settings.auth), AuditLog(settings.state_dir), metrics,
                    Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
                              settings.retry_after), admin, metrics_token, asyncio.Semaphore(settings.archive_workers))
@@ -96,7 +98,7 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
 
 def _log_unexpected_end(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("the engine supervisor stopped", exc_info=task.exception())
+        log.error("a background task of the gateway stopped", exc_info=task.exception())
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -115,9 +117,12 @@ def create_app(settings: Settings) -> FastAPI:
         supervisor = asyncio.create_task(Supervisor(gw.router.backends, gw.metrics,
                                                     settings.engine_start_timeout).run())
         supervisor.add_done_callback(_log_unexpected_end)
+        follower = asyncio.create_task(gw.follow_registry(await asyncio.to_thread(gw.registry.refresh)))
+        follower.add_done_callback(_log_unexpected_end)
         try:
             yield
         finally:
+            follower.cancel()
             supervisor.cancel()
             await gw.session.close()
             for proc in spawned:

@@ -96,6 +96,33 @@ def demo_model(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def engine(
+    port: int = typer.Option(8100, help="Port the engine listens on."),
+    host: str = typer.Option("0.0.0.0", help="Interface the engine listens on; it answers only holders of the "
+                                             "engine key."),
+) -> None:
+    """Start a vLLM engine that fetches adapters from LORAPLEX_REGISTRY itself, for gateways on other hosts
+    (LORAPLEX_ENGINE_URLS). This process becomes vLLM, so stopping it stops the engine."""
+    import os
+    from pathlib import Path
+
+    from .auth import ADMIN_TOKEN_FILE, admin_token, engine_key
+    from .engine_process import engine_command, engine_environment
+
+    settings = load_settings()
+    if settings.engine_api_key is not None:
+        key = settings.engine_api_key.get_secret_value()
+    elif settings.admin_token is not None or (settings.state_dir / ADMIN_TOKEN_FILE).is_file():
+        key = engine_key(settings, admin_token(settings))
+    else:
+        fail("LORAPLEX_ENGINE_API_KEY: not set; set it (or LORAPLEX_ADMIN_TOKEN) to what the gateways use, or no "
+             "gateway can use this engine")
+    base = str(Path(settings.base_model).resolve()) if Path(settings.base_model).exists() else settings.base_model
+    command = engine_command(settings, base, port, host)
+    os.execvpe(command[0], command, engine_environment(settings, key))
+
+
 @adapters_app.command("add")
 def adapters_add(
     name: str = typer.Argument(..., help="Adapter name."),

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
         0.5, gt=0, description="Seconds between a gateway's readings of an object-store registry: how soon a change "
                                "made through another gateway or the CLI takes effect on this one."
     )
+    adapter_cache: Path = Field(
+        Path(".loraplex/adapter-cache"), description="An engine's local copies of the adapters it fetched from the "
+                                                     "registry (one directory per engine)."
+    )
+    adapter_cache_bytes: int = Field(
+        8 << 30, gt=0, description="Bound of ADAPTER_CACHE in bytes; adapters no running request uses go first."
+    )
     engine_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated URLs of running vLLM engines; empty starts one local engine.",
@@ -48,7 +55,8 @@ class Settings(BaseSettings):
                         "default, since fewer slots than the working set measured a third slower."
     )
     max_resident_adapters: int = Field(
-        32, description="Adapters the gateway keeps loaded on each engine before unloading the least recently used."
+        32, description="Adapter versions an engine keeps (vLLM --max-cpu-loras, and its adapter cache) before "
+                        "dropping the least recently used one that no running request uses."
     )
     lora_ops: Literal["grouped", "vllm"] = Field(
         "grouped", description="LoRA ops in a spawned vLLM CPU engine: loraplex's grouped ops (`server/lora_ops.py`) "

@@ -36,7 +36,7 @@ def engine_message(status: int, content: bytes) -> tuple[str, str | None]:
     return message[:MAX_MESSAGE_CHARS], param if isinstance(param, str) else None
 
 
-def refusal(status: int, content: bytes) -> APIError:
+def refusal(status: int, content: bytes, adapter: str | None = None) -> APIError:
     """An engine's refusal of a request, in OpenAI's error shape (vLLM's own has an integer code)."""
     message, param = engine_message(status, content)
     if status in (401, 403):  # the engine refused the gateway, not the caller: a misconfiguration
@@ -45,15 +45,18 @@ def refusal(status: int, content: bytes) -> APIError:
                         code="engine_auth_failed")
     if status >= 500:
         return APIError(502, f"engine failed: {message}", type="server_error", code="engine_error")
+    if adapter is not None and status in (400, 404) and (f"`{adapter}`" in message or f"'{adapter}'" in message):
+        return _adapter_refusal(status, adapter, message)
     return APIError(status, message, param=param, code="engine_rejected")
 
 
-def load_refusal(key: str, e: EngineError) -> APIError:
-    """An engine's refusal to load an adapter; its message names the registry's path, so only the log gets it."""
-    log.warning("engine refused to load %s: %s", key, e.message)
-    client_side = e.status < 500
-    return APIError(400 if client_side else 502, f"loading adapter {key} failed: the engine refused it "
-                    f"(status {e.status})", type="invalid_request_error" if client_side else "server_error",
+def _adapter_refusal(status: int, adapter: str, message: str) -> APIError:
+    """The engine could not resolve or load the version the gateway named. Its message may name the registry's
+    paths, so only the log gets it."""
+    log.warning("engine could not serve adapter %s: %s", adapter, message)
+    if status == 404:  # deleted since this gateway last read the registry
+        return APIError(404, f"adapter {adapter!r} not found", param="adapter", code="adapter_not_found")
+    return APIError(400, f"loading adapter {adapter} failed: the engine refused it", param="adapter",
                     code="adapter_load_failed")
 
 
@@ -150,14 +153,15 @@ class EngineClient:
             raise APIError(503, f"engine unavailable: {type(e).__name__}", type="server_error",
                            code="engine_unavailable") from None
 
-    async def load_lora(self, name: str, path: str) -> None:
-        """Loads an adapter; Unreachable when the engine cannot be reached, EngineError when it refuses."""
-        status, content = await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
-        # The engine can already hold it when the gateway restarted; version directories never change.
-        if status == 400 and b"already been loaded" in content:
-            return
-        if status != 200:
-            raise EngineError(status, engine_message(status, content)[0])
+    async def adapters(self) -> set[str] | None:
+        """The adapter versions the engine holds (its /v1/models less the base model); None if it did not say."""
+        try:
+            async with self.session.get(f"{self.url}/v1/models", timeout=aiohttp.ClientTimeout(total=2.0),
+                                        headers=self.auth) as r:
+                cards = (await r.json())["data"] if r.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
+            return None
+        return None if cards is None else {c["id"] for c in cards if c.get("parent")}
 
     async def unload_lora(self, name: str) -> None:
         status, content = await self._post("/v1/unload_lora_adapter", {"lora_name": name})

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .config import LORA_OPS_ENV, Settings
 from .engine_client import EngineClient
@@ -38,12 +39,12 @@ def engine_dtype(settings: Settings) -> str:
     return settings.dtype
 
 
-def engine_command(settings: Settings, base_path: str, port: int) -> list[str]:
+def engine_command(settings: Settings, base_path: str, port: int, host: str = "127.0.0.1") -> list[str]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", base_path,
         "--served-model-name", settings.model_name,
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", host, "--port", str(port),
         "--dtype", engine_dtype(settings),
         "--enable-lora",
         "--max-lora-rank", str(settings.max_lora_rank),
@@ -58,6 +59,21 @@ def engine_command(settings: Settings, base_path: str, port: int) -> list[str]:
     return cmd + shlex.split(settings.engine_args)
 
 
+def engine_environment(settings: Settings, api_key: str) -> dict[str, str]:
+    """The engine's environment: its credential, and what its loraplex resolver reads (where the registry is and
+    where its cache goes, as absolute paths: the engine may run in another directory)."""
+    env = dict(os.environ)
+    # vLLM then refuses /v1 without the key; the environment, unlike the command line, is not shown by `ps`.
+    env["VLLM_API_KEY"] = api_key
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine_kvcache_gib))
+    env[LORA_OPS_ENV] = settings.lora_ops
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # so that vLLM asks its resolvers for adapters it lacks
+    local = not settings.registry.startswith("s3://")
+    env["LORAPLEX_REGISTRY"] = str(Path(settings.registry).resolve()) if local else settings.registry
+    env["LORAPLEX_ADAPTER_CACHE"] = str(settings.adapter_cache.resolve())
+    return env
+
+
 class EngineProcess:
     """One local `vllm.entrypoints.openai.api_server`, in its own process group so it can be ended whole."""
 
@@ -69,12 +85,7 @@ class EngineProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = dict(os.environ)
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        # vLLM then refuses /v1 without the key; the environment, unlike the command line, is not shown by `ps`.
-        env["VLLM_API_KEY"] = self.api_key
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.engine_kvcache_gib))
-        env[LORA_OPS_ENV] = self.settings.lora_ops
+        env = engine_environment(self.settings, self.api_key)
         log.info("starting engine: %s", shlex.join(self.command))
         # A new session makes the API server, EngineCore and workers one process group to signal together.
         self.proc = subprocess.Popen(self.command, env=env, start_new_session=True)

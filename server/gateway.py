@@ -1,10 +1,10 @@
 """The gateway's parts, built once per app, and the domain steps that span them."""
 
 import asyncio
-import shutil
+import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -13,9 +13,15 @@ from .audit import AuditLog
 from .auth import KeyStore
 from .basemodel import BaseModel
 from .config import Settings
+from .engine_client import EngineError, Unreachable
 from .metrics import Metrics
 from .registry import Registry
 from .routing import Router
+
+if TYPE_CHECKING:
+    from .s3_registry import S3Registry
+
+log = logging.getLogger("loraplex.gateway")
 
 
 @dataclass
@@ -23,7 +29,7 @@ class Gateway:
     """Everything a request handler needs."""
 
     settings: Settings
-    registry: Registry
+    registry: "Registry | S3Registry"
     base: BaseModel
     session: aiohttp.ClientSession  # shared by every engine client
     router: Router
@@ -37,14 +43,32 @@ class Gateway:
     started: float = field(default_factory=time.time)
     _cleanups: set = field(default_factory=set)
 
-    def retire(self, deleted: list[tuple[str, Path]]) -> None:
-        """Unloads deleted versions from every engine once their requests finish, then removes their files."""
-        async def cleanup() -> None:
-            for key, trash in deleted:
-                for backend in self.router.backends:
-                    await backend.residency.retire(key)
-                await asyncio.to_thread(shutil.rmtree, trash, True)
+    async def follow_registry(self, known: dict[str, list[int]]) -> None:
+        """Reads the registry every REGISTRY_POLL seconds from the reading `known`, so that changes made through
+        other gateways or the CLI take effect here, and versions deleted anywhere are dropped from the engines."""
+        while True:
+            await asyncio.sleep(self.settings.registry_poll)
+            try:
+                now = await asyncio.to_thread(self.registry.refresh)
+            except Exception:
+                log.exception("reading the registry failed; serving from the last reading")
+                continue
+            gone = [f"{name}@{v}" for name, versions in known.items() for v in set(versions) - set(now.get(name, []))]
+            if gone:
+                self.retire(gone)
+            known = now
 
-        task = asyncio.create_task(cleanup())
+    def retire(self, deleted: list[str]) -> None:
+        """Drops deleted versions from every engine: they take no new request there, and running ones finish
+        (vLLM's requests hold their adapter, and the engine's cache keeps files a running request uses)."""
+        async def unload() -> None:
+            for key in deleted:
+                for backend in self.router.backends:
+                    try:
+                        await backend.engine.unload_lora(key)
+                    except (EngineError, Unreachable) as e:
+                        log.warning("unloading %s from %s failed: %s", key, backend.engine.url, e)
+
+        task = asyncio.create_task(unload())
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)

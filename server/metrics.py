@@ -1,4 +1,4 @@
-"""Gateway metrics for Prometheus: per-adapter latency, time to first token, tokens, loads and residency."""
+"""Gateway metrics for Prometheus: per-adapter latency, time to first token, tokens; per-engine requests and loads."""
 
 import time
 
@@ -31,12 +31,11 @@ class Metrics:
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
         self.completion_tokens = Counter("loraplex_completion_tokens", "Completion tokens generated.", ["adapter"],
                                          registry=r)
-        self.load_latency = Histogram("loraplex_adapter_load_duration_seconds", "Time to load an adapter version "
-                                      "into an engine.", ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
-        self.load_failures = Counter("loraplex_adapter_load_failures", "Adapter loads the engine refused or failed.",
-                                     ["adapter"], registry=r)
-        self.unloads = Counter("loraplex_adapter_unloads", "Adapter versions unloaded from engines.", registry=r)
-        self.resident = Gauge("loraplex_adapters_resident", "Adapter versions loaded, per engine.", ["engine"],
+        self.engine_requests = Counter("loraplex_engine_requests", "Requests sent to each engine.", ["engine"],
+                                       registry=r)
+        self.adapter_loads = Counter("loraplex_engine_adapter_loads", "Adapter versions an engine took up between "
+                                     "two probes (it fetched or reloaded them).", ["engine"], registry=r)
+        self.resident = Gauge("loraplex_adapters_resident", "Adapter versions an engine holds.", ["engine"],
                               registry=r)
         self.registered = Gauge("loraplex_adapters_registered", "Adapters in the registry.", registry=r)
         self.engine_up = Gauge("loraplex_engine_up", "1 if the engine answered its last health check.", ["engine"],

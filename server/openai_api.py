@@ -1,4 +1,4 @@
-"""The OpenAI-compatible /v1 routes: resolve the adapter, lease it on an engine, forward, stream back."""
+"""The OpenAI-compatible /v1 routes: resolve the adapter version, choose its engine, forward, stream back."""
 
 import asyncio
 import json
@@ -13,7 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .auth import caller_tenant
-from .engine_client import EngineError, Unreachable, load_refusal, refusal, too_large
+from .engine_client import Unreachable, refusal, too_large
 from .gateway import Gateway
 from .metrics import RequestTimer
 from .protocol import (
@@ -122,14 +122,11 @@ async def _send(gw: Gateway, body: OpenAIRequest, path: str, version: Version | 
 
 async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, version: Version | None,
                    timer: RequestTimer, tenant: str | None, caller: Request, wants_usage: bool) -> Response:
-    """One engine's try: admission, the adapter's lease, the upstream request; the stream takes them over."""
+    """One engine's try: admission and the upstream request; the stream takes them over. The engine fetches and
+    loads the adapter version itself (its resolver) if it does not hold it."""
     async with AsyncExitStack() as stack:
         stack.enter_context(gw.admission.admit(tenant, backend))
-        if version is not None:
-            try:
-                await stack.enter_async_context(backend.residency.lease(version.key, str(version.path)))
-            except EngineError as e:
-                raise load_refusal(version.key, e) from None
+        gw.metrics.engine_requests.labels(backend.label).inc()
         stream = bool(payload.get("stream"))
         sending = backend.engine.send(path, payload)
         # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile;
@@ -141,7 +138,8 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
         if upstream.status != 200:
             if upstream.status >= 500:
                 backend.failed()
-            raise refusal(upstream.status, await _unless_client_leaves(upstream.read(limit), caller))
+            raise refusal(upstream.status, await _unless_client_leaves(upstream.read(limit), caller),
+                          version.key if version else None)
         if upstream.length is not None and upstream.length > limit:
             raise too_large(limit)
         stack.callback(timer.done, 200)

@@ -17,9 +17,8 @@ PROMETHEUS_TEXT = {200: {"content": {"text/plain": {}}}}
 async def metrics(request: Request) -> Response:
     """Needs the admin or metrics token (checked by the Credentials middleware): series name every adapter."""
     gw: Gateway = request.app.state.gateway
-    for i, b in enumerate(gw.router.backends):
-        gw.metrics.resident.labels(str(i)).set(len(b.residency))
-        gw.metrics.engine_up.labels(str(i)).set(1 if b.up else 0)
+    for b in gw.router.backends:
+        gw.metrics.engine_up.labels(b.label).set(1 if b.up else 0)
     # Listing thousands of adapter folders takes tens of milliseconds: not on the event loop.
     gw.metrics.registered.set(len(await asyncio.to_thread(gw.registry.names)))
     return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -151,8 +151,9 @@ def manifest_problems(where: str, manifest: dict, name: str, version: str, sizes
     return problems
 
 
-def open_registry(location: str | Path, max_age: float = 0.0) -> "Registry | S3Registry":
-    """The registry at a directory or at s3://BUCKET/PREFIX; boto3 is imported only for the latter."""
+def open_registry(location: str | Path, max_age: float = 1.0) -> "Registry | S3Registry":
+    """The registry at a directory or at s3://BUCKET/PREFIX (whose reads may be `max_age` seconds old); boto3 is
+    imported only for the latter."""
     if str(location).startswith("s3://"):
         from .s3_registry import S3Registry
 

@@ -114,9 +114,10 @@ class Bucket:
 
 
 class S3Registry:
-    """Same interface and guarantees as `registry.Registry`; reads see a snapshot at most `max_age` seconds old."""
+    """Same interface and guarantees as `registry.Registry`. Reads see a snapshot at most `max_age` seconds old; a
+    gateway keeps it fresh with `refresh()` in the background so its request path never waits on the store."""
 
-    def __init__(self, url: str, client: Any = None, max_age: float = 0.0):
+    def __init__(self, url: str, client: Any = None, max_age: float = 1.0):
         self.store = Bucket(url, client)
         self.root = self.store.url
         self.max_age = max_age
@@ -129,7 +130,7 @@ class S3Registry:
     # Reads, from a snapshot of the listing
 
     def refresh(self) -> dict[str, list[int]]:
-        """Lists the registry again; returns the versions of every name, as the snapshot now has them."""
+        """Lists the registry again, reading the states and any new manifests; returns every name's versions."""
         versions: dict[str, list[int]] = {}
         for key, _ in self.store.keys():
             name, _, rest = key.partition("/")
@@ -137,15 +138,22 @@ class S3Registry:
             if NAME_RE.fullmatch(name) and VERSION_RE.fullmatch(number) and fname == MANIFEST_FILE:
                 versions.setdefault(name, []).append(int(number))
         states = {name: self._read_state(name)[0] for name in versions}
+        listed = {(name, v) for name, numbers in versions.items() for v in numbers}
+        manifests = {k: m for k, m in self._manifests.items() if k in listed}
+        for name, number in listed - manifests.keys():
+            got = self.store.get(f"{name}/{number}/{MANIFEST_FILE}")
+            if got is not None:
+                manifests[(name, number)] = json.loads(got[0])
         with self._lock:
             self._snapshot = {n: sorted(v) for n, v in versions.items()}
-            self._states, self._taken = states, time.monotonic()
+            self._states, self._manifests, self._taken = states, manifests, time.monotonic()
         return self._snapshot
 
+    def _fresh(self) -> bool:
+        return time.monotonic() - self._taken <= self.max_age
+
     def _view(self) -> dict[str, list[int]]:
-        if time.monotonic() - self._taken > self.max_age:
-            return self.refresh()
-        return self._snapshot
+        return self._snapshot if self._fresh() else self.refresh()
 
     def names(self) -> list[str]:
         return sorted(self._view())
@@ -172,17 +180,16 @@ class S3Registry:
         return self.get(ref.name, version)
 
     def get(self, name: str, version: int) -> Version:
-        """The version if the snapshot has it; one not in the snapshot is looked up in the store itself."""
+        """From the snapshot while it is fresh (a gateway's request path: no store call); else from the store."""
+        check_name(name)
         check_version(version)
-        listed = self._view().get(check_name(name))
-        if listed is not None and version not in listed:
-            raise NotFound(f"adapter {name}@{version} not found")
-        manifest = self._manifests.get((name, version))
-        if manifest is None:
+        if self._fresh():
+            manifest = self._manifests.get((name, version))
+        else:
             got = self.store.get(f"{name}/{version}/{MANIFEST_FILE}")
-            if got is None:
-                raise NotFound(f"adapter {name}@{version} not found")
-            manifest = self._manifests[(name, version)] = json.loads(got[0])
+            manifest = json.loads(got[0]) if got else None
+        if manifest is None:
+            raise NotFound(f"adapter {name}@{version} not found")
         return Version(name, version, None, manifest)
 
     def tenant(self, name: str) -> str | None:

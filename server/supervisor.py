@@ -45,8 +45,17 @@ class Supervisor:
             slow[i], b.up = 0, healthy
         if was_up != b.up:
             log.warning("engine %d (%s) is %s", i, b.engine.url, "up" if b.up else "down")
-        if not b.up and b.process is None:
-            b.residency.forget_all()  # a remote engine that comes back may have restarted empty
+        if b.up:
+            await self._count_adapters(b)
+
+    async def _count_adapters(self, b: Backend) -> None:
+        """The engine's own list of what it holds: residency is the engine's (its resolver and LRU), not ours."""
+        held = await b.engine.adapters()
+        if held is None:
+            return
+        self.metrics.adapter_loads.labels(b.label).inc(len(held - b.adapters))
+        self.metrics.resident.labels(b.label).set(len(held))
+        b.adapters = frozenset(held)
 
     async def _start(self, i: int, b: Backend) -> None:
         try:
@@ -58,7 +67,6 @@ class Supervisor:
 
     async def _restart(self, i: int, b: Backend, backoff: dict[int, float]) -> None:
         b.up = False
-        b.residency.forget_all()
         log.error("engine %d exited with code %s; restarting in %.0f s", i, b.process.proc.returncode, backoff[i])
         await asyncio.to_thread(b.process.stop)  # whatever is left of its process group
         await asyncio.sleep(backoff[i])

@@ -13,38 +13,24 @@ import httpx
 
 from server.app import create_app
 from server.config import Settings
-from server.engine_client import EngineError
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Output
 
 
 class FakeEngine:
-    """An engine's adapter API in memory: records loads and unloads; `fail` names adapters it refuses.
+    """An engine's adapter API in memory: the versions it holds, and the unloads it was asked for."""
 
-    With `gated`, a load waits for `gate` after setting `loading`, so a test can act while it is in flight."""
+    def __init__(self, url: str = "http://engine", held: set[str] = frozenset()):
+        self.url, self.held = url, set(held)
+        self.unloaded: list[str] = []
 
-    def __init__(self, delay: float = 0.01, fail: set[str] = frozenset(), gated: bool = False):
-        self.delay, self.fail = delay, set(fail)
-        self.loaded: set[str] = set()
-        self.calls: list[tuple[str, str]] = []
-        self.loading, self.gate = asyncio.Event(), asyncio.Event()
-        if not gated:
-            self.gate.set()
-
-    async def load_lora(self, name: str, path: str) -> None:
-        self.calls.append(("load", name))
-        self.loading.set()
-        await self.gate.wait()
-        await asyncio.sleep(self.delay)  # the engine's latency, so concurrent callers overlap
-        if name in self.fail:
-            raise EngineError(400, "bad adapter")
-        self.loaded.add(name)
+    async def adapters(self) -> set[str]:
+        return set(self.held)
 
     async def unload_lora(self, name: str) -> None:
-        self.calls.append(("unload", name))
-        await asyncio.sleep(self.delay)
-        self.loaded.discard(name)
+        self.unloaded.append(name)
+        self.held.discard(name)
 
 
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:

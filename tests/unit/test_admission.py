@@ -2,14 +2,13 @@ import pytest
 
 from server.admission import Admission
 from server.protocol import APIError
-from server.residency import Residency
 from server.routing import Backend
 from tests.helpers import FakeEngine
 
 
 def test_admission_bounds_engine_and_tenant():
     adm = Admission(per_engine=3, per_tenant=2, retry_after=7)
-    b = Backend(FakeEngine(), Residency(FakeEngine(), 1), up=True)
+    b = Backend(FakeEngine(), up=True)
     with adm.admit("acme", b), adm.admit("acme", b):
         with pytest.raises(APIError) as e:
             with adm.admit("acme", b):

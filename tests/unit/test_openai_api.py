@@ -16,7 +16,6 @@ from server.metrics import Metrics, RequestTimer
 from server.engine_process import free_port
 from server.openai_api import _relay, _relay_body, _send
 from server.protocol import APIError, CompletionRequest
-from server.residency import Residency
 from server.routing import Backend, Router
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -85,7 +84,7 @@ async def engines():
                 await runners[-1].setup()
                 await web.TCPSite(runners[-1], "127.0.0.1", port).start()
             engine = EngineClient(f"http://127.0.0.1:{port}", session)
-            backends.append(Backend(engine, Residency(engine, 4), up=True))
+            backends.append(Backend(engine, up=True, label=str(len(backends))))
         return SimpleNamespace(router=Router(backends), admission=Admission(8, 8, 1), metrics=Metrics(10),
                                settings=SimpleNamespace(model_name="base", max_response_bytes=1 << 20))
 

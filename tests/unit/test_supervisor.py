@@ -1,6 +1,6 @@
 import asyncio
 
-from server.residency import Residency
+from server.metrics import Metrics
 from server.routing import Backend
 from server.supervisor import Supervisor
 from tests.helpers import FakeEngine
@@ -25,8 +25,8 @@ class ProbedEngine(FakeEngine):
 
 async def states(answers, tolerated=2) -> list[bool]:
     engine = ProbedEngine(answers)
-    engine.backend = backend = Backend(engine, Residency(engine, 4), up=True)
-    task = asyncio.create_task(Supervisor([backend], None, 1.0, interval=0, slow_probes_tolerated=tolerated).run())
+    engine.backend = backend = Backend(engine, up=True)
+    task = asyncio.create_task(Supervisor([backend], Metrics(10), 1.0, interval=0, slow_probes_tolerated=tolerated).run())
     await asyncio.wait_for(engine.finished.wait(), 5)
     task.cancel()
     return engine.seen[1:]

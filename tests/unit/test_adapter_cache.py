@@ -1,0 +1,92 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from server.adapter_cache import AdapterCache, CorruptAdapter
+from server.registry import Registry
+
+
+def register(reg, base, src, name="acme"):
+    return reg.register(name, src, base=base, max_rank=64)
+
+
+class Flaky:
+    """A registry whose next `broken` fetches write damaged weights (a bad disk, a proxy mangling the bytes)."""
+
+    def __init__(self, registry: Registry, broken: int = 0, die_after: int | None = None):
+        self.registry, self.broken, self.die_after, self.fetches = registry, broken, die_after, 0
+
+    def fetch(self, version, dest: Path) -> None:
+        self.fetches += 1
+        self.registry.fetch(version, dest)
+        if self.die_after is not None:
+            raise KeyboardInterrupt("killed halfway")  # the download dies with its files on disk
+        if self.broken:
+            self.broken -= 1
+            weights = dest / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+
+
+def test_an_entry_is_fetched_once_and_shared_by_versions_with_the_same_files(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    src = adapter_factory()
+    v1, v2 = register(reg, base, src), register(reg, base, src)
+    cache, source = AdapterCache(tmp_path / "cache", 1 << 30, 8), Flaky(reg)
+    assert cache.path(v1, source) == cache.path(v1, source) == cache.path(v2, source)
+    assert source.fetches == 1
+    assert (cache.path(v1, source) / "adapter_model.safetensors").read_bytes() == \
+        (v1.path / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_damaged_download_is_never_handed_out(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    v = register(reg, base, adapter_factory())
+    cache = AdapterCache(tmp_path / "cache", 1 << 30, 8)
+    with pytest.raises(CorruptAdapter):
+        cache.path(v, Flaky(reg, broken=1))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+    assert cache.path(v, Flaky(reg)).is_dir()
+
+
+def test_a_cached_file_damaged_on_disk_is_detected_and_fetched_again(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    v = register(reg, base, adapter_factory())
+    cache, source = AdapterCache(tmp_path / "cache", 1 << 30, 8), Flaky(reg)
+    entry = cache.path(v, source)
+    weights = entry / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])
+    assert cache.path(v, source) == entry and weights.read_bytes() == good and source.fetches == 2
+
+
+def test_a_download_killed_halfway_is_not_served_and_is_cleared_at_the_next_start(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    v = register(reg, base, adapter_factory())
+    cache = AdapterCache(tmp_path / "cache", 1 << 30, 8)
+    partial = tmp_path / "cache" / ".partial-left-by-a-crash"
+    partial.mkdir()  # what a SIGKILL in the middle of a download leaves
+    with pytest.raises(KeyboardInterrupt):
+        cache.path(v, Flaky(reg, die_after=0))
+    source = Flaky(reg)
+    assert cache.path(v, source).is_dir() and source.fetches == 1
+    AdapterCache(tmp_path / "cache", 1 << 30, 8)
+    assert not partial.exists()
+
+
+def test_trimming_drops_the_least_recently_used_but_never_one_in_use(tmp_path, base, adapter_factory):
+    reg = Registry(tmp_path / "reg")
+    versions = [register(reg, base, adapter_factory(seed=i), name=f"a{i}") for i in range(4)]
+    busy: set[Path] = set()
+    cache, source = AdapterCache(tmp_path / "cache", 1 << 30, 2, in_use=lambda p: p in busy), Flaky(reg)
+    entries = []
+    for i, v in enumerate(versions):
+        entries.append(cache.path(v, source))
+        os.utime(entries[-1], ns=(i * 10**9, i * 10**9))  # distinct use times, oldest first
+    busy.add(entries[0])
+    cache.trim(keep=entries[3])
+    assert sorted(p for p in (tmp_path / "cache").iterdir()) == sorted([entries[0], entries[3]])
+    busy.clear()
+    size = sum(f.stat().st_size for f in entries[3].iterdir())
+    AdapterCache(tmp_path / "cache", size, 8).trim(keep=entries[3])
+    assert [p for p in (tmp_path / "cache").iterdir()] == [entries[3]]
