@@ -143,3 +143,47 @@ def _free_port_below(limit: int) -> int:
         port = free_port()
         if port < limit:
             return port
+
+
+class Engine:
+    """`loraplex engine` (vLLM with loraplex's resolver) on a port of its own, in its own process group; `ready()`
+    waits for its /health."""
+
+    def __init__(self, env: dict[str, str], log: Path, host: str = "127.0.0.1"):
+        self.port = free_port()
+        self.url = f"http://{host}:{self.port}"
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([LOADER, "engine", "--host", host, "--port", str(self.port)],
+                                         env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def ready(self, timeout: float = 300) -> "Engine":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"engine exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"engine not healthy after {timeout:.0f} s: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group: the API server, EngineCore and workers (a lone API server kill leaves them)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()

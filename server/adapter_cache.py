@@ -56,23 +56,21 @@ class AdapterCache:
         self.root, self.max_bytes, self.max_entries, self.in_use = Path(root), max_bytes, max_entries, in_use
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.fetches = 0  # downloads from the registry, corrupt ones included
         for leftover in self.root.glob(".partial-*"):  # downloads cut short by a crash
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def path(self, version: Version, source: Source) -> Path:
-        """The local directory of `version`, downloaded from `source` unless a good copy is here already."""
+    def path(self, version: Version, source: Source) -> tuple[Path, bool]:
+        """The local directory of `version`, and whether it was downloaded from `source` (no good copy was here)."""
         entry = self.root / digest(version.manifest)
         with self._lock:
             if entry.is_dir():
                 if _matches(entry, version.manifest):
                     os.utime(entry)  # most recently used
-                    return entry
+                    return entry, False
                 log.warning("cached %s at %s does not match its manifest: fetching it again", version.key, entry)
                 self._remove(entry)
         partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.root))
         try:
-            self.fetches += 1
             source.fetch(version, partial)
             if not _matches(partial, version.manifest):
                 raise CorruptAdapter(f"{version.key}: downloaded files do not match the manifest's sha256")
@@ -83,7 +81,7 @@ class AdapterCache:
                 os.utime(entry)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-        return entry
+        return entry, True
 
     def _remove(self, entry: Path) -> None:
         """Out of sight by one rename first, so no reader sees a half-removed entry."""

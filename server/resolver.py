@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
@@ -20,6 +21,10 @@ from .config import Settings
 from .registry import InvalidReference, NotFound, open_registry, parse_ref
 
 log = logging.getLogger("loraplex.resolver")
+# On the engine's own /metrics (vLLM serves prometheus_client's default registry), which the gateway proxies.
+RESOLVES = Counter("loraplex_engine_adapter_resolves", "Adapter versions vLLM asked loraplex's resolver for, by "
+                   "result: cached (a verified local copy), fetched (downloaded from the registry), missing.",
+                   ["result"])
 SERVING_MODELS = "vllm.entrypoints.openai.models.serving"
 
 
@@ -41,9 +46,11 @@ class RegistryResolver(LoRAResolver):
             return None
         try:
             version = await asyncio.to_thread(self.registry.get, ref.name, ref.version)
-            path = await asyncio.to_thread(self.cache.path, version, self.registry)
+            path, fetched = await asyncio.to_thread(self.cache.path, version, self.registry)
         except NotFound:
+            RESOLVES.labels("missing").inc()
             return None
+        RESOLVES.labels("fetched" if fetched else "cached").inc()
         self.cache.trim(keep=path)
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))  # vLLM renumbers it
 

@@ -2,7 +2,9 @@
 end-to-end tests share. The stand-in engine over real HTTP is loadtest.stub_engine.StubEngine."""
 
 import asyncio
+import io
 import json
+import tarfile
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -112,6 +114,26 @@ def streamed_text(client: httpx.Client, path: str, body: dict) -> str:
             parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
     assert done, "stream did not end with data: [DONE]"
     return "".join(parts)
+
+
+def archive(src: Path, extra: dict[str, bytes] | None = None, skip: tuple = ()) -> bytes:
+    """An adapter directory as a .tar.gz upload, with `extra` members added and the files in `skip` left out."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            if f not in skip:
+                tar.add(src / f, arcname=f)
+        for name, content in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+def upload(admin: httpx.Client, name: str, data: bytes, tenant: str = "acme", **fields: str) -> httpx.Response:
+    """POST /admin/adapters of an archive."""
+    return admin.post("/admin/adapters", data={"name": name, "tenant": tenant, **fields},
+                      files={"file": (f"{name}.tar.gz", data)})
 
 
 def series(text: str, name: str, **labels: str) -> list[float]:

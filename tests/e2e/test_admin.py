@@ -1,6 +1,4 @@
-import io
 import json
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -12,26 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from loadtest.adapters import AdapterFactory
 from tests.e2e.conftest import ENGINE_AUTH
-from tests.helpers import wait_until
-from tests.helpers import MAX_TOKENS, PROMPTS, complete, same
-
-
-def archive(src: Path, extra: dict[str, bytes] | None = None, skip: tuple = ()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            if f not in skip:
-                tar.add(src / f, arcname=f)
-        for name, content in (extra or {}).items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    return buf.getvalue()
-
-
-def upload(admin, name, data: bytes, tenant="acme", **fields):
-    return admin.post("/admin/adapters", data={"name": name, "tenant": tenant, **fields},
-                      files={"file": (f"{name}.tar.gz", data)})
+from tests.helpers import MAX_TOKENS, PROMPTS, archive, complete, same, upload, wait_until
 
 
 def listing(admin) -> list:

@@ -33,9 +33,10 @@ def test_an_entry_is_fetched_once_and_shared_by_versions_with_the_same_files(tmp
     src = adapter_factory()
     v1, v2 = register(reg, base, src), register(reg, base, src)
     cache, source = AdapterCache(tmp_path / "cache", 1 << 30, 8), Flaky(reg)
-    assert cache.path(v1, source) == cache.path(v1, source) == cache.path(v2, source)
+    entry, fetched = cache.path(v1, source)
+    assert fetched and cache.path(v1, source) == cache.path(v2, source) == (entry, False)
     assert source.fetches == 1
-    assert (cache.path(v1, source) / "adapter_model.safetensors").read_bytes() == \
+    assert (entry / "adapter_model.safetensors").read_bytes() == \
         (v1.path / "adapter_model.safetensors").read_bytes()
 
 
@@ -46,18 +47,18 @@ def test_a_damaged_download_is_never_handed_out(tmp_path, base, adapter_factory)
     with pytest.raises(CorruptAdapter):
         cache.path(v, Flaky(reg, broken=1))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []
-    assert cache.path(v, Flaky(reg)).is_dir()
+    assert cache.path(v, Flaky(reg))[0].is_dir()
 
 
 def test_a_cached_file_damaged_on_disk_is_detected_and_fetched_again(tmp_path, base, adapter_factory):
     reg = Registry(tmp_path / "reg")
     v = register(reg, base, adapter_factory())
     cache, source = AdapterCache(tmp_path / "cache", 1 << 30, 8), Flaky(reg)
-    entry = cache.path(v, source)
+    entry, _ = cache.path(v, source)
     weights = entry / "adapter_model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[:100])
-    assert cache.path(v, source) == entry and weights.read_bytes() == good and source.fetches == 2
+    assert cache.path(v, source) == (entry, True) and weights.read_bytes() == good and source.fetches == 2
 
 
 def test_a_download_killed_halfway_is_not_served_and_is_cleared_at_the_next_start(tmp_path, base, adapter_factory):
@@ -69,7 +70,7 @@ def test_a_download_killed_halfway_is_not_served_and_is_cleared_at_the_next_star
     with pytest.raises(KeyboardInterrupt):
         cache.path(v, Flaky(reg, die_after=0))
     source = Flaky(reg)
-    assert cache.path(v, source).is_dir() and source.fetches == 1
+    assert cache.path(v, source)[0].is_dir() and source.fetches == 1
     AdapterCache(tmp_path / "cache", 1 << 30, 8)
     assert not partial.exists()
 
@@ -81,7 +82,7 @@ def test_trimming_drops_the_least_recently_used_but_never_one_in_use(tmp_path, b
     cache, source = AdapterCache(tmp_path / "cache", 1 << 30, 2, in_use=lambda p: p in busy), Flaky(reg)
     entries = []
     for i, v in enumerate(versions):
-        entries.append(cache.path(v, source))
+        entries.append(cache.path(v, source)[0])
         os.utime(entries[-1], ns=(i * 10**9, i * 10**9))  # distinct use times, oldest first
     busy.add(entries[0])
     cache.trim(keep=entries[3])

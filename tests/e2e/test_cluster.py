@@ -1,0 +1,185 @@
+"""Serving across hosts, on this one machine: SeaweedFS as the registry, two `loraplex engine` processes each with
+its own adapter cache, two `loraplex serve` replicas with their own state directories. Nothing is shared between
+them but the object store and the engines' URLs."""
+
+import hashlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loadtest.adapters import AdapterFactory
+from loadtest.servers import Engine, Gateway
+from server.adapter_cache import digest
+from tests.conftest import BUCKET
+from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN, ENGINE_AUTH
+from tests.helpers import MAX_TOKENS, PROMPTS, archive, complete, same, upload, wait_until
+
+
+@dataclass
+class Cluster:
+    engines: list[Engine]
+    gateways: list[Gateway]
+    caches: list[Path]
+    sources: Path
+    factory: AdapterFactory
+
+    def admin(self, i: int) -> httpx.Client:
+        return httpx.Client(base_url=self.gateways[i].url, headers=ADMIN_AUTH, timeout=300)
+
+    def client(self, i: int) -> httpx.Client:
+        return httpx.Client(base_url=self.gateways[i].url, timeout=300)
+
+    def adapter(self, name: str, seed: int) -> Path:
+        return self.factory.write(self.sources / f"{name}-{seed}", seed)
+
+
+@pytest.fixture(scope="module")
+def cluster(object_store, base_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    common = {"LORAPLEX_BASE_MODEL": str(base_model), "LORAPLEX_REGISTRY": f"s3://{BUCKET}/cluster",
+              "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN, "LORAPLEX_MAX_LORA_RANK": "16", "LORAPLEX_MAX_LORAS": "2",
+              "LORAPLEX_REGISTRY_POLL": "0.25", **object_store.env}
+    caches = [root / f"cache{i}" for i in range(2)]
+    engines = [Engine({**common, "LORAPLEX_ADAPTER_CACHE": str(cache), "LORAPLEX_STATE_DIR": str(root / "none")},
+                      root / f"engine{i}.log") for i, cache in enumerate(caches)]
+    gateways = []
+    try:
+        for engine in engines:
+            engine.ready()
+        urls = ",".join(e.url for e in engines)
+        for i in range(2):
+            gateways.append(Gateway({**common, "LORAPLEX_ENGINE_URLS": urls, "LORAPLEX_STATE_DIR": str(root / f"gw{i}"),
+                                     "LORAPLEX_PORT": ""}, root / f"gateway{i}.log", timeout=120))
+        yield Cluster(engines, gateways, caches, root / "src", AdapterFactory(base_model, 8, ["q_proj", "v_proj"]))
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        for engine in engines:
+            engine.stop()
+
+
+def served_by_b(cluster: Cluster, model: str) -> bool:
+    with cluster.client(1) as b:
+        return b.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_an_adapter_uploaded_through_one_gateway_is_served_through_the_other_as_peft_computes(cluster, reference):
+    src = cluster.adapter("shared", 11)
+    with cluster.admin(0) as a:
+        r = upload(a, "shared", archive(src))
+    assert r.status_code == 201, r.text
+    key = f"shared@{r.json()['version']}"
+    assert wait_until(lambda: served_by_b(cluster, key), 2)
+    with cluster.client(1) as b:
+        for prompt in PROMPTS[:2]:
+            expected = reference.complete(src, prompt, MAX_TOKENS)
+            assert same(complete(b, prompt, model=key)["choices"][0], expected)
+            for engine in cluster.engines:  # each engine fetches it from the store on its own
+                with httpx.Client(base_url=engine.url, headers=ENGINE_AUTH, timeout=300) as e:
+                    assert same(complete(e, prompt, model=key)["choices"][0], expected)
+    assert all(any(cache.iterdir()) for cache in cluster.caches)
+
+
+def test_a_delete_through_one_gateway_is_refused_by_the_other_within_a_second(cluster):
+    with cluster.admin(0) as a:
+        version = upload(a, "doomed", archive(cluster.adapter("doomed", 3))).json()["version"]
+        assert wait_until(lambda: served_by_b(cluster, f"doomed@{version}"), 2)
+        assert a.delete(f"/admin/adapters/doomed/versions/{version}").status_code == 200
+        deleted = time.monotonic()
+    with cluster.client(1) as b:
+        while True:
+            r = b.post("/v1/completions", json={"model": f"doomed@{version}", "prompt": "x", "max_tokens": 1})
+            if r.status_code == 404:
+                break
+            assert time.monotonic() - deleted < 1.0, "gateway B still served a version deleted through A"
+            time.sleep(0.02)
+    print(f"deleted through A, refused by B after {time.monotonic() - deleted:.2f} s")
+    assert r.json()["error"]["code"] == "adapter_not_found"
+
+
+def test_concurrent_uploads_of_one_name_through_both_gateways_get_distinct_versions(cluster):
+    data = archive(cluster.adapter("busy", 5))
+
+    def one(i: int) -> int:
+        with cluster.admin(i % 2) as admin:
+            r = upload(admin, "busy", data)
+            assert r.status_code == 201, r.text
+            return r.json()["version"]
+
+    with ThreadPoolExecutor(16) as pool:
+        versions = list(pool.map(one, range(16)))
+    assert sorted(versions) == list(range(1, 17))
+    with cluster.admin(1) as b:
+        assert wait_until(lambda: b.get("/admin/adapters/busy").json()["versions"] == list(range(1, 17)), 2)
+
+
+def test_a_corrupted_cache_file_is_detected_and_fetched_again(cluster):
+    with cluster.admin(0) as a:
+        r = upload(a, "fragile", archive(cluster.adapter("fragile", 9)))
+    manifest = r.json()
+    key = f"fragile@{manifest['version']}"
+    weights = cluster.caches[0] / digest(manifest) / "adapter_model.safetensors"
+    with httpx.Client(base_url=cluster.engines[0].url, headers=ENGINE_AUTH, timeout=300) as engine:
+        before = complete(engine, PROMPTS[0], model=key)["choices"][0]["token_ids"]
+        good = weights.read_bytes()
+        weights.write_bytes(good[:-64] + bytes(64))  # damaged on disk while the engine runs
+        # The engine holds the adapter; once dropped (as LRU or a delete would), it resolves it again.
+        assert engine.post("/v1/unload_lora_adapter", json={"lora_name": key}).status_code == 200
+        assert complete(engine, PROMPTS[0], model=key)["choices"][0]["token_ids"] == before
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == manifest["files"]["adapter_model.safetensors"]["sha256"]
+    assert "does not match its manifest" in cluster.engines[0].log.read_text()
+
+
+def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster):
+    """Last in the module: it leaves one engine."""
+    names = [f"spread{i}" for i in range(6)]
+    with cluster.admin(0) as a:
+        for i, name in enumerate(names):
+            assert upload(a, name, archive(cluster.adapter(name, 20 + i))).status_code == 201
+    with cluster.client(0) as gw:
+        assert wait_until(lambda: all(served_by_b(cluster, n) for n in names), 5)
+        homes = {n: _engine_of(gw, cluster, n) for n in names}
+    assert set(homes.values()) == {0, 1}, f"the adapters should spread over both engines: {homes}"
+    started, results = threading.Barrier(len(names) + 1), {}
+
+    def stream(name: str) -> None:
+        body = {"model": name, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        done = False
+        try:
+            with cluster.client(0) as gw, gw.stream("POST", "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                next(line for line in lines if line.startswith("data: "))
+                started.wait()
+                done = any(line == "data: [DONE]" for line in lines)
+        except httpx.HTTPError:
+            pass
+        results[name] = done
+
+    threads = [threading.Thread(target=stream, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    started.wait(timeout=120)
+    cluster.engines[0].kill()
+    for t in threads:
+        t.join(timeout=300)
+    assert {n for n, ok in results.items() if not ok} == {n for n in names if homes[n] == 0}
+    with cluster.client(0) as a, cluster.client(1) as b:
+        for gw in (a, b):
+            for name in names:  # the killed engine's adapters move to the one left, unasked
+                assert complete(gw, PROMPTS[1], model=name)["choices"][0]["token_ids"]
+
+
+def _engine_of(gw: httpx.Client, cluster: Cluster, name: str) -> int:
+    """Which engine holds `name` after a request to it through the gateway."""
+    complete(gw, "x", max_tokens=1, model=name)
+    for i, engine in enumerate(cluster.engines):
+        models = httpx.get(f"{engine.url}/v1/models", headers=ENGINE_AUTH).json()["data"]
+        if any(m["id"].startswith(f"{name}@") for m in models):
+            return i
+    raise AssertionError(f"no engine holds {name}")
