@@ -18,7 +18,8 @@ from typing import Protocol
 from .registry import Version, sha256_file
 from .validation import CONFIG_FILE, WEIGHTS_FILE
 
-log = logging.getLogger("loraplex.adapter_cache")
+# Under vLLM's logger: the cache runs in the engine, whose handlers are vLLM's.
+log = logging.getLogger("vllm.loraplex.adapter_cache")
 FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 

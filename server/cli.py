@@ -120,7 +120,7 @@ def engine(
              "gateway can use this engine")
     base = str(Path(settings.base_model).resolve()) if Path(settings.base_model).exists() else settings.base_model
     command = engine_command(settings, base, port, host)
-    os.execvpe(command[0], command, engine_environment(settings, key))
+    os.execvpe(command[0], command, engine_environment(settings, key, port))
 
 
 @adapters_app.command("add")

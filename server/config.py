@@ -35,9 +35,9 @@ class Settings(BaseSettings):
         0.5, gt=0, description="Seconds between a gateway's readings of an object-store registry: how soon a change "
                                "made through another gateway or the CLI takes effect on this one."
     )
-    adapter_cache: Path = Field(
-        Path(".loraplex/adapter-cache"), description="An engine's local copies of the adapters it fetched from the "
-                                                     "registry (one directory per engine)."
+    adapter_cache: Path | None = Field(
+        None, description="An engine's local copies of the adapters it fetched from the registry; one directory per "
+                          "engine, by default STATE_DIR/adapter-cache/PORT."
     )
     adapter_cache_bytes: int = Field(
         8 << 30, gt=0, description="Bound of ADAPTER_CACHE in bytes; adapters no running request uses go first."

@@ -59,7 +59,7 @@ def engine_command(settings: Settings, base_path: str, port: int, host: str = "1
     return cmd + shlex.split(settings.engine_args)
 
 
-def engine_environment(settings: Settings, api_key: str) -> dict[str, str]:
+def engine_environment(settings: Settings, api_key: str, port: int) -> dict[str, str]:
     """The engine's environment: its credential, and what its loraplex resolver reads (where the registry is and
     where its cache goes, as absolute paths: the engine may run in another directory)."""
     env = dict(os.environ)
@@ -70,7 +70,8 @@ def engine_environment(settings: Settings, api_key: str) -> dict[str, str]:
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # so that vLLM asks its resolvers for adapters it lacks
     local = not settings.registry.startswith("s3://")
     env["LORAPLEX_REGISTRY"] = str(Path(settings.registry).resolve()) if local else settings.registry
-    env["LORAPLEX_ADAPTER_CACHE"] = str(settings.adapter_cache.resolve())
+    cache = settings.adapter_cache or settings.state_dir / "adapter-cache" / str(port)
+    env["LORAPLEX_ADAPTER_CACHE"] = str(cache.resolve())
     return env
 
 
@@ -85,7 +86,7 @@ class EngineProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = engine_environment(self.settings, self.api_key)
+        env = engine_environment(self.settings, self.api_key, self.port)
         log.info("starting engine: %s", shlex.join(self.command))
         # A new session makes the API server, EngineCore and workers one process group to signal together.
         self.proc = subprocess.Popen(self.command, env=env, start_new_session=True)

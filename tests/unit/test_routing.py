@@ -35,21 +35,31 @@ def test_an_engine_joining_or_leaving_moves_only_its_share():
     assert [k for k in KEYS if before[k] != left[k]] == [k for k in KEYS if before[k] == "http://engine-3:8000"]
 
 
-def test_a_hot_version_spills_to_the_next_engines_in_its_ranking_under_the_load_bound():
-    router = Router(backends(4), load_factor=1.25)
-    hot = "hot@1"
-    ranking = sorted(router.backends, key=lambda b: -rank(hot, b.engine.url))
-    chosen = []
-    for _ in range(40):  # requests that stay in flight: each choice sees the load of the ones before
-        b = router.choose(hot)
+def test_a_hot_version_spreads_over_more_engines_as_its_traffic_grows():
+    """Requests that stay in flight, so each choice sees the load of the ones before: a version with most of the
+    traffic uses several engines in its ranking order; one with a small share stays on its first."""
+    router = Router(backends(8))
+    ranking = {k: sorted(router.backends, key=lambda b: -rank(k, b.engine.url)) for k in ("hot@1", "cold@1")}
+    used = {"hot@1": set(), "cold@1": set()}
+    for i in range(400):
+        key = "cold@1" if i % 40 == 0 else "hot@1"  # 2.5% of the traffic: less than a quarter of one engine's
+        b = router.choose(key)
         b.in_flight += 1
-        chosen.append(b)
-    loads = [b.in_flight for b in router.backends]
-    assert max(loads) <= 1.25 * (sum(loads) / len(loads)) + 1
-    assert chosen[0] is ranking[0] and chosen.count(ranking[0]) == max(loads)
+        used[key].add(b)
+    assert used["cold@1"] == {ranking["cold@1"][0]}
+    assert len(used["hot@1"]) >= 4 and set(ranking["hot@1"][:len(used["hot@1"])]) == used["hot@1"]
+
+
+def test_an_engine_past_the_load_bound_passes_requests_down_the_ranking():
+    router = Router(backends(4), load_factor=2.0)
+    key = "tail@1"
+    first, second = sorted(router.backends, key=lambda b: -rank(key, b.engine.url))[:2]
     for b in router.backends:
-        b.in_flight = 0
-    assert router.choose(hot) is ranking[0]  # back home once the load is gone
+        b.in_flight = 10
+    first.in_flight = 30  # past twice the mean of the others
+    assert router.choose(key) is second
+    first.in_flight = 10
+    assert router.choose(key) is first
 
 
 def test_the_base_model_goes_to_the_least_busy_engine_and_down_engines_to_none():
