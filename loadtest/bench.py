@@ -6,7 +6,8 @@
 3. adapter-count sweep (1, 8, 64, 512, Zipf popularity): loraplex's defaults and a hand-set --max-loras, each
    point on both engines back to back;
 4. merged-weight ceiling: one adapter through LoRA against the same adapter merged into the base;
-5. cold start: registration (CLI and admin upload) to first token.
+5. cold start: registration (CLI and admin upload) to first token;
+6. routing quality over simulated engines at a scale this machine cannot run (loadtest/routing_bench.py).
 
     python -m loadtest.bench            # everything, about 27 minutes on 2 cores
     python -m loadtest.bench --quick    # the overhead pair and one sweep point, a few minutes
@@ -22,11 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import boto3
 import httpx
 import psutil
 
+from loadtest import routing_bench
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
-from loadtest.servers import LOADER, Gateway, wait_ready
+from loadtest.servers import LOADER, Gateway, ObjectStore, wait_ready
 from server import basemodel
 from server.archive import pack_archive
 from server.auth import engine_key
@@ -38,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
 ADMIN = "bench-admin-token"
 ENGINE_KEY = engine_key(Settings(), ADMIN)  # what its gateways derive, or LORAPLEX_ENGINE_API_KEY
-PARTS = ["overhead", "sweep", "cold", "naive", "lora-ops", "merged", "tuned"]
+PARTS = ["overhead", "sweep", "cold", "s3-cold", "naive", "lora-ops", "merged", "tuned", "routing"]
 DEFAULTS = "defaults (max-loras 32, max-lora-rank 16)"
 
 
@@ -122,13 +125,15 @@ class Bench:
 
     @staticmethod
     def counters(gw: Gateway) -> dict:
-        text = httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        """Adapter loads of the gateway's engine, from its resolver's counts: every load asks it; a fetch is a load
+        whose files were not in the engine's cache."""
+        text = httpx.get(f"{gw.url}/metrics/engine/0", headers={"Authorization": f"Bearer {ADMIN}"}).text
 
-        def total(metric):
-            return sum(float(v) for v in re.findall(rf"^{metric}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+        def total(result):
+            return sum(float(v) for v in re.findall(
+                rf'^loraplex_engine_adapter_resolves_total{{result="{result}"}} (\S+)$', text, re.M))
 
-        return {"loads": total("loraplex_adapter_load_duration_seconds_count"),
-                "evictions": total("loraplex_adapter_unloads_total")}
+        return {"loads": total("cached") + total("fetched"), "fetches": total("fetched")}
 
     def setup(self) -> None:
         self.base = Path(self.args.base_model).resolve()
@@ -296,9 +301,45 @@ class Bench:
         self.results["cold_start"] = {"runs": rows, "median": summary}
         self.save()
 
+    def s3_cold_start(self) -> None:
+        """A version uploaded into an object-store registry, never seen by the engine, to its first token: the
+        engine's resolver fetches it from the store, verifies it and loads it."""
+        print("cold start from S3", flush=True)
+        store = ObjectStore(self.work / "s3", self.work / "weed.log")
+        try:
+            boto3.client("s3", endpoint_url=store.endpoint, region_name=store.env["AWS_REGION"],
+                         aws_access_key_id=store.env["AWS_ACCESS_KEY_ID"],
+                         aws_secret_access_key=store.env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket="bench")
+            gw = self.gateway("s3", LORAPLEX_REGISTRY="s3://bench/adapters", **store.env)
+            try:
+                rows = []
+                for i in range(self.args.cold_repeats):
+                    src = self.factory.write(self.work / "src" / f"s3-cold-{i}", seed=200_000 + i)
+                    r = httpx.post(f"{gw.url}/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"},
+                                   data={"name": f"s3-cold-{i}", "tenant": "bench"},
+                                   files={"file": ("a.tgz", pack_archive(src))}, timeout=60)
+                    assert r.status_code == 201, r.text
+                    rows.append(self.first_token(gw, f"s3-cold-{i}"))
+                self.results["s3_cold_start"] = {"first_token_s": rows, "median_s": statistics.median(rows)}
+                self.save()
+            finally:
+                gw.stop()
+        finally:
+            store.stop()
+
+    def routing(self) -> None:
+        print("routing over simulated engines", flush=True)
+        args = routing_bench.parse([])
+        self.results["routing"] = {"args": vars(args), "rows": routing_bench.run(args)}
+        self.save()
+
     def run(self) -> None:
         self.setup()
         parts = self.args.only
+        if "routing" in parts:
+            self.routing()
+        if "s3-cold" in parts:
+            self.s3_cold_start()
         gw = self.gateway("defaults")
         try:
             for part, fn in (("overhead", self.overhead), ("sweep", self.sweeps), ("cold", self.cold_start),

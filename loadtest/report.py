@@ -1,5 +1,6 @@
 """Writes the benchmark results as Markdown tables into BENCHMARKS.md, between its `bench:` markers."""
 
+import argparse
 import re
 from pathlib import Path
 
@@ -65,12 +66,12 @@ def _sweep(results: dict) -> list[str]:
     if "sweep" not in results:
         return []
     lines = ["### Adapter-count sweep (Zipf s=1)", "",
-             "| residency | adapters | output tok/s | E2E p99 ms | errors | adapter loads | evictions |",
+             "| residency | adapters | output tok/s | E2E p99 ms | errors | adapter loads | fetched from the registry |",
              "|---|---|---|---|---|---|---|"]
     for label, points in results["sweep"].items():
         for n, p in points.items():
             lines.append(f"| {label} | {n} | {p['output_tokens_per_s']:.1f} | {p['e2e_p99_ms']:.0f} "
-                         f"| {p['errors']} | {p['loads']:.0f} | {p['evictions']:.0f} |")
+                         f"| {p['errors']} | {p['loads']:.0f} | {p.get('fetches', 0):.0f} |")
     d = next((v for k, v in results["sweep"].items() if k.startswith("defaults")), {})
     if "1" in d and "512" in d:
         lines += ["", f"512 adapters / 1 adapter with the defaults: **"
@@ -113,7 +114,28 @@ def _front_end_cpu(results: dict) -> list[str]:
     return lines + ["", "Target: the gateway at most half of vLLM's front end (ratio ≤ 0.5).", ""]
 
 
-SECTIONS = (_overhead, _front_end_cpu, _sequential, _naive, _lora_ops, _sweep, _merged, _cold_start)
+def _s3_cold_start(results: dict) -> list[str]:
+    if "s3_cold_start" not in results:
+        return []
+    r = results["s3_cold_start"]
+    runs = ", ".join(f"{s:.3f}" for s in r["first_token_s"])
+    return ["### Cold start from object storage (rank 8, all projections, SeaweedFS)", "",
+            f"A version uploaded into `s3://` and never seen by the engine, to its first streamed token: median "
+            f"**{r['median_s']:.3f} s** (runs: {runs}; target < 1 s).", ""]
+
+
+def _routing(results: dict) -> list[str]:
+    if "routing" not in results:
+        return []
+    from loadtest.routing_bench import table
+
+    args = argparse.Namespace(**results["routing"]["args"])
+    return ["### Routing over simulated engines (`loadtest/routing_bench.py`)", "", table(results["routing"]["rows"],
+                                                                                         args), ""]
+
+
+SECTIONS = (_overhead, _front_end_cpu, _sequential, _naive, _lora_ops, _sweep, _merged, _cold_start, _s3_cold_start,
+            _routing)
 
 
 def tables(results: dict) -> str:

@@ -7,7 +7,7 @@ Each engine: `slots` adapters in the running batch (vLLM --max-loras), an LRU CP
 advances each running request by one token and costs more with more distinct adapters in the batch. Arrivals are
 open-loop (Poisson) over adapters drawn by Zipf popularity. Time is simulated, so one run takes seconds.
 
-    python -m loadtest.routing_bench [--engines 8] [--adapters 5000] [--seconds 300] [--out results.json]
+    python -m loadtest.routing_bench [--engines 8] [--adapters 5000] [--seconds 900] [--out results.json]
 """
 
 import argparse
@@ -266,9 +266,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", type=int, default=8)
     p.add_argument("--adapters", type=int, default=5000)
     p.add_argument("--zipf", type=float, default=1.0)
-    p.add_argument("--rate", type=float, default=200.0, help="requests per second, all engines together")
-    p.add_argument("--seconds", type=float, default=300.0)
-    p.add_argument("--warmup", type=float, default=60.0)
+    p.add_argument("--rate", type=float, default=120.0,
+                   help="requests per second, all engines together (about 60%% of what the modelled engines serve)")
+    p.add_argument("--seconds", type=float, default=900.0)
+    p.add_argument("--warmup", type=float, default=300.0, help="seconds left out while the caches fill")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)

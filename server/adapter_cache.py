@@ -90,12 +90,12 @@ class AdapterCache:
         os.rename(entry, aside)
         shutil.rmtree(aside, ignore_errors=True)
 
-    def trim(self, keep: Path) -> None:
+    def trim(self, keep: Path | None = None) -> None:
         """Evicts least recently used entries, never `keep` or one in use, until the cache is within its bound."""
         with self._lock:
             self._trim(keep)
 
-    def _trim(self, keep: Path) -> None:
+    def _trim(self, keep: Path | None) -> None:
         entries = sorted((p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                          key=lambda p: p.stat().st_mtime_ns)
         total, count = sum(_size(p) for p in entries), len(entries)

@@ -6,6 +6,7 @@ import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import aiohttp
 from fastapi import FastAPI, Request
@@ -17,8 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import admin_api, basemodel, openai_api, ops_api
 from .admission import Admission
 from .audit import AuditLog
-from .auth import Credentials, KeyStore, admin_token, engine_key
+from .auth import Credentials, admin_token, engine_key, key_store
 from .config import Settings
+from .discovery import Discovery
 from .engine_client import EngineClient
 from .engine_process import EngineProcess
 from .gateway import Gateway
@@ -83,17 +85,29 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     metrics = Metrics(settings.metrics_max_adapters)
     admin = admin_token(settings)
     key = engine_key(settings, admin)
-    spawned = [] if settings.engine_urls else [EngineProcess(settings, str(base.path), key)]
+    remote = settings.engine_urls or settings.engine_dns
+    spawned = [] if remote else [EngineProcess(settings, str(base.path), key)]
     engines = [(EngineClient(p.url, session, settings.request_timeout, key), p) for p in spawned] or [
         (EngineClient(url, session, settings.request_timeout, key), None) for url in settings.engine_urls]
-    backends = [Backend(e, p, label=str(i)) for i, (e, p) in enumerate(engines)]
+    backends = [Backend(e, p, label=str(i)) for i, (e, p) in enumerate(engines)]  # none yet when found by DNS
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     # Reads come from the snapshot that Gateway.follow_registry renews, never from the store on the request path.
     registry = open_registry(settings.registry, max_age=math.inf)
     return Gateway(settings, registry, base, session, Router(backends),
-                   KeyStore(settings.state_dir, settings.auth), AuditLog(settings.state_dir), metrics,
+                   key_store(settings, follow=True), AuditLog(settings.state_dir, settings.registry), metrics,
                    Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
                              settings.retry_after), admin, metrics_token, asyncio.Semaphore(settings.archive_workers))
+
+
+def _discovery(gw: Gateway) -> Discovery:
+    """Engines behind ENGINE_DNS, each labelled in metrics by its address."""
+    s = gw.settings
+
+    def backend(url: str) -> Backend:
+        return Backend(EngineClient(url, gw.session, s.request_timeout, engine_key(s, gw.admin_token)),
+                       label=urlsplit(url).netloc)
+
+    return Discovery(s.engine_dns, gw.router, backend, s.engine_dns_interval)
 
 
 def _log_unexpected_end(task: asyncio.Task) -> None:
@@ -119,9 +133,12 @@ def create_app(settings: Settings) -> FastAPI:
         supervisor.add_done_callback(_log_unexpected_end)
         follower = asyncio.create_task(gw.follow_registry(await asyncio.to_thread(gw.registry.refresh)))
         follower.add_done_callback(_log_unexpected_end)
+        discovery = asyncio.create_task(_discovery(gw).run()) if settings.engine_dns else None
         try:
             yield
         finally:
+            if discovery:
+                discovery.cancel()
             follower.cancel()
             supervisor.cancel()
             await gw.session.close()

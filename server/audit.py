@@ -1,29 +1,48 @@
-"""The audit log: one JSON line per admin action or refusal, appended to STATE_DIR/audit.log."""
+"""The audit log: one JSON line per admin action or refusal. In STATE_DIR/audit.log beside a directory registry;
+beside an object-store registry, one stream of objects per gateway (or CLI) process, merged by time when read."""
 
 import asyncio
 import json
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .documents import SHARED
+
+AUDIT_PREFIX = f"{SHARED}/audit/"
+
 
 class AuditLog:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, registry: str = ""):
         self.path = Path(state_dir) / "audit.log"
-        # One writer thread of its own: an fsync per line must neither block the event loop nor take the default
-        # pool's threads when refusals arrive in a flood.
+        self.store = None
+        if registry.startswith("s3://"):
+            from .s3_registry import Bucket
+
+            self.store = Bucket(registry)
+        # Each process its own stream: writers never contend, and no object is ever rewritten.
+        self.stream = f"{AUDIT_PREFIX}{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}/"
+        # One writer thread of its own: an fsync (or a put) per line must neither block the event loop nor take the
+        # default pool's threads when refusals arrive in a flood.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        self._sequence = 0
 
     def record(self, actor: str, action: str, adapter: str | None = None, version: int | None = None,
                sha256: str | None = None, result: str = "ok", **detail) -> None:
         entry = {"time": time.time(), "actor": actor, "action": action, "adapter": adapter, "version": version,
                  "sha256": sha256, "result": result[:1000], **detail}
+        line = json.dumps(entry, sort_keys=True) + "\n"
+        if self.store is not None:
+            self._sequence += 1
+            self.store.put(f"{self.stream}{time.time_ns():020d}-{self._sequence:08d}.json", line.encode())
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One write() of one line on an O_APPEND descriptor: concurrent writers never interleave within a line.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+            os.write(fd, line.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -33,3 +52,17 @@ class AuditLog:
         """`record`, from the event loop."""
         await asyncio.get_running_loop().run_in_executor(
             self._writer, lambda: self.record(actor, action, adapter, version, sha256, result, **detail))
+
+    def entries(self) -> list[dict]:
+        """Every entry of every stream, oldest first."""
+        if self.store is None:
+            try:
+                return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            except FileNotFoundError:
+                return []
+        entries = []
+        for key, _ in self.store.keys(AUDIT_PREFIX):
+            got = self.store.get(key)
+            if got is not None:
+                entries.append(json.loads(got[0]))
+        return sorted(entries, key=lambda e: e["time"])

@@ -1,4 +1,4 @@
-"""Who is calling: the admin token, and tenant API keys (stored hashed, re-read when the file changes)."""
+"""Who is calling: the admin token, and tenant API keys (stored hashed, shared by every gateway replica)."""
 
 import hashlib
 import hmac
@@ -6,15 +6,12 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 from fastapi import Request
-from filelock import FileLock
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .atomic import write_json
 from .config import Settings
+from .documents import Document, shared_document
 from .protocol import APIError, error_response
 
 log = logging.getLogger("loraplex.auth")
@@ -59,72 +56,66 @@ def engine_key(settings: Settings, admin: str) -> str:
 
 
 class KeyStore:
-    """Tenant API keys in STATE_DIR/keys.json as sha256 hashes; changes by other processes are seen at once.
+    """Tenant API keys as sha256 hashes in one shared document (STATE_DIR/keys.json, or beside an object-store
+    registry so every gateway replica has the same keys).
 
-    The file is written only once a key is created, so its existence says that keys have ever existed: from then
-    on /v1 stays closed, even with every key revoked, unless the mode is "open"."""
+    The document is written only once a key is created, so its existence says that keys have ever existed: from
+    then on /v1 stays closed, even with every key revoked, unless the mode is "open". A file is re-read whenever it
+    changed (a stat per check); a document in the store is re-read by `refresh()`, which a gateway calls every
+    REGISTRY_POLL seconds (`follow`), so the request path never waits on the store."""
 
-    def __init__(self, state_dir: Path, mode: str = "auto"):
-        self.path = Path(state_dir) / KEYS_FILE
-        self.mode = mode
-        self._stamp: tuple[int, int] | None = None
+    def __init__(self, document: Document, mode: str = "auto", follow: bool = False):
+        self.document, self.mode, self.follow = document, mode, follow
+        self._tag: object = None
         self._tenants: dict[str, str] = {}  # sha256 -> tenant
+        if follow:
+            self.refresh()
 
-    def _read(self) -> dict:
-        import json
-
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {"keys": {}}
-
-    def _refresh(self) -> None:
-        try:
-            st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_ino)
-        except FileNotFoundError:
-            stamp = None
-        if stamp != self._stamp:
-            keys = self._read()["keys"]
+    def refresh(self) -> None:
+        tag = self.document.tag()
+        if tag != self._tag:
+            keys = (self.document.read() or {}).get("keys", {})
             self._tenants = {k["sha256"]: k["tenant"] for k in keys.values()}
-            self._stamp = stamp
+            self._tag = tag
 
     def enabled(self) -> bool:
         """Whether /v1 callers need a key."""
         if self.mode != "auto":
             return self.mode == "keys"
-        self._refresh()
-        return self._stamp is not None
+        if not self.follow:
+            self.refresh()
+        return self._tag is not None
 
     def tenant_for(self, key: str) -> str | None:
-        self._refresh()
+        if not self.follow:
+            self.refresh()
         return self._tenants.get(hash_key(key))
-
-    def _change(self, change: Callable[[dict], object]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.path) + ".lock"):
-            data = self._read()
-            change(data["keys"])
-            write_json(self.path, data, mode=0o600)
 
     def create(self, tenant: str) -> tuple[str, str]:
         """Returns (key id, key); the key itself is shown this once and stored only as a hash."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(6)
-        self._change(lambda keys: keys.__setitem__(
-            key_id, {"tenant": tenant, "sha256": hash_key(key), "created": time.time()}))
+        entry = {"tenant": tenant, "sha256": hash_key(key), "created": time.time()}
+        self.document.update(lambda data: data.setdefault("keys", {}).__setitem__(key_id, entry))
         return key_id, key
 
     def revoke(self, key_id: str) -> bool:
-        if not self.path.exists():
+        if self.document.tag() is None:
             return False
         found = []
-        self._change(lambda keys: found.append(keys.pop(key_id, None) is not None))
+        self.document.update(lambda data: found.append(data.setdefault("keys", {}).pop(key_id, None) is not None))
         return found[0]
 
     def list(self) -> list[dict]:
-        keys = sorted(self._read()["keys"].items(), key=lambda item: item[1]["created"])
+        keys = sorted((self.document.read() or {}).get("keys", {}).items(), key=lambda item: item[1]["created"])
         return [{"id": i, "tenant": k["tenant"], "created": k["created"]} for i, k in keys]
+
+
+def key_store(settings: Settings, follow: bool = False) -> KeyStore:
+    """The keys of this deployment: beside an object-store registry (shared by every replica), else in STATE_DIR."""
+    shared = settings.registry.startswith("s3://")
+    return KeyStore(shared_document(settings.registry, settings.state_dir, KEYS_FILE), settings.auth,
+                    follow=follow and shared)
 
 
 def bearer(request: Request) -> str | None:

@@ -146,11 +146,11 @@ def adapters_add(
             tenant=tenant, public=public, origin=f"cli:{path.resolve()}",
         )
     except (InvalidAdapter, RegistryError) as e:
-        AuditLog(settings.state_dir).record(_actor(), "add", name, result=f"refused: {e}")
+        AuditLog(settings.state_dir, settings.registry).record(_actor(), "add", name, result=f"refused: {e}")
         fail(str(e))
     except FileNotFoundError as e:
         fail(f"base model LORAPLEX_BASE_MODEL={settings.base_model}: {e}")
-    AuditLog(settings.state_dir).record(_actor(), "add", name, version.version,
+    AuditLog(settings.state_dir, settings.registry).record(_actor(), "add", name, version.version,
                                         version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant)
     typer.echo(f"registered {version.key} (latest) rank {version.manifest['rank']} in {settings.registry}")
 
@@ -258,7 +258,7 @@ def adapters_delete(name: str, version: int = typer.Option(None, help="Delete on
 def keys_create(tenant: str = typer.Option(..., help="Tenant the key acts for.")) -> None:
     """Create an API key for TENANT; the key is printed once, as the last word."""
     from .audit import AuditLog
-    from .auth import KeyStore
+    from .auth import key_store
     from .registry import InvalidReference, check_name
 
     settings = load_settings()
@@ -266,30 +266,42 @@ def keys_create(tenant: str = typer.Option(..., help="Tenant the key acts for.")
         check_name(tenant, "tenant")
     except InvalidReference as e:
         fail(f"--tenant: {e}")
-    key_id, key = KeyStore(settings.state_dir).create(tenant)
-    AuditLog(settings.state_dir).record(_actor(), "key_create", tenant=tenant, key_id=key_id)
+    key_id, key = key_store(settings).create(tenant)
+    AuditLog(settings.state_dir, settings.registry).record(_actor(), "key_create", tenant=tenant, key_id=key_id)
     typer.echo(f"created {key_id} for tenant {tenant}; store this key now, it is not shown again: {key}")
 
 
 @keys_app.command("list")
 def keys_list() -> None:
     """List API keys (id, tenant, creation time; never the keys)."""
-    from .auth import KeyStore
+    from .auth import key_store
 
-    _echo_json(KeyStore(load_settings().state_dir).list())
+    _echo_json(key_store(load_settings()).list())
 
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke an API key by id; a running server refuses it from the next request."""
     from .audit import AuditLog
-    from .auth import KeyStore
+    from .auth import key_store
 
     settings = load_settings()
-    if not KeyStore(settings.state_dir).revoke(key_id):
+    if not key_store(settings).revoke(key_id):
         fail(f"KEY_ID: no key {key_id!r}")
-    AuditLog(settings.state_dir).record(_actor(), "key_revoke", key_id=key_id)
+    AuditLog(settings.state_dir, settings.registry).record(_actor(), "key_revoke", key_id=key_id)
     typer.echo(f"revoked {key_id}")
+
+
+@app.command()
+def audit() -> None:
+    """Print the audit log, every gateway's and CLI's entries merged oldest first, one JSON object a line."""
+    import json
+
+    from .audit import AuditLog
+
+    settings = load_settings()
+    for entry in AuditLog(settings.state_dir, settings.registry).entries():
+        typer.echo(json.dumps(entry, sort_keys=True))
 
 
 @keys_app.command("engine")

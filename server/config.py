@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated URLs of running vLLM engines; empty starts one local engine.",
     )
+    engine_dns: str | None = Field(
+        None, description="URL whose host name resolves to every engine, as a Kubernetes headless Service does "
+                          "(http://loraplex-engine:8100); resolved again every ENGINE_DNS_INTERVAL seconds. Instead "
+                          "of ENGINE_URLS."
+    )
+    engine_dns_interval: float = Field(5.0, gt=0, description="Seconds between resolutions of ENGINE_DNS.")
     max_lora_rank: int = Field(
         16, description="Largest LoRA rank the engine accepts; vLLM sizes every LoRA slot for it, so higher costs "
                         "speed (rank 64 ran 3x slower than 8 on CPU)."
@@ -137,6 +143,12 @@ class Settings(BaseSettings):
     def _admin_apart(self):
         if self.admin_port is not None and self.admin_port == self.port and (self.admin_host or self.host) == self.host:
             raise ValueError("admin_port: must differ from PORT (unset it to serve /admin on PORT)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_engine_source(self):
+        if self.engine_dns and self.engine_urls:
+            raise ValueError("engine_dns: set it or ENGINE_URLS, not both")
         return self
 
     @model_validator(mode="after")

@@ -44,12 +44,15 @@ class Gateway:
     _cleanups: set = field(default_factory=set)
 
     async def follow_registry(self, known: dict[str, list[int]]) -> None:
-        """Reads the registry every REGISTRY_POLL seconds from the reading `known`, so that changes made through
-        other gateways or the CLI take effect here, and versions deleted anywhere are dropped from the engines."""
+        """Reads the registry (and keys kept beside it) every REGISTRY_POLL seconds from the reading `known`, so that
+        changes made through other gateways or the CLI take effect here, and versions deleted anywhere are dropped
+        from the engines."""
         while True:
             await asyncio.sleep(self.settings.registry_poll)
             try:
                 now = await asyncio.to_thread(self.registry.refresh)
+                if self.keys.follow:
+                    await asyncio.to_thread(self.keys.refresh)
             except Exception:
                 log.exception("reading the registry failed; serving from the last reading")
                 continue

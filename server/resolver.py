@@ -40,6 +40,7 @@ class RegistryResolver(LoRAResolver):
         self.cache = AdapterCache(settings.adapter_cache, settings.adapter_cache_bytes, settings.max_resident_adapters,
                                   self._in_use)
         self.models: Any = None  # vLLM's OpenAIServingModels, once the API server has made it
+        self._trimmer: asyncio.Task | None = None
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         try:
@@ -56,7 +57,19 @@ class RegistryResolver(LoRAResolver):
             return None
         RESOLVES.labels("fetched" if fetched else "cached").inc()
         self.cache.trim(keep=path)
+        if self._trimmer is None:
+            self._trimmer = asyncio.create_task(self._trim_idle())
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))  # vLLM renumbers it
+
+    async def _trim_idle(self) -> None:
+        """Trims again every GRACE seconds: adapters kept because requests used them a moment ago go once idle,
+        without waiting for the next new adapter."""
+        while True:
+            await asyncio.sleep(GRACE)
+            try:
+                self.cache.trim()
+            except OSError:
+                log.exception("trimming the adapter cache failed")
 
     def _in_use(self, entry: Path) -> bool:
         """Whether a request uses the adapter at `entry`: one running, or one that looked it up in the last GRACE

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections import defaultdict
 
 from .metrics import Metrics
 from .routing import Backend
@@ -17,34 +18,35 @@ class Supervisor:
         self.slow_probes_tolerated = slow_probes_tolerated
 
     async def run(self) -> None:
-        """Starts spawned engines, then watches every engine until cancelled; a failing round is logged, never fatal."""
-        await asyncio.gather(*(self._start(i, b) for i, b in enumerate(self.backends) if b.process))
-        backoff = {i: 1.0 for i in range(len(self.backends))}
-        slow = {i: 0 for i in range(len(self.backends))}
+        """Starts spawned engines, then watches every engine until cancelled; a failing round is logged, never fatal.
+        The list of engines may change between rounds (DNS discovery)."""
+        await asyncio.gather(*(self._start(b) for b in self.backends if b.process))
+        backoff: dict[Backend, float] = defaultdict(lambda: 1.0)
+        slow: dict[Backend, int] = defaultdict(int)
         while True:
             await asyncio.sleep(self.interval)
-            for i, b in enumerate(self.backends):
+            for b in list(self.backends):
                 try:
                     if b.process is not None and b.process.proc.poll() is not None:
-                        await self._restart(i, b, backoff)
+                        await self._restart(b, backoff)
                     else:
-                        await self._probe(i, b, slow)
+                        await self._probe(b, slow)
                 except Exception:
                     b.up = False
-                    log.exception("supervising engine %d (%s) failed; it counts as down until its next probe",
-                                  i, b.engine.url)
+                    log.exception("supervising engine %s (%s) failed; it counts as down until its next probe",
+                                  b.label, b.engine.url)
 
-    async def _probe(self, i: int, b: Backend, slow: dict[int, int]) -> None:
+    async def _probe(self, b: Backend, slow: dict[Backend, int]) -> None:
         healthy, was_up = await b.engine.healthy(), b.up
         if healthy is None:
             # An engine busy with long batches can miss a few probes while it still serves; taking
             # it out then would turn its load into 503s. A refused connection is down at once.
-            slow[i] += 1
-            b.up = b.up and slow[i] <= self.slow_probes_tolerated
+            slow[b] += 1
+            b.up = b.up and slow[b] <= self.slow_probes_tolerated
         else:
-            slow[i], b.up = 0, healthy
+            slow[b], b.up = 0, healthy
         if was_up != b.up:
-            log.warning("engine %d (%s) is %s", i, b.engine.url, "up" if b.up else "down")
+            log.warning("engine %s (%s) is %s", b.label, b.engine.url, "up" if b.up else "down")
         if b.up:
             await self._count_adapters(b)
 
@@ -57,22 +59,23 @@ class Supervisor:
         self.metrics.resident.labels(b.label).set(len(held))
         b.adapters = frozenset(held)
 
-    async def _start(self, i: int, b: Backend) -> None:
+    async def _start(self, b: Backend) -> None:
         try:
             await b.process.wait_ready(b.engine, self.start_timeout)
             b.up = True
-            log.info("engine %d ready at %s", i, b.engine.url)
+            log.info("engine %s ready at %s", b.label, b.engine.url)
         except Exception:
-            log.exception("engine %d failed to start", i)
+            log.exception("engine %s failed to start", b.label)
 
-    async def _restart(self, i: int, b: Backend, backoff: dict[int, float]) -> None:
+    async def _restart(self, b: Backend, backoff: dict[Backend, float]) -> None:
         b.up = False
-        log.error("engine %d exited with code %s; restarting in %.0f s", i, b.process.proc.returncode, backoff[i])
+        log.error("engine %s exited with code %s; restarting in %.0f s", b.label, b.process.proc.returncode,
+                  backoff[b])
         await asyncio.to_thread(b.process.stop)  # whatever is left of its process group
-        await asyncio.sleep(backoff[i])
-        backoff[i] = min(backoff[i] * 2, self.max_backoff)
+        await asyncio.sleep(backoff[b])
+        backoff[b] = min(backoff[b] * 2, self.max_backoff)
         b.process.start()
-        self.metrics.engine_restarts.labels(str(i)).inc()
-        await self._start(i, b)
+        self.metrics.engine_restarts.labels(b.label).inc()
+        await self._start(b)
         if b.up:
-            backoff[i] = 1.0
+            backoff[b] = 1.0

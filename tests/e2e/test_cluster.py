@@ -146,7 +146,7 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
     started, results = threading.Barrier(len(names) + 1), {}
 
     def stream(name: str) -> None:
-        body = {"model": name, "prompt": "Once upon a time", "max_tokens": 600, "temperature": 0, "stream": True,
+        body = {"model": name, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0, "stream": True,
                 "ignore_eos": True}
         done = False
         try:
@@ -163,12 +163,17 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
     for t in threads:
         t.start()
     started.wait(timeout=120)
-    running = [_running(engine) for engine in cluster.engines]
+    running: list[int] = []
+
+    def both_busy() -> bool:
+        running[:] = [_running(engine) for engine in cluster.engines]
+        return sum(running) == len(names) and min(running) >= 1
+
+    assert wait_until(both_busy, 30), f"the streams should run on both engines at once: {running}"
     cluster.engines[0].kill()
     for t in threads:
         t.join(timeout=300)
     print(f"streams running per engine at the kill: {running}; completed: {sorted(n for n, ok in results.items() if ok)}")
-    assert sum(running) == len(names) and min(running) >= 1, "the streams should be on both engines"
     assert sum(1 for ok in results.values() if not ok) == running[0]  # the killed engine's, and no other
     with cluster.client(0) as a, cluster.client(1) as b:
         for gw in (a, b):

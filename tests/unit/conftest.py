@@ -10,8 +10,9 @@ from fastapi.testclient import TestClient
 
 from server import basemodel
 from server.app import create_app
-from server.auth import KeyStore
+from server.auth import KEYS_FILE, KeyStore
 from server.config import Settings
+from server.documents import FileDocument
 
 HIDDEN, INTER = 8, 12
 # Linear weights of a one-layer Llama-shaped model: {module: (out_features, in_features)}.
@@ -65,5 +66,5 @@ def client(tmp_path: Path) -> TestClient:
     # No `with`: the lifespan (and so the engine) never starts; validation answers before any handler runs,
     # and only the key check, which runs first, needs part of the gateway.
     app = create_app(Settings(state_dir=tmp_path, registry=tmp_path / "r"))
-    app.state.gateway = SimpleNamespace(keys=KeyStore(tmp_path))
+    app.state.gateway = SimpleNamespace(keys=KeyStore(FileDocument(tmp_path / KEYS_FILE)))
     return TestClient(app)

@@ -2,12 +2,13 @@ import stat
 
 import pytest
 
-from server.auth import KeyStore, admin_token, hash_key, same_secret
+from server.auth import KEYS_FILE, KeyStore, admin_token, hash_key, same_secret
+from server.documents import FileDocument, StoreDocument
 from server.config import Settings
 
 
 def test_keys_are_stored_hashed_and_resolve_to_tenants(tmp_path):
-    store = KeyStore(tmp_path)
+    store = KeyStore(FileDocument(tmp_path / KEYS_FILE))
     assert not store.enabled()
     key_id, key = store.create("acme")
     _, other = store.create("globex")
@@ -21,7 +22,7 @@ def test_keys_are_stored_hashed_and_resolve_to_tenants(tmp_path):
 
 
 def test_changes_by_another_process_are_seen(tmp_path):
-    server_view, cli_view = KeyStore(tmp_path), KeyStore(tmp_path)
+    server_view, cli_view = KeyStore(FileDocument(tmp_path / KEYS_FILE)), KeyStore(FileDocument(tmp_path / KEYS_FILE))
     assert not server_view.enabled()
     key_id, key = cli_view.create("acme")
     assert server_view.tenant_for(key) == "acme"
@@ -32,13 +33,13 @@ def test_changes_by_another_process_are_seen(tmp_path):
 
 @pytest.mark.parametrize("mode,before,after", [("auto", False, True), ("open", False, False), ("keys", True, True)])
 def test_auth_mode_fails_closed_once_a_key_existed(tmp_path, mode, before, after):
-    store = KeyStore(tmp_path, mode)
+    store = KeyStore(FileDocument(tmp_path / KEYS_FILE), mode)
     assert store.enabled() is before
     assert not store.revoke("key_unknown") and store.enabled() is before  # revoking nothing creates nothing
     key_id, _ = store.create("acme")
     store.revoke(key_id)
     assert store.list() == [] and store.enabled() is after
-    assert KeyStore(tmp_path, mode).enabled() is after  # and after a restart
+    assert KeyStore(FileDocument(tmp_path / KEYS_FILE), mode).enabled() is after  # and after a restart
 
 
 def test_generated_admin_token_is_private_and_stable(tmp_path):
@@ -55,3 +56,19 @@ def test_generated_admin_token_is_private_and_stable(tmp_path):
                                                ("", "abc", False), ("abcd", "abc", False)])
 def test_same_secret(given, expected, ok):
     assert same_secret(given, expected) is ok
+
+def test_keys_beside_an_object_store_registry_are_shared_by_every_replica(s3_url):
+    """Two gateways and the CLI over one store: a key created or revoked anywhere holds on each replica at its next
+    refresh (every REGISTRY_POLL), and whether keys ever existed is the store's too."""
+    replicas = [KeyStore(StoreDocument(s3_url, KEYS_FILE), follow=True) for _ in range(2)]
+    cli = KeyStore(StoreDocument(s3_url, KEYS_FILE))
+    assert not any(r.enabled() for r in replicas)
+    key_id, key = cli.create("acme")
+    assert replicas[0].tenant_for(key) is None  # not before its refresh: the request path never calls the store
+    for r in replicas:
+        r.refresh()
+        assert r.enabled() and r.tenant_for(key) == "acme"
+    assert cli.revoke(key_id)
+    for r in replicas:
+        r.refresh()
+        assert r.tenant_for(key) is None and r.enabled()
