@@ -18,6 +18,7 @@ import pytest
 from loadtest.adapters import AdapterFactory
 from loadtest.servers import LOADER, Engine, Gateway
 from server.adapter_cache import digest
+from server.routing import rank
 from tests.conftest import BUCKET
 from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN, ENGINE_AUTH
 from tests.helpers import MAX_TOKENS, PROMPTS, archive, complete, same, series, upload, wait_until
@@ -171,8 +172,14 @@ def test_a_key_created_or_revoked_with_the_cli_holds_on_every_gateway_within_a_s
 
 
 def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster):
-    """Last in the module: it leaves one engine."""
-    names = [f"spread{i}" for i in range(6)]
+    """Last in the module: it leaves one engine. Three adapters whose first engine is engine 0 and three whose first
+    is engine 1 (the gateways' own ranking), so each engine runs three streams at once (it batches four adapters)."""
+    homes = {0: [], 1: []}
+    for i in range(1000):
+        first = max((0, 1), key=lambda e: rank(f"spread{i}@1", cluster.engines[e].url))
+        if len(homes[first]) < 3:
+            homes[first].append(f"spread{i}")
+    names = homes[0] + homes[1]
     with cluster.admin(0) as a:
         for i, name in enumerate(names):
             assert upload(a, name, archive(cluster.adapter(name, 20 + i))).status_code == 201
@@ -200,12 +207,12 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
     started.wait(timeout=120)
     # Each stream takes seconds (1,000 tokens; one alone took 4.7 s here): all are running at the kill.
     running = [after - earlier for after, earlier in zip(_sent(cluster), before)]
-    assert sum(running) == len(names) and min(running) >= 1, f"the streams should run on both engines: {running}"
+    assert running == [3, 3], f"each engine should run the streams of the adapters it ranks first: {running}"
     cluster.engines[0].kill()
     for t in threads:
         t.join(timeout=300)
     print(f"streams running per engine at the kill: {running}; completed: {sorted(n for n, ok in results.items() if ok)}")
-    assert sum(1 for ok in results.values() if not ok) == running[0]  # the killed engine's, and no other
+    assert {n for n, ok in results.items() if not ok} == set(homes[0])  # the killed engine's, and no other
     with cluster.client(0) as a, cluster.client(1) as b:
         for gw in (a, b):
             for name in names:  # the killed engine's adapters move to the one left, unasked
