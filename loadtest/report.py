@@ -62,6 +62,11 @@ def _lora_ops(results: dict) -> list[str]:
             "`LORAPLEX_LORA_OPS=vllm` on the second).", ""]
 
 
+def _count(value: float | None) -> str:
+    """A count, or a dash where the run predates it (sweeps before engines fetched adapters themselves)."""
+    return "—" if value is None else f"{value:.0f}"
+
+
 def _sweep(results: dict) -> list[str]:
     if "sweep" not in results:
         return []
@@ -71,7 +76,7 @@ def _sweep(results: dict) -> list[str]:
     for label, points in results["sweep"].items():
         for n, p in points.items():
             lines.append(f"| {label} | {n} | {p['output_tokens_per_s']:.1f} | {p['e2e_p99_ms']:.0f} "
-                         f"| {p['errors']} | {p['loads']:.0f} | {p.get('fetches', 0):.0f} |")
+                         f"| {p['errors']} | {p['loads']:.0f} | {_count(p.get('fetches'))} |")
     d = next((v for k, v in results["sweep"].items() if k.startswith("defaults")), {})
     if "1" in d and "512" in d:
         lines += ["", f"512 adapters / 1 adapter with the defaults: **"
