@@ -129,7 +129,10 @@ class Settings(BaseSettings):
     @field_validator("registry", mode="before")
     @classmethod
     def _location(cls, v: object) -> object:
-        return str(v) if isinstance(v, Path) else v
+        v = str(v) if isinstance(v, Path) else v
+        if isinstance(v, str) and v.startswith("s3://") and not v.removeprefix("s3://").split("/")[0]:
+            raise ValueError(f"{v!r} names no bucket: expected s3://BUCKET[/PREFIX]")
+        return v
 
     @field_validator("max_lora_rank")
     @classmethod

@@ -1,4 +1,5 @@
-"""The CLI's commands that neither train nor serve import neither torch nor vLLM, so they start fast."""
+"""The CLI's commands that neither train nor serve import neither torch nor vLLM (nor boto3 on a directory
+registry), so they start fast."""
 
 import json
 import os
@@ -14,7 +15,7 @@ try:
     main()
 except SystemExit as e:
     code = e.code
-print(code, "torch" in sys.modules, "vllm" in sys.modules)
+print(code, "torch" in sys.modules, "vllm" in sys.modules, "boto3" in sys.modules)
 """
 
 
@@ -28,8 +29,34 @@ def test_adapters_add_and_help_import_neither_torch_nor_vllm(base, adapter_facto
     env = {"LORAPLEX_BASE_MODEL": str(base.path), "LORAPLEX_REGISTRY": str(tmp_path / "reg"),
            "LORAPLEX_STATE_DIR": str(tmp_path / "state")}
     line, err = run_cli("adapters", "add", "acme", str(adapter_factory()), env=env)
-    assert line == "0 False False", err
+    assert line == "0 False False False", err
     assert json.loads((tmp_path / "reg" / "acme" / "1" / "manifest.json").read_text())["rank"] == 4
     for args in (["--help"], ["keys", "list"], ["registry", "check"]):
         line, err = run_cli(*args, env=env)
-        assert line.split()[1:] == ["False", "False"], (args, line, err)
+        assert line.split()[1:] == ["False", "False", "False"], (args, line, err)
+
+
+def test_registry_commands_on_object_storage(base, adapter_factory, tmp_path, s3_url):
+    """`adapters add`, `registry copy` and `registry check` against a real S3 store (SeaweedFS), and back."""
+    from loadtest.servers import LOADER
+
+    env = {**os.environ, "LORAPLEX_BASE_MODEL": str(base.path), "LORAPLEX_REGISTRY": s3_url,
+           "LORAPLEX_STATE_DIR": str(tmp_path / "state")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([LOADER, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    for seed in range(2):
+        r = cli("adapters", "add", "acme", str(adapter_factory(seed=seed)), "--tenant", "acme")
+        assert r.returncode == 0 and f"registered acme@{seed + 1}" in r.stdout, r.stderr
+    r = cli("registry", "copy", s3_url, str(tmp_path / "backup"))
+    assert r.returncode == 0 and "copied 2 versions" in r.stdout and "ok: 2 versions of 1 adapters" in r.stdout, \
+        r.stdout + r.stderr
+    weights = tmp_path / "backup" / "acme" / "2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    r = cli("registry", "check", str(tmp_path / "backup"))
+    assert r.returncode == 1 and "acme@2: adapter_model.safetensors does not match" in r.stdout
+    assert cli("registry", "check").returncode == 0  # LORAPLEX_REGISTRY: the store itself is intact
+    r = subprocess.run([LOADER, "registry", "check"], env={**env, "LORAPLEX_REGISTRY": "s3://"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: LORAPLEX_REGISTRY:") and "bucket" in r.stderr
