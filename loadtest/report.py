@@ -71,7 +71,8 @@ def _sweep(results: dict) -> list[str]:
     if "sweep" not in results:
         return []
     lines = ["### Adapter-count sweep (Zipf s=1)", "",
-             "| residency | adapters | output tok/s | E2E p99 ms | errors | adapter loads | fetched from the registry |",
+             "| residency | adapters | output tok/s | E2E p99 ms | errors | adapter loads | "
+             "fetched from the registry |",
              "|---|---|---|---|---|---|---|"]
     for label, points in results["sweep"].items():
         for n, p in points.items():

@@ -79,7 +79,8 @@ class SimEngine:
         active = {r.adapter for r in self.running}
         still = []
         for r in self.waiting:
-            fits = len(self.running) < self.model.max_running and (r.adapter in active or len(active) < self.model.slots)
+            room = len(self.running) < self.model.max_running
+            fits = room and (r.adapter in active or len(active) < self.model.slots)
             if r.ready_at <= now and fits:
                 self.running.append(r)
                 active.add(r.adapter)

@@ -110,6 +110,18 @@ def _discovery(gw: Gateway) -> Discovery:
     return Discovery(s.engine_dns, gw.router, backend, s.engine_dns_interval)
 
 
+def _background(gw: Gateway, known: dict[str, list[int]]) -> list[asyncio.Task]:
+    """The gateway's background work: supervising engines, following the registry, finding engines by DNS."""
+    jobs = [Supervisor(gw.router.backends, gw.metrics, gw.settings.engine_start_timeout).run(),
+            gw.follow_registry(known)]
+    if gw.settings.engine_dns:
+        jobs.append(_discovery(gw).run())
+    tasks = [asyncio.create_task(job) for job in jobs]
+    for task in tasks:
+        task.add_done_callback(_log_unexpected_end)
+    return tasks
+
+
 def _log_unexpected_end(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("a background task of the gateway stopped", exc_info=task.exception())
@@ -128,19 +140,12 @@ def create_app(settings: Settings) -> FastAPI:
         spawned = [b.process for b in gw.router.backends if b.process]
         for proc in spawned:
             proc.start()
-        supervisor = asyncio.create_task(Supervisor(gw.router.backends, gw.metrics,
-                                                    settings.engine_start_timeout).run())
-        supervisor.add_done_callback(_log_unexpected_end)
-        follower = asyncio.create_task(gw.follow_registry(await asyncio.to_thread(gw.registry.refresh)))
-        follower.add_done_callback(_log_unexpected_end)
-        discovery = asyncio.create_task(_discovery(gw).run()) if settings.engine_dns else None
+        tasks = _background(gw, await asyncio.to_thread(gw.registry.refresh))
         try:
             yield
         finally:
-            if discovery:
-                discovery.cancel()
-            follower.cancel()
-            supervisor.cancel()
+            for task in tasks:
+                task.cancel()
             await gw.session.close()
             for proc in spawned:
                 await asyncio.to_thread(proc.stop)

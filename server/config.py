@@ -106,7 +106,8 @@ class Settings(BaseSettings):
                             "(even with every key revoked); open never asks for one; keys always does."
     )
     url: str | None = Field(
-        None, description="Server URL the admin CLI talks to; default http://HOST:PORT, or ADMIN_HOST:ADMIN_PORT if set."
+        None, description="Server URL the admin CLI talks to; default http://HOST:PORT, or ADMIN_HOST:ADMIN_PORT if "
+                          "set."
     )
     max_request_bytes: int = Field(16 << 20, description="Largest /v1 request body.")
     max_upload_bytes: int = Field(2 << 30, description="Largest adapter archive accepted by upload.")

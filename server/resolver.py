@@ -2,8 +2,9 @@
 
 Loaded as a vLLM general plugin of its own (whatever LORAPLEX_LORA_OPS says). A request naming an adapter the engine
 does not hold makes vLLM ask its resolvers; this one reads the version's manifest from the registry (directory or
-object store, from the engine's LORAPLEX_* environment), hands vLLM a verified copy from the adapter cache, and
-lets the cache drop adapters no running request uses once it is over its bound.
+object store, from the engine's LORAPLEX_* environment) and hands vLLM a verified copy from the adapter cache. It
+keeps the engine's list of adapters within MAX_RESIDENT_ADAPTERS by dropping versions no request uses, and the cache
+never deletes the files of a version the engine still holds.
 """
 
 import asyncio
@@ -39,6 +40,7 @@ class RegistryResolver(LoRAResolver):
         self.registry = open_registry(settings.registry)
         self.cache = AdapterCache(settings.adapter_cache, settings.adapter_cache_bytes, settings.max_resident_adapters,
                                   self._in_use)
+        self.max_resident = settings.max_resident_adapters
         self.models: Any = None  # vLLM's OpenAIServingModels, once the API server has made it
         self._trimmer: asyncio.Task | None = None
 
@@ -56,7 +58,7 @@ class RegistryResolver(LoRAResolver):
             RESOLVES.labels("missing").inc()
             return None
         RESOLVES.labels("fetched" if fetched else "cached").inc()
-        self.cache.trim(keep=path)
+        self._trim(keep=path)
         if self._trimmer is None:
             self._trimmer = asyncio.create_task(self._trim_idle())
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))  # vLLM renumbers it
@@ -67,26 +69,38 @@ class RegistryResolver(LoRAResolver):
         while True:
             await asyncio.sleep(GRACE)
             try:
-                self.cache.trim()
+                self._trim()
             except OSError:
                 log.exception("trimming the adapter cache failed")
 
-    def _in_use(self, entry: Path) -> bool:
-        """Whether a request uses the adapter at `entry`: one running, or one that looked it up in the last GRACE
-        seconds (between that lookup and reaching the engine a request is in no list, and a worker that then finds
-        the files gone takes the whole engine down). One that is idle is unregistered, so its next request resolves
-        (and fetches) it again instead of finding its files gone."""
+    def _trim(self, keep: Path | None = None) -> None:
+        self._forget_idle()
+        self.cache.trim(keep)
+
+    def _forget_idle(self) -> None:
+        """Past MAX_RESIDENT_ADAPTERS, unregisters the versions least recently looked up that no request uses: one
+        running, or one that looked it up in the last GRACE seconds (between that lookup and reaching the engine a
+        request is in no list). Their next request resolves them again."""
         models = self.models
         if models is None:
-            return True  # cannot tell yet: keep it
-        names = {n for n, r in list(models.lora_requests.items()) if Path(r.lora_path) == entry}
+            return
+        table = models.lora_requests
+        excess = len(table) - self.max_resident
+        if excess <= 0:
+            return
         running = {s.lora_name for s in list(models.engine_client.output_processor.request_states.values())}
         recent = time.monotonic() - GRACE
-        if names & running or any(models.lora_requests.used.get(n, 0.0) > recent for n in names):
-            return True
-        for name in names:
-            models.lora_requests.pop(name, None)
-        return False
+        idle = sorted((table.used.get(n, 0.0), n) for n in list(table)
+                      if n not in running and table.used.get(n, 0.0) <= recent)
+        for _, name in idle[:excess]:
+            table.pop(name, None)
+
+    def _in_use(self, entry: Path) -> bool:
+        """Whether the engine holds an adapter whose files are at `entry`: a worker that then finds them gone takes
+        the whole engine down."""
+        if self.models is None:
+            return True  # cannot tell yet: keep it
+        return any(Path(r.lora_path) == entry for r in list(self.models.lora_requests.values()))
 
 
 class Lookups(dict):

@@ -152,7 +152,8 @@ def promotion(job: Job, metrics: dict) -> tuple[bool, str]:
                   + (f", forgetting {metrics['forgetting']:+.1%}" if "forgetting" in metrics else ""))
 
 
-def run(job: Job, job_file: Path, registry_root: str | Path, max_rank: int, resume: bool = False, log: Log = print) -> Version:
+def run(job: Job, job_file: Path, registry_root: str | Path, max_rank: int, resume: bool = False,
+        log: Log = print) -> Version:
     """Train, evaluate, register as the next version, and move `stable` if the job asks and the adapter earns it."""
     base = basemodel.load(job.base_model)  # fails fast on a wrong base, before any training
     adapter_dir, data, facts = train(job, resume, log)

@@ -211,7 +211,8 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
     cluster.engines[0].kill()
     for t in threads:
         t.join(timeout=300)
-    print(f"streams running per engine at the kill: {running}; completed: {sorted(n for n, ok in results.items() if ok)}")
+    completed = sorted(n for n, ok in results.items() if ok)
+    print(f"streams running per engine at the kill: {running}; completed: {completed}")
     assert {n for n, ok in results.items() if not ok} == set(homes[0])  # the killed engine's, and no other
     with cluster.client(0) as a, cluster.client(1) as b:
         for gw in (a, b):

@@ -38,7 +38,8 @@ def test_service_monitors_have_what_the_operator_requires():
         assert targets, f"ServiceMonitor {m['metadata']['name']} selects no Service"
         for endpoint in m["spec"]["endpoints"]:
             assert any(p["name"] == endpoint["port"] for s in targets for p in s["spec"]["ports"])
-            assert endpoint["authorization"]["credentials"]["name"] in {s["metadata"]["name"] for s in by_kind("Secret")}
+            secrets = {s["metadata"]["name"] for s in by_kind("Secret")}
+            assert endpoint["authorization"]["credentials"]["name"] in secrets
 
 
 def test_gateways_and_engines_share_no_volume_and_read_the_registry_from_object_storage():

@@ -26,7 +26,8 @@ class ProbedEngine(FakeEngine):
 async def states(answers, tolerated=2) -> list[bool]:
     engine = ProbedEngine(answers)
     engine.backend = backend = Backend(engine, up=True)
-    task = asyncio.create_task(Supervisor([backend], Metrics(10), 1.0, interval=0, slow_probes_tolerated=tolerated).run())
+    supervisor = Supervisor([backend], Metrics(10), 1.0, interval=0, slow_probes_tolerated=tolerated)
+    task = asyncio.create_task(supervisor.run())
     await asyncio.wait_for(engine.finished.wait(), 5)
     task.cancel()
     return engine.seen[1:]
