@@ -242,9 +242,14 @@ class S3Registry:
         return sorted(found)
 
     def _claim_owner(self, name: str, tenant: str) -> None:
+        """Takes the name for `tenant` unless another tenant owns it. The owner is also read off the newest stored
+        version: a whole-name delete racing a registration can leave a version while clearing the state's owner,
+        and that must not let another tenant take the name."""
         def change(state: dict) -> None:
-            owner = state.get("tenant")
-            if owner not in (None, tenant) and self._stored_versions(name):
+            stored = self._stored_versions(name)
+            got = self.store.get(f"{name}/{stored[-1]}/{MANIFEST_FILE}") if stored else None
+            owners = {state.get("tenant"), json.loads(got[0]).get("tenant") if got else None} - {None}
+            if owners - {tenant}:
                 raise Conflict(f"adapter {name!r} belongs to another tenant", "name")
             state["tenant"] = tenant
 

@@ -337,3 +337,16 @@ def test_s3_a_reading_that_overlaps_this_gateways_own_write_keeps_the_write(s3_u
         reg.get("acme", 1)
     monkeypatch.setattr(reg.store, "keys", listed_before)
     assert reg.refresh() == {"acme": [2]}
+
+
+def test_s3_a_version_left_without_an_owner_still_keeps_its_name_from_other_tenants(s3_url, base, adapter_factory):
+    """What a whole-name delete racing a registration of the same tenant can leave in a store with no locks: a
+    version, and a state whose owner was cleared. The name stays that tenant's."""
+    reg = S3Registry(s3_url)
+    register(reg, base, adapter_factory(seed=1), tenant="t1")
+    reg._update_state("acme", lambda state: state.pop("tenant", None))
+    with pytest.raises(Conflict):
+        register(reg, base, adapter_factory(seed=2), tenant="t2")
+    assert register(reg, base, adapter_factory(seed=3), tenant="t1").version == 2
+    reg.delete("acme")
+    assert register(reg, base, adapter_factory(seed=4), tenant="t2").version == 3  # freed by a completed delete
