@@ -1,5 +1,5 @@
-"""The one owner of traffic to a vLLM engine: completions, adapter loads, health probes and metrics, and the one
-translation of engine failures into the gateway's errors."""
+"""The one owner of traffic to a vLLM engine: completions, the adapters it holds and their unloading, health probes
+and metrics, and the one translation of engine failures into the gateway's errors."""
 
 import json
 import logging

@@ -170,7 +170,8 @@ async def _unless_client_leaves(awaitable: Awaitable[T], client: Request) -> T:
 
 
 class EngineStream(StreamingResponse):
-    """An engine answer relayed as it arrives; it owns the request's lease and upstream connection until it ends."""
+    """An engine answer relayed as it arrives; it owns the request's admission and upstream connection until it
+    ends."""
 
     def __init__(self, content: AsyncIterator[bytes], stack: AsyncExitStack, headers: dict):
         super().__init__(content, status_code=200, headers=headers)
@@ -180,7 +181,7 @@ class EngineStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            # Also when the client went away, even before the first chunk: the shield lets the lease release and
+            # Also when the client went away, even before the first chunk: the shield lets the admission release and
             # the upstream connection close, and closing that connection is what makes vLLM abort the request.
             with anyio.CancelScope(shield=True):
                 await self.stack.aclose()
