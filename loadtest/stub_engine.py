@@ -20,7 +20,8 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
 @dataclass
 class StubEngine:
     """Streams `tokens` events `gap` seconds apart, then a usage event and [DONE]; `event_bytes` pads each event's
-    text (or the non-streamed answer's) to that size. `requests` counts completions."""
+    text (or the non-streamed answer's) to that size. `requests` counts completions; `request_ids` holds the
+    X-Request-Id each came with."""
 
     tokens: int = 1
     gap: float = 0.0
@@ -28,6 +29,7 @@ class StubEngine:
     port: int = field(default_factory=free_port)
     tls: ssl.SSLContext | None = None  # serves HTTPS with it when given
     requests: int = 0
+    request_ids: list[str | None] = field(default_factory=list)
     _runner: web.AppRunner | None = None
 
     @property
@@ -69,6 +71,7 @@ class StubEngine:
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        self.request_ids.append(request.headers.get("x-request-id"))
         body = await request.json()
         if "@" in body["model"]:
             return self._refuse_adapter(body["model"])

@@ -28,6 +28,7 @@ from .limits import BodyLimit
 from .metrics import Metrics
 from .protocol import ERROR_RESPONSES, APIError, error_response
 from .registry import RegistryError, open_registry
+from .request_ids import RequestIds
 from .routing import Backend, Router
 from .supervisor import Supervisor
 
@@ -45,7 +46,8 @@ def create_admin_app(settings: Settings, main: FastAPI) -> FastAPI:
     admin.include_router(ops_api.router)
     admin.state = main.state
     _install_errors(admin, settings)
-    admin.add_middleware(Credentials, guard_admin=True)  # outermost: before the body limit reads anything
+    admin.add_middleware(Credentials, guard_admin=True)  # before the body limit reads anything
+    admin.add_middleware(RequestIds)
     return admin
 
 
@@ -160,4 +162,5 @@ def create_app(settings: Settings) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     _install_errors(app, settings)
     app.add_middleware(Credentials, guard_admin=settings.admin_port is None)
+    app.add_middleware(RequestIds)  # outermost: every answer carries the id
     return app

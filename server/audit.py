@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .documents import SHARED
+from .request_ids import REQUEST_ID
 
 AUDIT_PREFIX = f"{SHARED}/audit/"
 
@@ -49,7 +50,10 @@ class AuditLog:
 
     async def arecord(self, actor: str, action: str, adapter: str | None = None, version: int | None = None,
                       sha256: str | None = None, result: str = "ok", **detail) -> None:
-        """`record`, from the event loop."""
+        """`record`, from the event loop, with the id of the request being served."""
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            detail["request_id"] = request_id
         await asyncio.get_running_loop().run_in_executor(
             self._writer, lambda: self.record(actor, action, adapter, version, sha256, result, **detail))
 

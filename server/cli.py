@@ -56,12 +56,14 @@ def serve(
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call otherwise
     app = create_app(settings)
+    # The access log is the gateway's own (server/request_ids.py): uvicorn's cannot show the request id.
     main = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                         timeout_graceful_shutdown=30))
+                                         timeout_graceful_shutdown=30, access_log=False))
     if settings.admin_port is None:
         return main.run()
     admin = uvicorn.Server(uvicorn.Config(create_admin_app(settings, app), host=settings.admin_host or settings.host,
-                                          port=settings.admin_port, log_level=settings.log_level, lifespan="off"))
+                                          port=settings.admin_port, log_level=settings.log_level, lifespan="off",
+                                          access_log=False))
 
     async def both() -> None:
         async def admin_once_started() -> None:

@@ -128,7 +128,7 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
         stack.enter_context(gw.admission.admit(tenant, backend))
         gw.metrics.engine_requests.labels(backend.label).inc()
         stream = bool(payload.get("stream"))
-        sending = backend.engine.send(path, payload)
+        sending = backend.engine.send(path, payload, caller.state.request_id)
         # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile;
         # a stream's headers come at once.
         upstream = await (sending if stream else _unless_client_leaves(sending, caller))

@@ -229,3 +229,11 @@ def test_adapter_for_another_base_is_refused(client, server):
     r = client.post("/v1/completions", json={"prompt": "x", "adapter": "foreign"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "adapter_incompatible" and "other/model" in r.json()["error"]["message"]
+
+
+def test_a_request_id_names_the_engines_request(client):
+    """The caller's x-request-id comes back, and vLLM ran the request under it (its answer's id carries it)."""
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "adapter": "alpha"},
+                    headers={"x-request-id": "e2e-trace-7"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "e2e-trace-7"
+    assert "e2e-trace-7" in r.json()["id"]

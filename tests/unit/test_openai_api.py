@@ -106,6 +106,8 @@ async def too_long(request: web.Request) -> web.Response:
 
 
 class Caller:
+    state = SimpleNamespace(request_id="req-1")
+
     async def is_disconnected(self) -> bool:
         return False
 
