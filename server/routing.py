@@ -40,6 +40,7 @@ class Backend:
 
 
 MIN_SPREAD_REQUESTS = 8
+PRUNE_AT = 16384  # versions whose traffic shares are remembered before the quiet ones are forgotten
 
 
 def rank(key: str, url: str) -> int:
@@ -62,6 +63,7 @@ class Router:
         self.load_factor, self.per_engine, self.half_life, self.clock = load_factor, per_engine, half_life, clock
         self._counts: dict[str, tuple[float, float]] = {}  # version -> (decayed request count, when)
         self._total = (0.0, 0.0)
+        self._prune_at = PRUNE_AT
 
     def choose(self, key: str | None, exclude: tuple[Backend, ...] = ()) -> Backend | None:
         """The least busy of the first k engines in `key`'s ranking that are up, or further down the ranking if that
@@ -90,7 +92,8 @@ class Router:
         count = decayed(*self._counts.get(key, (0.0, now))) + 1
         self._counts[key] = (count, now)
         self._total = (decayed(*self._total) + 1, now)
-        if len(self._counts) > 4 * 4096:  # forget versions whose traffic has decayed to nothing
+        if len(self._counts) > self._prune_at:  # forget versions whose traffic has decayed to nothing
             self._counts = {k: v for k, v in self._counts.items() if decayed(*v) >= 0.01}
+            self._prune_at = max(PRUNE_AT, 2 * len(self._counts))  # so pruning stays rare, however many are live
         # A handful of recent requests never needs a second engine, however large a share of little traffic it is.
         return count / self._total[0] if count >= MIN_SPREAD_REQUESTS else 0.0
