@@ -168,7 +168,10 @@ class Registry:
 
     def refresh(self) -> dict[str, list[int]]:
         """Every name's versions; a directory is read live, so there is no snapshot to renew."""
-        return {name: self.versions(name) for name in self.names()}
+        if not self.root.is_dir():
+            return {}
+        listed = {p.name: self.versions(p.name) for p in self.root.iterdir() if NAME_RE.fullmatch(p.name)}
+        return {name: versions for name, versions in listed.items() if versions}
 
     def fetch(self, version: Version, dest: Path) -> None:
         """Copies the version's adapter files into the directory `dest`."""
