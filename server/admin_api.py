@@ -59,6 +59,11 @@ class RollbackBody(BaseModel):
     alias: str = "stable"
 
 
+class CanaryBody(BaseModel):
+    version: int = Field(ge=1, le=MAX_VERSION)
+    weight: float = Field(gt=0, lt=100, description="Percent of the alias's callers sent to `version`.")
+
+
 def registry_error(e: RegistryError) -> APIError:
     """The one mapping of the registry's errors to answers, registered as the app's handler for them."""
     if isinstance(e, NotFound):
@@ -155,9 +160,10 @@ async def show_adapter(name: str, request: Request, actor: str = Depends(require
 
     def show() -> dict:
         check_name(name)
-        aliases = gw.registry.aliases(name)
+        aliases, canaries = gw.registry.aliases(name), gw.registry.canaries(name)
         versions = [gw.registry.get(name, v).manifest for v in gw.registry.versions(name)]
-        return {"name": name, "tenant": gw.registry.tenant(name), "aliases": aliases, "versions": versions}
+        return {"name": name, "tenant": gw.registry.tenant(name), "aliases": aliases, "canaries": canaries,
+                "versions": versions}
 
     return await asyncio.to_thread(show)
 
@@ -170,6 +176,36 @@ async def set_alias(name: str, alias: str, body: AliasBody, request: Request,
     sha = await asyncio.to_thread(_sha, gw, name, body.version)
     await gw.audit.arecord(actor, "alias", name, body.version, sha, alias=alias)
     return {"name": name, "alias": alias, "version": body.version}
+
+
+@router.put("/adapters/{name}/aliases/{alias}/canary")
+async def set_canary(name: str, alias: str, body: CanaryBody, request: Request,
+                     actor: str = Depends(require_admin)) -> dict:
+    """Sends `weight`% of the alias's callers (the same ones while the weight stays) to `version`."""
+    gw = _gateway(request)
+    await asyncio.to_thread(gw.registry.set_canary, name, alias, body.version, body.weight)
+    sha = await asyncio.to_thread(_sha, gw, name, body.version)
+    await gw.audit.arecord(actor, "canary", name, body.version, sha, alias=alias, weight=body.weight)
+    return {"name": name, "alias": alias, "canary": {"version": body.version, "weight": body.weight}}
+
+
+@router.post("/adapters/{name}/aliases/{alias}/promote")
+async def promote(name: str, alias: str, request: Request, actor: str = Depends(require_admin)) -> dict:
+    """Points the alias at its canary's version, for every caller."""
+    gw = _gateway(request)
+    version = await asyncio.to_thread(gw.registry.promote, name, alias)
+    sha = await asyncio.to_thread(_sha, gw, name, version)
+    await gw.audit.arecord(actor, "promote", name, version, sha, alias=alias)
+    return {"name": name, "alias": alias, "version": version}
+
+
+@router.post("/adapters/{name}/aliases/{alias}/abort")
+async def abort(name: str, alias: str, request: Request, actor: str = Depends(require_admin)) -> dict:
+    """Ends the alias's canary: every caller gets the version the alias points at."""
+    gw = _gateway(request)
+    version = await asyncio.to_thread(gw.registry.abort, name, alias)
+    await gw.audit.arecord(actor, "abort", name, version, alias=alias)
+    return {"name": name, "alias": alias, "version": version}
 
 
 @router.post("/adapters/{name}/rollback")

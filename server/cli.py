@@ -241,6 +241,30 @@ def adapters_alias(name: str, alias: str, version: int, url: str = URL, token: s
     _echo_json(_admin("PUT", f"/admin/adapters/{name}/aliases/{alias}", url, token, json={"version": version}))
 
 
+@adapters_app.command("canary")
+def adapters_canary(name: str, version: int = typer.Option(..., help="Candidate version."),
+                    weight: float = typer.Option(..., help="Percent of the alias's callers sent to it."),
+                    alias: str = typer.Option("stable", help="Alias whose callers are split."),
+                    url: str = URL, token: str = TOKEN) -> None:
+    """Send WEIGHT% of ALIAS's callers (the same ones while the weight stays) to VERSION."""
+    _echo_json(_admin("PUT", f"/admin/adapters/{name}/aliases/{alias}/canary", url, token,
+                      json={"version": version, "weight": weight}))
+
+
+@adapters_app.command("promote")
+def adapters_promote(name: str, alias: str = typer.Option("stable", help="Alias under a canary."),
+                     url: str = URL, token: str = TOKEN) -> None:
+    """Point ALIAS at its canary's version, for every caller."""
+    _echo_json(_admin("POST", f"/admin/adapters/{name}/aliases/{alias}/promote", url, token))
+
+
+@adapters_app.command("abort")
+def adapters_abort(name: str, alias: str = typer.Option("stable", help="Alias under a canary."),
+                   url: str = URL, token: str = TOKEN) -> None:
+    """End ALIAS's canary: every caller gets the version the alias points at."""
+    _echo_json(_admin("POST", f"/admin/adapters/{name}/aliases/{alias}/abort", url, token))
+
+
 @adapters_app.command("rollback")
 def adapters_rollback(name: str, alias: str = typer.Option("stable", help="Alias to move back."),
                       url: str = URL, token: str = TOKEN) -> None:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .auth import caller_tenant
+from .auth import bearer, caller_tenant, hash_key
 from .engine_client import Unreachable, refusal, too_large
 from .gateway import Gateway
 from .metrics import RequestTimer
@@ -38,8 +38,18 @@ def visible(manifest: dict, tenant: str | None) -> bool:
     return tenant is None or manifest.get("tenant") == tenant or bool(manifest.get("public"))
 
 
-def resolve_target(gw: Gateway, body: OpenAIRequest, tenant: str | None) -> Version | None:
-    """The adapter version a request names in `adapter`, or else in `model`; None for the base model.
+def sticky_key(caller: Request, body: OpenAIRequest) -> str | None:
+    """What keeps a caller on one side of a canary: its API key (hashed) and the OpenAI `user` field; None (chance)
+    when it sends neither."""
+    token = bearer(caller)
+    if token is None and body.user is None:
+        return None
+    return f"{hash_key(token) if token else ''}:{body.user or ''}"
+
+
+def resolve_target(gw: Gateway, body: OpenAIRequest, tenant: str | None, sticky: str | None = None) -> Version | None:
+    """The adapter version a request names in `adapter`, or else in `model`; None for the base model. An alias
+    under a canary answers with the version `sticky` falls on.
 
     Another tenant's adapter is answered exactly like a missing one, so its existence does not leak."""
     if body.adapter:
@@ -49,7 +59,7 @@ def resolve_target(gw: Gateway, body: OpenAIRequest, tenant: str | None) -> Vers
     else:
         return None
     try:
-        version = gw.registry.resolve(ref)
+        version = gw.registry.resolve(ref, sticky)
     except InvalidReference as e:
         if param == "adapter":
             raise APIError(400, str(e), param=param, code="invalid_adapter") from None
@@ -84,7 +94,7 @@ async def forward(gw: Gateway, body: OpenAIRequest, path: str, tenant: str | Non
     timer = RequestTimer(gw.metrics, path.removeprefix("/v1/"))
     try:
         check_budget(gw, body)
-        version = resolve_target(gw, body, tenant)
+        version = resolve_target(gw, body, tenant, sticky_key(caller, body))
         timer.adapter = gw.metrics.adapter_label(version.name if version else None)
         return await _send(gw, body, path, version, timer, tenant, caller)  # the stream calls timer.done at its end
     except BaseException as e:
@@ -303,7 +313,7 @@ def _model_list(gw: Gateway, tenant: str | None) -> ModelList:
     for name in gw.registry.names():
         try:
             manifests = {v: gw.registry.get(name, v).manifest for v in gw.registry.versions(name)}
-            aliases = gw.registry.aliases(name)
+            aliases, canaries = gw.registry.aliases(name), gw.registry.canaries(name)
         except NotFound:
             continue  # deleted while listing
         usable = {v: m for v, m in manifests.items() if visible(m, tenant)}
@@ -315,5 +325,6 @@ def _model_list(gw: Gateway, tenant: str | None) -> ModelList:
         cards.append(ModelCard(
             id=name, created=int(newest["created"]), owned_by=owner, root=name, parent=base,
             versions=sorted(usable), aliases={a: v for a, v in aliases.items() if v in usable},
+            canaries={a: c for a, c in canaries.items() if c["version"] in usable and aliases.get(a) in usable} or None,
         ))
     return ModelList(data=cards)

@@ -152,6 +152,9 @@ class ModelCard(BaseModel):
     parent: str | None = None
     versions: list[int] | None = None
     aliases: dict[str, int] | None = None
+    canaries: dict[str, dict] | None = Field(
+        None, description="Aliases that send a share of their callers to another version: {alias: {version, weight}}."
+    )
 
 
 class ModelList(BaseModel):

@@ -7,6 +7,7 @@ ROOT/NAME/state.json (aliases, next version). A version directory appears by one
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -161,7 +162,132 @@ def open_registry(location: str | Path, max_age: float = 1.0) -> "Registry | S3R
     return Registry(Path(location))
 
 
-class Registry:
+def sticky_share(key: str) -> float:
+    """Where `key` falls in [0, 100): the same key always falls in the same place, so a caller's split is stable."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10_000 / 100
+
+
+class AliasTable:
+    """Aliases, their history and their canaries, over a registry's `_update_state`, `_alias_state` (the stored
+    state as reads see it), `_present` (versions that exist now), `versions` and `get`: one implementation for the
+    directory and the object store."""
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """Stored aliases that point at an existing version, plus `latest`."""
+        versions = self.versions(name)
+        if not versions:
+            raise NotFound(f"adapter {name!r} not found")
+        present = set(versions)
+        aliases = {a: v for a, v in self._alias_state(name).get("aliases", {}).items() if v in present}
+        aliases[LATEST] = versions[-1]
+        return aliases
+
+    def canaries(self, name: str) -> dict[str, dict]:
+        """{alias: {"version", "weight"}} for each alias that sends a share of its traffic to another version."""
+        present = set(self.versions(name))
+        stored = self._alias_state(name).get("canary", {})
+        return {a: dict(c) for a, c in stored.items() if c["version"] in present}
+
+    def resolve(self, ref: "Ref | str", sticky: str | None = None) -> Version:
+        """The version a reference names. An alias under a canary answers with the candidate for `weight`% of
+        callers: the same `sticky` key always gets the same side while the weight stays put; without one, chance."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if ref.version is not None:
+            return self.get(ref.name, ref.version)
+        alias = ref.alias or LATEST
+        version = self.aliases(ref.name).get(alias)
+        if version is None:
+            raise NotFound(f"adapter {ref.name!r} has no alias {ref.alias!r}")
+        canary = self.canaries(ref.name).get(alias)
+        if canary is not None:
+            share = sticky_share(f"{ref.name}@{alias}:{sticky}") if sticky else random.uniform(0, 100)
+            version = canary["version"] if share < canary["weight"] else version
+        return self.get(ref.name, version)
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Points `alias` at `version`, remembering where it pointed so that rollback can return there; a canary on
+        the alias ends."""
+        check_alias(alias)
+        self.get(name, version)
+
+        def change(state: dict) -> None:
+            previous = state.setdefault("aliases", {}).get(alias)
+            if previous is not None and previous != version:
+                state.setdefault("alias_history", {}).setdefault(alias, []).append(previous)
+            state["aliases"][alias] = version
+            state.get("canary", {}).pop(alias, None)
+
+        self._update_state(name, change)
+
+    def rollback(self, name: str, alias: str = "stable") -> int:
+        """Moves `alias` back to the most recent earlier version that still exists; returns it."""
+        present = self._present(check_name(name))
+        if not present:
+            raise NotFound(f"adapter {name!r} not found")
+        result = {}
+
+        def change(state: dict) -> None:
+            history = state.setdefault("alias_history", {}).get(alias, [])
+            while history and history[-1] not in present:
+                history.pop()
+            if alias not in state.setdefault("aliases", {}) or not history:
+                raise NotFound(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
+            result["version"] = state["aliases"][alias] = history.pop()
+            state.get("canary", {}).pop(alias, None)
+
+        self._update_state(name, change)
+        return result["version"]
+
+    def set_canary(self, name: str, alias: str, version: int, weight: float) -> None:
+        """Sends `weight`% of `alias`'s callers to `version`, the rest to the version the alias points at."""
+        check_alias(alias)
+        if not 0 < weight < 100:
+            raise InvalidReference(f"weight {weight}: must be more than 0 and less than 100 (use promote for 100)",
+                                   "weight")
+        self.get(name, version)
+
+        def change(state: dict) -> None:
+            current = state.setdefault("aliases", {}).get(alias)
+            if current is None:
+                raise NotFound(f"alias {alias!r} of {name!r} points at no version: set it before a canary", "alias")
+            if current == version:
+                raise InvalidReference(f"{name}@{alias} already points at version {version}", "version")
+            state.setdefault("canary", {})[alias] = {"version": version, "weight": weight}
+
+        self._update_state(name, change)
+
+    def promote(self, name: str, alias: str = "stable") -> int:
+        """Points `alias` at its canary's version, for all callers; returns it."""
+        canary = self._end_canary(name, alias)
+        self.set_alias(name, alias, canary["version"])
+        return canary["version"]
+
+    def abort(self, name: str, alias: str = "stable") -> int:
+        """Ends `alias`'s canary: every caller gets the version the alias points at, which is returned."""
+        self._end_canary(name, alias)
+        return self.aliases(name)[alias]
+
+    def _end_canary(self, name: str, alias: str) -> dict:
+        ended = {}
+
+        def change(state: dict) -> None:
+            canary = state.get("canary", {}).pop(alias, None)
+            if canary is None:
+                raise NotFound(f"alias {alias!r} of {name!r} has no canary", "alias")
+            ended.update(canary)
+
+        self._update_state(check_name(name), change)
+        return ended
+
+
+def check_alias(alias: str) -> str:
+    if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias) or alias == LATEST:
+        raise InvalidReference(f"invalid alias {shown(str(alias))}: must match {ALIAS_PATTERN} and not be "
+                               f"{LATEST!r}", "alias")
+    return alias
+
+
+class Registry(AliasTable):
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self._manifests: dict[tuple[str, int, int], dict] = {}
@@ -226,26 +352,6 @@ class Registry:
         except FileNotFoundError:
             return {"aliases": {}, "next_version": 1}
 
-    def aliases(self, name: str) -> dict[str, int]:
-        """Stored aliases that point at an existing version, plus `latest`."""
-        versions = self.versions(name)
-        if not versions:
-            raise NotFound(f"adapter {name!r} not found")
-        present = set(versions)
-        aliases = {a: v for a, v in self._state(name)["aliases"].items() if v in present}
-        aliases[LATEST] = versions[-1]
-        return aliases
-
-    def resolve(self, ref: Ref | str) -> Version:
-        ref = parse_ref(ref) if isinstance(ref, str) else ref
-        if ref.version is not None:
-            version = ref.version
-        else:
-            version = self.aliases(ref.name).get(ref.alias or LATEST)
-            if version is None:
-                raise NotFound(f"adapter {ref.name!r} has no alias {ref.alias!r}")
-        return self.get(ref.name, version)
-
     def get(self, name: str, version: int) -> Version:
         path = self.root / check_name(name) / str(check_version(version))
         try:
@@ -302,38 +408,11 @@ class Registry:
             write_json(adapter_dir / STATE_FILE, state)
         return state
 
-    def set_alias(self, name: str, alias: str, version: int) -> None:
-        """Points `alias` at `version`, remembering where it pointed so that rollback can return there."""
-        if not ALIAS_RE.fullmatch(alias) or alias == LATEST:
-            raise InvalidReference(f"invalid alias {shown(alias)}: must match {ALIAS_PATTERN} and not be {LATEST!r}",
-                                   "alias")
-        self.get(name, version)
+    def _alias_state(self, name: str) -> dict:
+        return self._state(name)
 
-        def change(state: dict) -> None:
-            previous = state["aliases"].get(alias)
-            if previous is not None and previous != version:
-                state.setdefault("alias_history", {}).setdefault(alias, []).append(previous)
-            state["aliases"][alias] = version
-
-        self._update_state(name, change)
-
-    def rollback(self, name: str, alias: str = "stable") -> int:
-        """Moves `alias` back to the most recent earlier version that still exists; returns it."""
-        present = set(self.versions(name))
-        if not present:
-            raise NotFound(f"adapter {name!r} not found")
-        result = {}
-
-        def change(state: dict) -> None:
-            history = state.setdefault("alias_history", {}).get(alias, [])
-            while history and history[-1] not in present:
-                history.pop()
-            if alias not in state["aliases"] or not history:
-                raise NotFound(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
-            result["version"] = state["aliases"][alias] = history.pop()
-
-        self._update_state(name, change)
-        return result["version"]
+    def _present(self, name: str) -> set[int]:
+        return set(self.versions(name))
 
     def tenant(self, name: str) -> str | None:
         return self._state(check_name(name)).get("tenant")

@@ -24,25 +24,20 @@ from botocore.exceptions import ClientError
 
 from .basemodel import BaseModel
 from .registry import (
-    ALIAS_PATTERN,
-    ALIAS_RE,
-    LATEST,
     NAME_RE,
     STATE_FILE,
     VERSION_RE,
+    AliasTable,
     Conflict,
-    InvalidReference,
     NotFound,
-    Ref,
     RegistryError,
     Version,
     check_name,
     check_version,
     manifest_problems,
-    parse_ref,
     stage,
 )
-from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, shown
+from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 
 CLAIMS = "claims"
 # Conditional writes that lose a race are retried; this many losses in a row means something else is wrong.
@@ -113,7 +108,7 @@ class Bucket:
             self.s3.create_bucket(Bucket=self.bucket)
 
 
-class S3Registry:
+class S3Registry(AliasTable):
     """Same interface and guarantees as `registry.Registry`. Reads see a snapshot at most `max_age` seconds old; a
     gateway keeps it fresh with `refresh()` in the background so its request path never waits on the store."""
 
@@ -169,24 +164,6 @@ class S3Registry:
 
     def versions(self, name: str) -> list[int]:
         return list(self._view().get(check_name(name), []))
-
-    def aliases(self, name: str) -> dict[str, int]:
-        versions = self.versions(name)
-        if not versions:
-            raise NotFound(f"adapter {name!r} not found")
-        stored = self._states.get(name, {}).get("aliases", {})
-        aliases = {a: v for a, v in stored.items() if v in set(versions)}
-        aliases[LATEST] = versions[-1]
-        return aliases
-
-    def resolve(self, ref: Ref | str) -> Version:
-        ref = parse_ref(ref) if isinstance(ref, str) else ref
-        if ref.version is not None:
-            return self.get(ref.name, ref.version)
-        version = self.aliases(ref.name).get(ref.alias or LATEST)
-        if version is None:
-            raise NotFound(f"adapter {ref.name!r} has no alias {ref.alias!r}")
-        return self.get(ref.name, version)
 
     def get(self, name: str, version: int) -> Version:
         """From the snapshot while it is fresh (a gateway's request path: no store call); else from the store."""
@@ -306,36 +283,11 @@ class S3Registry:
     def state(self, name: str) -> dict:
         return self._read_state(check_name(name))[0]
 
-    def set_alias(self, name: str, alias: str, version: int) -> None:
-        if not ALIAS_RE.fullmatch(alias) or alias == LATEST:
-            raise InvalidReference(f"invalid alias {shown(alias)}: must match {ALIAS_PATTERN} and not be {LATEST!r}",
-                                   "alias")
-        self.get(name, version)
+    def _alias_state(self, name: str) -> dict:
+        return self._states.get(name, {})
 
-        def change(state: dict) -> None:
-            previous = state.setdefault("aliases", {}).get(alias)
-            if previous is not None and previous != version:
-                state.setdefault("alias_history", {}).setdefault(alias, []).append(previous)
-            state["aliases"][alias] = version
-
-        self._update_state(name, change)
-
-    def rollback(self, name: str, alias: str = "stable") -> int:
-        present = set(self._stored_versions(check_name(name)))
-        if not present:
-            raise NotFound(f"adapter {name!r} not found")
-        result = {}
-
-        def change(state: dict) -> None:
-            history = state.setdefault("alias_history", {}).get(alias, [])
-            while history and history[-1] not in present:
-                history.pop()
-            if alias not in state.setdefault("aliases", {}) or not history:
-                raise NotFound(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
-            result["version"] = state["aliases"][alias] = history.pop()
-
-        self._update_state(name, change)
-        return result["version"]
+    def _present(self, name: str) -> set[int]:
+        return set(self._stored_versions(name))
 
     def delete_version(self, name: str, version: int) -> None:
         """Hides the version at once (its manifest goes first), then removes its files; its number stays claimed."""

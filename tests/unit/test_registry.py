@@ -350,3 +350,40 @@ def test_s3_a_version_left_without_an_owner_still_keeps_its_name_from_other_tena
     assert register(reg, base, adapter_factory(seed=3), tenant="t1").version == 2
     reg.delete("acme")
     assert register(reg, base, adapter_factory(seed=4), tenant="t2").version == 3  # freed by a completed delete
+
+
+def test_a_canary_splits_an_alias_stickily_and_ends_by_promote_or_abort(reg, base, adapter_factory):
+    for seed in range(3):
+        register(reg, base, adapter_factory(seed=seed))
+    with pytest.raises(NotFound):
+        reg.set_canary("acme", "stable", 2, 10)  # the alias must point somewhere first
+    reg.set_alias("acme", "stable", 1)
+    for version, weight in ((1, 10), (2, 0), (2, 100), (2, float("nan"))):
+        with pytest.raises(InvalidReference):
+            reg.set_canary("acme", "stable", version, weight)
+    reg.set_canary("acme", "stable", 2, 20)
+    assert reg.canaries("acme") == {"stable": {"version": 2, "weight": 20}}
+    users = [f"user-{i}" for i in range(1000)]
+    first = {u: reg.resolve("acme@stable", sticky=u).version for u in users}
+    assert 0.16 <= sum(v == 2 for v in first.values()) / len(users) <= 0.24
+    assert all(reg.resolve("acme@stable", sticky=u).version == first[u] for u in users[:100])
+    assert reg.resolve("acme@1", sticky="user-1").version == 1 and reg.resolve("acme").version == 3
+    reg.set_canary("acme", "stable", 2, 50)  # a larger share keeps every caller the smaller one had
+    assert all(reg.resolve("acme@stable", sticky=u).version == 2 for u in users if first[u] == 2)
+    assert reg.abort("acme", "stable") == 1 and reg.canaries("acme") == {}
+    assert {reg.resolve("acme@stable", sticky=u).version for u in users[:50]} == {1}
+    with pytest.raises(NotFound):
+        reg.abort("acme", "stable")
+    reg.set_canary("acme", "stable", 3, 10)
+    assert reg.promote("acme", "stable") == 3 and reg.canaries("acme") == {}
+    assert reg.aliases("acme")["stable"] == 3 and reg.rollback("acme") == 1
+
+
+def test_a_canary_whose_version_is_deleted_stops_taking_callers(reg, base, adapter_factory):
+    for seed in range(2):
+        register(reg, base, adapter_factory(seed=seed))
+    reg.set_alias("acme", "stable", 1)
+    reg.set_canary("acme", "stable", 2, 50)
+    reg.delete_version("acme", 2)
+    assert reg.canaries("acme") == {}
+    assert {reg.resolve("acme@stable", sticky=f"u{i}").version for i in range(40)} == {1}
