@@ -160,7 +160,7 @@ async def show_adapter(name: str, request: Request, actor: str = Depends(require
 
     def show() -> dict:
         check_name(name)
-        aliases, canaries = gw.registry.aliases(name), gw.registry.canaries(name)
+        aliases, canaries = gw.registry.alias_table(name)
         versions = [gw.registry.get(name, v).manifest for v in gw.registry.versions(name)]
         return {"name": name, "tenant": gw.registry.tenant(name), "aliases": aliases, "canaries": canaries,
                 "versions": versions}

@@ -313,7 +313,7 @@ def _model_list(gw: Gateway, tenant: str | None) -> ModelList:
     for name in gw.registry.names():
         try:
             manifests = {v: gw.registry.get(name, v).manifest for v in gw.registry.versions(name)}
-            aliases, canaries = gw.registry.aliases(name), gw.registry.canaries(name)
+            aliases, canaries = gw.registry.alias_table(name)
         except NotFound:
             continue  # deleted while listing
         usable = {v: m for v, m in manifests.items() if visible(m, tenant)}

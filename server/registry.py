@@ -174,19 +174,22 @@ class AliasTable:
 
     def aliases(self, name: str) -> dict[str, int]:
         """Stored aliases that point at an existing version, plus `latest`."""
-        versions = self.versions(name)
-        if not versions:
-            raise NotFound(f"adapter {name!r} not found")
-        present = set(versions)
-        aliases = {a: v for a, v in self._alias_state(name).get("aliases", {}).items() if v in present}
-        aliases[LATEST] = versions[-1]
-        return aliases
+        return self.alias_table(name)[0]
 
     def canaries(self, name: str) -> dict[str, dict]:
         """{alias: {"version", "weight"}} for each alias that sends a share of its traffic to another version."""
-        present = set(self.versions(name))
-        stored = self._alias_state(name).get("canary", {})
-        return {a: dict(c) for a, c in stored.items() if c["version"] in present}
+        return self.alias_table(name)[1]
+
+    def alias_table(self, name: str) -> tuple[dict[str, int], dict[str, dict]]:
+        """The aliases and canaries, from one listing and one reading of the state (resolve is on the request path)."""
+        versions = self.versions(name)
+        if not versions:
+            raise NotFound(f"adapter {name!r} not found")
+        present, state = set(versions), self._alias_state(name)
+        aliases = {a: v for a, v in state.get("aliases", {}).items() if v in present}
+        aliases[LATEST] = versions[-1]
+        canaries = {a: dict(c) for a, c in state.get("canary", {}).items() if c["version"] in present}
+        return aliases, canaries
 
     def resolve(self, ref: "Ref | str", sticky: str | None = None) -> Version:
         """The version a reference names. An alias under a canary answers with the candidate for `weight`% of
@@ -195,10 +198,11 @@ class AliasTable:
         if ref.version is not None:
             return self.get(ref.name, ref.version)
         alias = ref.alias or LATEST
-        version = self.aliases(ref.name).get(alias)
+        aliases, canaries = self.alias_table(ref.name)
+        version = aliases.get(alias)
         if version is None:
             raise NotFound(f"adapter {ref.name!r} has no alias {ref.alias!r}")
-        canary = self.canaries(ref.name).get(alias)
+        canary = canaries.get(alias)
         if canary is not None:
             share = sticky_share(f"{ref.name}@{alias}:{sticky}") if sticky else random.uniform(0, 100)
             version = canary["version"] if share < canary["weight"] else version
