@@ -99,6 +99,7 @@ def test_a_delete_through_one_gateway_is_refused_by_the_other_within_a_second(cl
     with cluster.admin(0) as a:
         version = upload(a, "doomed", archive(cluster.adapter("doomed", 3))).json()["version"]
         assert wait_until(lambda: served_by_b(cluster, f"doomed@{version}"), 2)
+        assert any(f"doomed@{version}" in _held(e) for e in cluster.engines)
         assert a.delete(f"/admin/adapters/doomed/versions/{version}").status_code == 200
         deleted = time.monotonic()
     with cluster.client(1) as b:
@@ -110,6 +111,8 @@ def test_a_delete_through_one_gateway_is_refused_by_the_other_within_a_second(cl
             time.sleep(0.02)
     print(f"deleted through A, refused by B after {time.monotonic() - deleted:.2f} s")
     assert r.json()["error"]["code"] == "adapter_not_found"
+    assert wait_until(lambda: not any(f"doomed@{version}" in _held(e) for e in cluster.engines), 2), \
+        "the deleted version should be unloaded from every engine"
 
 
 def test_concurrent_uploads_of_one_name_through_both_gateways_get_distinct_versions(cluster):
@@ -220,6 +223,12 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
         for gw in (a, b):
             for name in names:  # the killed engine's adapters move to the one left, unasked
                 assert complete(gw, PROMPTS[1], model=name)["choices"][0]["token_ids"]
+
+
+def _held(engine: Engine) -> set[str]:
+    """The adapter versions the engine holds, from its own list."""
+    models = httpx.get(f"{engine.url}/v1/models", headers=ENGINE_AUTH, timeout=10).json()["data"]
+    return {m["id"] for m in models if m.get("parent")}
 
 
 def _sent(cluster: Cluster) -> list[int]:
