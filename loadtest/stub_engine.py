@@ -17,11 +17,16 @@ from server.engine_process import free_port
 USAGE = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
 
 
+def _compact(event: dict) -> bytes:
+    """An event as vLLM writes it: JSON without spaces."""
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
 @dataclass
 class StubEngine:
     """Streams `tokens` events `gap` seconds apart, then a usage event and [DONE]; `event_bytes` pads each event's
     text (or the non-streamed answer's) to that size. `requests` counts completions; `request_ids` holds the
-    X-Request-Id each came with."""
+    X-Request-Id each came with, `traceparents` its W3C trace context."""
 
     tokens: int = 1
     gap: float = 0.0
@@ -30,6 +35,7 @@ class StubEngine:
     tls: ssl.SSLContext | None = None  # serves HTTPS with it when given
     requests: int = 0
     request_ids: list[str | None] = field(default_factory=list)
+    traceparents: list[str | None] = field(default_factory=list)
     _runner: web.AppRunner | None = None
 
     @property
@@ -72,6 +78,7 @@ class StubEngine:
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         self.request_ids.append(request.headers.get("x-request-id"))
+        self.traceparents.append(request.headers.get("traceparent"))
         body = await request.json()
         if "@" in body["model"]:
             return self._refuse_adapter(body["model"])
@@ -86,9 +93,9 @@ class StubEngine:
             if self.gap:
                 await asyncio.sleep(self.gap)
             choice = {"index": 0, "text": text, "finish_reason": "length" if i == self.tokens - 1 else None}
-            await response.write(b"data: " + json.dumps({**head, "choices": [choice], "usage": None}).encode()
+            await response.write(b"data: " + _compact({**head, "choices": [choice], "usage": None})
                                  + b"\n\n")
-        await response.write(b"data: " + json.dumps({**head, "choices": [], "usage": USAGE}).encode() + b"\n\n")
+        await response.write(b"data: " + _compact({**head, "choices": [], "usage": USAGE}) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         return response
 

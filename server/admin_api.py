@@ -1,9 +1,13 @@
 """The /admin routes: upload, list, alias, roll back and delete adapters. Every change and every refusal is audited
-(refused tokens by the Credentials middleware, refused requests by AuditedRoute)."""
+(refused tokens by the Credentials middleware, refused requests by AuditedRoute), under the caller's name.
+
+Operators act on every adapter; a tenant-admin key on its own tenant's only, and another tenant's adapter answers
+exactly as a missing one does."""
 
 import asyncio
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +18,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from .archive import Limits, unpack_isolated
-from .auth import require_admin
+from .audit import parse_since
+from .auth import Caller, admin_caller
 from .gateway import Gateway
 from .protocol import APIError
 from .registry import LATEST, MAX_VERSION, Conflict, InvalidReference, NotFound, RegistryError, Version, check_name
@@ -38,10 +43,11 @@ class AuditedRoute(APIRoute):
                 error = registry_error(e) if isinstance(e, RegistryError) else e
                 status = error.status if isinstance(error, APIError) else 400
                 message = error.message if isinstance(error, APIError) else str(error.errors()[:1])
-                client = request.client.host if request.client else "unknown"
+                caller: Caller = request.state.caller
                 adapter = request.path_params.get("name") or getattr(request.state, "adapter", None)
-                await _gateway(request).audit.arecord(f"admin@{client}", self.name, adapter and str(adapter)[:200],
-                                                      result=f"refused: {status} {message}"[:1000])
+                await _gateway(request).audit.arecord(caller.actor, self.name, adapter and str(adapter)[:200],
+                                                      result=f"refused: {status} {message}"[:1000],
+                                                      tenant=caller.tenant, reason=request.query_params.get("reason"))
                 raise
 
         return audited
@@ -49,6 +55,22 @@ class AuditedRoute(APIRoute):
 
 router = APIRouter(prefix="/admin", route_class=AuditedRoute)
 VersionParam = PathParam(ge=1, le=MAX_VERSION)
+Reason = Query(None, max_length=1000, description="Why, for the audit log.")
+
+
+def _owned(gw: Gateway, caller: Caller, name: str) -> str | None:
+    """The adapter's tenant; for a tenant-admin, another tenant's adapter is refused exactly as a missing one."""
+    owner = gw.registry.tenant(check_name(name))
+    if caller.tenant is not None and owner != caller.tenant:
+        raise NotFound(f"adapter {name!r} not found")
+    return owner
+
+
+async def _audit(request: Request, caller: Caller, action: str, name: str, version: int | None = None,
+                 sha256: str | None = None, **detail) -> None:
+    """One audit line for a change, under the caller's name, with its reason if it gave one."""
+    await _gateway(request).audit.arecord(caller.actor, action, name, version, sha256,
+                                          reason=request.query_params.get("reason"), **detail)
 
 
 class AliasBody(BaseModel):
@@ -90,16 +112,17 @@ def _summary(gw: Gateway, name: str) -> dict:
 async def upload(
     request: Request,
     name: str = Form(...),
-    tenant: str = Form(...),
+    tenant: str | None = Form(None, description="Required of operators; a tenant-admin key's own by default."),
     alias: str | None = Form(None),
     public: bool = Form(False),
     file: UploadFile = File(...),
-    actor: str = Depends(require_admin),
+    reason: str | None = Reason,
+    caller: Caller = Depends(admin_caller),
 ) -> dict:
     gw = _gateway(request)
     request.state.adapter = name[:200]
     check_name(name)
-    check_name(tenant, "tenant")
+    tenant = _upload_tenant(caller, tenant)
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-upload-"))
     try:
         unpacked = await _unpack(gw, file, work)
@@ -109,14 +132,25 @@ async def upload(
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
     sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
-    await gw.audit.arecord(actor, "upload", name, version.version, sha, tenant=tenant)
+    await _audit(request, caller, "upload", name, version.version, sha, tenant=tenant)
     if alias:
         try:
             await asyncio.to_thread(gw.registry.set_alias, name, alias, version.version)
         except InvalidReference as e:
             raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
-        await gw.audit.arecord(actor, "alias", name, version.version, sha, alias=alias)
+        await _audit(request, caller, "alias", name, version.version, sha, tenant=tenant, alias=alias)
     return version.manifest
+
+
+def _upload_tenant(caller: Caller, tenant: str | None) -> str:
+    if caller.tenant is not None and tenant not in (None, caller.tenant):
+        raise APIError(403, "tenant: a tenant-admin key registers adapters for its own tenant only",
+                       type="permission_error", param="tenant", code="other_tenant")
+    tenant = tenant or caller.tenant
+    if tenant is None:
+        raise APIError(400, "tenant: required (the tenant that owns the adapter)", param="tenant",
+                       code="missing_required_parameter")
+    return check_name(tenant, "tenant")
 
 
 async def _unpack(gw: Gateway, file: UploadFile, work: Path) -> Path:
@@ -138,8 +172,11 @@ def _register(gw: Gateway, unpacked: Path, name: str, tenant: str, public: bool,
 
 @router.get("/adapters")
 async def list_adapters(request: Request, tenant: str | None = Query(None),
-                        actor: str = Depends(require_admin)) -> dict:
-    return await asyncio.to_thread(_list, _gateway(request), tenant)
+                        caller: Caller = Depends(admin_caller)) -> dict:
+    """Every adapter, or one tenant's; a tenant-admin sees its own tenant's only."""
+    if caller.tenant is not None and tenant not in (None, caller.tenant):
+        return {"object": "list", "data": []}
+    return await asyncio.to_thread(_list, _gateway(request), caller.tenant or tenant)
 
 
 def _list(gw: Gateway, tenant: str | None) -> dict:
@@ -155,85 +192,116 @@ def _list(gw: Gateway, tenant: str | None) -> dict:
 
 
 @router.get("/adapters/{name}")
-async def show_adapter(name: str, request: Request, actor: str = Depends(require_admin)) -> dict:
+async def show_adapter(name: str, request: Request, caller: Caller = Depends(admin_caller)) -> dict:
     gw = _gateway(request)
 
     def show() -> dict:
-        check_name(name)
+        owner = _owned(gw, caller, name)
         aliases, canaries = gw.registry.alias_table(name)
         versions = [gw.registry.get(name, v).manifest for v in gw.registry.versions(name)]
-        return {"name": name, "tenant": gw.registry.tenant(name), "aliases": aliases, "canaries": canaries,
-                "versions": versions}
+        return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries, "versions": versions}
 
     return await asyncio.to_thread(show)
 
 
 @router.put("/adapters/{name}/aliases/{alias}")
-async def set_alias(name: str, alias: str, body: AliasBody, request: Request,
-                    actor: str = Depends(require_admin)) -> dict:
+async def set_alias(name: str, alias: str, body: AliasBody, request: Request, reason: str | None = Reason,
+                    caller: Caller = Depends(admin_caller)) -> dict:
     gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
     await asyncio.to_thread(gw.registry.set_alias, name, alias, body.version)
     sha = await asyncio.to_thread(_sha, gw, name, body.version)
-    await gw.audit.arecord(actor, "alias", name, body.version, sha, alias=alias)
+    await _audit(request, caller, "alias", name, body.version, sha, tenant=owner, alias=alias)
     return {"name": name, "alias": alias, "version": body.version}
 
 
 @router.put("/adapters/{name}/aliases/{alias}/canary")
-async def set_canary(name: str, alias: str, body: CanaryBody, request: Request,
-                     actor: str = Depends(require_admin)) -> dict:
+async def set_canary(name: str, alias: str, body: CanaryBody, request: Request, reason: str | None = Reason,
+                     caller: Caller = Depends(admin_caller)) -> dict:
     """Sends `weight`% of the alias's callers (the same ones while the weight stays) to `version`."""
     gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
     await asyncio.to_thread(gw.registry.set_canary, name, alias, body.version, body.weight)
     sha = await asyncio.to_thread(_sha, gw, name, body.version)
-    await gw.audit.arecord(actor, "canary", name, body.version, sha, alias=alias, weight=body.weight)
+    await _audit(request, caller, "canary", name, body.version, sha, tenant=owner, alias=alias, weight=body.weight)
     return {"name": name, "alias": alias, "canary": {"version": body.version, "weight": body.weight}}
 
 
 @router.post("/adapters/{name}/aliases/{alias}/promote")
-async def promote(name: str, alias: str, request: Request, actor: str = Depends(require_admin)) -> dict:
+async def promote(name: str, alias: str, request: Request, reason: str | None = Reason,
+                  caller: Caller = Depends(admin_caller)) -> dict:
     """Points the alias at its canary's version, for every caller."""
     gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
     version = await asyncio.to_thread(gw.registry.promote, name, alias)
     sha = await asyncio.to_thread(_sha, gw, name, version)
-    await gw.audit.arecord(actor, "promote", name, version, sha, alias=alias)
+    await _audit(request, caller, "promote", name, version, sha, tenant=owner, alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
 
 @router.post("/adapters/{name}/aliases/{alias}/abort")
-async def abort(name: str, alias: str, request: Request, actor: str = Depends(require_admin)) -> dict:
+async def abort(name: str, alias: str, request: Request, reason: str | None = Reason,
+                caller: Caller = Depends(admin_caller)) -> dict:
     """Ends the alias's canary: every caller gets the version the alias points at."""
     gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
     version = await asyncio.to_thread(gw.registry.abort, name, alias)
-    await gw.audit.arecord(actor, "abort", name, version, alias=alias)
+    await _audit(request, caller, "abort", name, version, tenant=owner, alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
 
 @router.post("/adapters/{name}/rollback")
-async def rollback(name: str, request: Request, body: RollbackBody | None = None,
-                   actor: str = Depends(require_admin)) -> dict:
+async def rollback(name: str, request: Request, body: RollbackBody | None = None, reason: str | None = Reason,
+                   caller: Caller = Depends(admin_caller)) -> dict:
     gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
     alias = (body or RollbackBody()).alias
     version = await asyncio.to_thread(gw.registry.rollback, name, alias)
     sha = await asyncio.to_thread(_sha, gw, name, version)
-    await gw.audit.arecord(actor, "rollback", name, version, sha, alias=alias)
+    await _audit(request, caller, "rollback", name, version, sha, tenant=owner, alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
 
 @router.delete("/adapters/{name}/versions/{version}")
-async def delete_version(name: str, request: Request, version: int = VersionParam,
-                         actor: str = Depends(require_admin)) -> dict:
+async def delete_version(name: str, request: Request, version: int = VersionParam, reason: str | None = Reason,
+                         caller: Caller = Depends(admin_caller)) -> dict:
     gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
     sha = await asyncio.to_thread(_sha, gw, name, version)
     await asyncio.to_thread(gw.registry.delete_version, name, version)
     gw.retire([f"{name}@{version}"])
-    await gw.audit.arecord(actor, "delete_version", name, version, sha)
+    await _audit(request, caller, "delete_version", name, version, sha, tenant=owner)
     return {"name": name, "version": version, "deleted": True}
 
 
 @router.delete("/adapters/{name}")
-async def delete_adapter(name: str, request: Request, actor: str = Depends(require_admin)) -> dict:
+async def delete_adapter(name: str, request: Request, reason: str | None = Reason,
+                         caller: Caller = Depends(admin_caller)) -> dict:
     gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
     versions = await asyncio.to_thread(gw.registry.delete, name)
     gw.retire([f"{name}@{v}" for v in versions])
-    await gw.audit.arecord(actor, "delete", name, versions=versions)
+    await _audit(request, caller, "delete", name, tenant=owner, versions=versions)
     return {"name": name, "versions": versions, "deleted": True}
+
+
+@router.get("/usage")
+async def usage(request: Request, tenant: str | None = Query(None, description="Required of operators."),
+                since: str | None = Query(None, description="ISO 8601 time or an age such as 30m or 7d; default: "
+                                                            "all time."),
+                until: str | None = Query(None, description="ISO 8601 time or an age; default: now."),
+                caller: Caller = Depends(admin_caller)) -> dict:
+    """A tenant's completed requests and tokens in a window (whole minutes); a tenant-admin sees its own only."""
+    if caller.tenant is not None and tenant not in (None, caller.tenant):
+        raise APIError(403, "tenant: a tenant-admin key sees its own tenant's usage only", type="permission_error",
+                       param="tenant", code="other_tenant")
+    tenant = tenant or caller.tenant
+    if tenant is None:
+        raise APIError(400, "tenant: required", param="tenant", code="missing_required_parameter")
+    window = []
+    for param, text, default in (("since", since, 0.0), ("until", until, time.time())):
+        try:
+            window.append(parse_since(text) if text else default)
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
+    return await _gateway(request).usage.totals(check_name(tenant, "tenant"), *window)

@@ -31,6 +31,8 @@ from .registry import RegistryError, open_registry
 from .request_ids import RequestIds
 from .routing import Backend, Router
 from .supervisor import Supervisor
+from .tracing import tracer
+from .usage import usage_ledger
 
 log = logging.getLogger("loraplex")
 
@@ -84,7 +86,7 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     # Engines on https:// URLs are verified against ENGINE_CA when set, else the system's CAs.
     tls = ssl.create_default_context(cafile=settings.engine_ca) if settings.engine_ca else True
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0, ssl=tls))
-    metrics = Metrics(settings.metrics_max_adapters)
+    metrics = Metrics(settings.metrics_max_adapters, settings.metrics_max_tenants)
     admin = admin_token(settings)
     key = engine_key(settings, admin)
     remote = settings.engine_urls or settings.engine_dns
@@ -98,7 +100,10 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     return Gateway(settings, registry, base, session, Router(backends),
                    key_store(settings, follow=True), AuditLog(settings.state_dir, settings.registry), metrics,
                    Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
-                             settings.retry_after), admin, metrics_token, asyncio.Semaphore(settings.archive_workers))
+                             settings.retry_after),
+                   usage_ledger(settings.registry, settings.state_dir, settings.tenant_budgets),
+                   tracer(settings.otlp_endpoint), admin, metrics_token,
+                   asyncio.Semaphore(settings.archive_workers))
 
 
 def _discovery(gw: Gateway) -> Discovery:
@@ -151,6 +156,8 @@ def create_app(settings: Settings) -> FastAPI:
             await gw.session.close()
             for proc in spawned:
                 await asyncio.to_thread(proc.stop)
+            if gw.tracer:
+                await asyncio.to_thread(gw.tracer.shutdown)
 
     app = FastAPI(title="loraplex", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.include_router(openai_api.router)

@@ -261,6 +261,8 @@ def _zip_directory_ok(archive: BinaryIO, limits: Limits) -> None:
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
     mode = info.external_attr >> 16
+    if not info.filename:  # zipfile's is_dir() fails on it; refused with a message as a member name
+        return "file"
     # Zips made off Unix carry no file type bits; those entries are plain files.
     if info.is_dir():
         return "dir"

@@ -1,23 +1,43 @@
-"""The audit log: one JSON line per admin action or refusal. In STATE_DIR/audit.log beside a directory registry;
-beside an object-store registry, one stream of objects per gateway (or CLI) process, merged by time when read."""
+"""The audit log: one JSON line per change or refusal. In STATE_DIR/audit.log beside a directory registry, renamed
+aside (audit.log.NANOSECONDS) once past ROTATE_BYTES; beside an object-store registry, one stream of objects per
+gateway (or CLI) process. Either way every part is read back, merged by time."""
 
 import asyncio
+import datetime
 import json
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from filelock import FileLock
+
 from .documents import SHARED
 from .request_ids import REQUEST_ID
 
 AUDIT_PREFIX = f"{SHARED}/audit/"
+ROTATE_BYTES = 16 * 2**20
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """A start time from an ISO 8601 time (UTC unless it names a zone) or an age such as 30m, 12h or 7d."""
+    age = _AGE.match(text.strip())
+    if age:
+        return (time.time() if now is None else now) - float(age[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age[2]]
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO 8601 time nor an age such as 30m, 12h or 7d") from None
+    return (when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)).timestamp()
 
 
 class AuditLog:
-    def __init__(self, state_dir: Path, registry: str = ""):
+    def __init__(self, state_dir: Path, registry: str = "", rotate_bytes: int = ROTATE_BYTES):
         self.path = Path(state_dir) / "audit.log"
+        self.rotate_bytes = rotate_bytes
         self.store = None
         if registry.startswith("s3://"):
             from .s3_registry import Bucket
@@ -45,8 +65,21 @@ class AuditLog:
         try:
             os.write(fd, line.encode())
             os.fsync(fd)
+            full = os.fstat(fd).st_size >= self.rotate_bytes
         finally:
             os.close(fd)
+        if full:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        """Renames the full log aside. A writer that opened it before the rename still appends there, and the
+        renamed file is read too, so no line is lost; the lock makes one process rotate, not each."""
+        with FileLock(self.path.with_name("audit.log.lock")):
+            try:
+                if self.path.stat().st_size >= self.rotate_bytes:
+                    os.rename(self.path, self.path.with_name(f"audit.log.{time.time_ns()}"))
+            except FileNotFoundError:
+                pass
 
     async def arecord(self, actor: str, action: str, adapter: str | None = None, version: int | None = None,
                       sha256: str | None = None, result: str = "ok", **detail) -> None:
@@ -60,10 +93,13 @@ class AuditLog:
     def entries(self) -> list[dict]:
         """Every entry of every stream, oldest first."""
         if self.store is None:
-            try:
-                return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            except FileNotFoundError:
-                return []
+            entries = []
+            for part in [*sorted(self.path.parent.glob("audit.log.[0-9]*")), self.path]:
+                try:
+                    entries += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+                except FileNotFoundError:
+                    continue
+            return sorted(entries, key=lambda e: e["time"])
         entries = []
         for key, _ in self.store.keys(AUDIT_PREFIX):
             got = self.store.get(key)

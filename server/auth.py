@@ -1,4 +1,4 @@
-"""Who is calling: the admin token, and tenant API keys (stored hashed, shared by every gateway replica)."""
+"""Who is calling: the admin token, and API keys with a role (stored hashed, shared by every gateway replica)."""
 
 import hashlib
 import hmac
@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import time
+from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -19,6 +20,26 @@ log = logging.getLogger("loraplex.auth")
 KEYS_FILE = "keys.json"
 ADMIN_TOKEN_FILE = "admin_token"
 KEY_PREFIX = "lpx-"
+# inference: /v1 for its tenant; tenant-admin: also /admin for its tenant's adapters; admin: an operator, everything.
+ROLES = ("inference", "tenant-admin", "admin")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whom a request acts as: a key, by id and name (never its secret), or the admin token."""
+
+    key_id: str
+    role: str
+    tenant: str | None = None  # None: every tenant (operators)
+    name: str | None = None
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names it."""
+        return f"{self.key_id} ({self.name})" if self.name else self.key_id
+
+
+ADMIN_TOKEN_CALLER = Caller("admin-token", "admin", name="admin")
 
 
 def hash_key(key: str) -> str:
@@ -67,7 +88,7 @@ class KeyStore:
     def __init__(self, document: Document, mode: str = "auto", follow: bool = False):
         self.document, self.mode, self.follow = document, mode, follow
         self._tag: object = None
-        self._tenants: dict[str, str] = {}  # sha256 -> tenant
+        self._callers: dict[str, Caller] = {}  # sha256 -> its caller
         if follow:
             self.refresh()
 
@@ -75,7 +96,8 @@ class KeyStore:
         tag = self.document.tag()
         if tag != self._tag:
             keys = (self.document.read() or {}).get("keys", {})
-            self._tenants = {k["sha256"]: k["tenant"] for k in keys.values()}
+            self._callers = {k["sha256"]: Caller(key_id, k.get("role", "inference"), k.get("tenant"), k.get("name"))
+                             for key_id, k in keys.items()}
             self._tag = tag
 
     def enabled(self) -> bool:
@@ -86,29 +108,53 @@ class KeyStore:
             self.refresh()
         return self._tag is not None
 
-    def tenant_for(self, key: str) -> str | None:
+    def caller_for(self, key: str) -> Caller | None:
         if not self.follow:
             self.refresh()
-        return self._tenants.get(hash_key(key))
+        return self._callers.get(hash_key(key))
 
-    def create(self, tenant: str) -> tuple[str, str]:
-        """Returns (key id, key); the key itself is shown this once and stored only as a hash."""
+    def create(self, tenant: str | None, role: str = "inference", name: str | None = None) -> tuple[str, str]:
+        """Returns (key id, key); the key itself is shown this once and stored only as a hash. An operator key
+        (role admin) has a name and no tenant; the others have a tenant. Raises ValueError naming the option."""
+        if role not in ROLES:
+            raise ValueError(f"role: must be one of {', '.join(ROLES)}")
+        if (role == "admin") != (tenant is None):
+            raise ValueError("tenant: an operator key has none" if tenant else f"tenant: a {role} key needs one")
+        if role == "admin" and not name:
+            raise ValueError("name: an operator key needs a name, for the audit log")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(6)
-        entry = {"tenant": tenant, "sha256": hash_key(key), "created": time.time()}
-        self.document.update(lambda data: data.setdefault("keys", {}).__setitem__(key_id, entry))
+        entry = {"tenant": tenant, "role": role, "name": name, "sha256": hash_key(key), "created": time.time()}
+
+        def add(data: dict) -> None:
+            keys = data.setdefault("keys", {})
+            if name and any(k.get("name") == name for k in keys.values()):
+                raise ValueError(f"name: a key named {name!r} exists; revoke it first")
+            keys[key_id] = entry
+
+        self.document.update(add)
         return key_id, key
 
-    def revoke(self, key_id: str) -> bool:
+    def revoke(self, key: str) -> str | None:
+        """Revokes a key by id or by name; returns the id, or None when there is no such key."""
         if self.document.tag() is None:
-            return False
-        found = []
-        self.document.update(lambda data: found.append(data.setdefault("keys", {}).pop(key_id, None) is not None))
-        return found[0]
+            return None
+        found: list[str] = []
+
+        def remove(data: dict) -> None:
+            keys = data.setdefault("keys", {})
+            match = key if key in keys else next((i for i, k in keys.items() if k.get("name") == key), None)
+            if match is not None:
+                del keys[match]
+                found.append(match)
+
+        self.document.update(remove)
+        return found[0] if found else None
 
     def list(self) -> list[dict]:
         keys = sorted((self.document.read() or {}).get("keys", {}).items(), key=lambda item: item[1]["created"])
-        return [{"id": i, "tenant": k["tenant"], "created": k["created"]} for i, k in keys]
+        return [{"id": i, "tenant": k.get("tenant"), "role": k.get("role", "inference"), "name": k.get("name"),
+                 "created": k["created"]} for i, k in keys]
 
 
 def key_store(settings: Settings, follow: bool = False) -> KeyStore:
@@ -123,18 +169,23 @@ def bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def require_admin(request: Request) -> str:
-    """FastAPI dependency: the caller, for the audit log; 401 unless it holds the admin token."""
-    gw = request.app.state.gateway
-    if not same_secret(bearer(request), gw.admin_token):
-        raise APIError(401, "a valid admin token is required (Authorization: Bearer <token>)",
-                       type="authentication_error", code="invalid_admin_token")
-    return f"admin@{request.client.host if request.client else 'unknown'}"
+def identify(token: str | None, admin: str, keys: KeyStore) -> Caller | None:
+    """The caller a bearer token stands for, or None."""
+    if token is None:
+        return None
+    if same_secret(token, admin):
+        return ADMIN_TOKEN_CALLER
+    return keys.caller_for(token)
+
+
+def admin_caller(request: Request) -> Caller:
+    """FastAPI dependency: the /admin caller, which the Credentials middleware identified and let through."""
+    return request.state.caller
 
 
 async def caller_tenant(request: Request) -> str | None:
     """FastAPI dependency: the tenant a /v1 caller acts for; None (sees everything) when no keys exist or for
-    the admin token. Async, so it runs on the event loop rather than costing every request a thread hop."""
+    an operator. Async, so it runs on the event loop rather than costing every request a thread hop."""
     gw = request.app.state.gateway
     if not gw.keys.enabled():
         return None
@@ -142,12 +193,10 @@ async def caller_tenant(request: Request) -> str | None:
     if token is None:
         raise APIError(401, "an API key is required (Authorization: Bearer <key>)",
                        type="authentication_error", code="missing_api_key")
-    if same_secret(token, gw.admin_token):
-        return None
-    tenant = gw.keys.tenant_for(token)
-    if tenant is None:
+    caller = identify(token, gw.admin_token, gw.keys)
+    if caller is None:
         raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
-    return tenant
+    return caller.tenant
 
 
 class Credentials:
@@ -165,17 +214,27 @@ class Credentials:
             return await self.app(scope, receive, send)
         gw = scope["app"].state.gateway
         token = _bearer_of(scope)
-        if same_secret(token, gw.admin_token) or (not admin and gw.metrics_token
-                                                   and same_secret(token, gw.metrics_token)):
+        caller = identify(token, gw.admin_token, gw.keys)
+        if not admin:
+            if (caller is not None and caller.role == "admin") or (gw.metrics_token
+                                                                     and same_secret(token, gw.metrics_token)):
+                return await self.app(scope, receive, send)
+            response = error_response(401, "the admin or metrics token is required (Authorization: Bearer <token>)",
+                                      type="authentication_error", code="invalid_metrics_token")
+            return await response(scope, receive, send)
+        if caller is not None and caller.role != "inference":
+            scope.setdefault("state", {})["caller"] = caller
             return await self.app(scope, receive, send)
-        if admin:
-            client = scope.get("client") or ("unknown",)
-            await gw.audit.arecord(f"anonymous@{client[0]}", f"{scope['method']} {path[:200]}",
-                                   result="refused: invalid admin token")
-        what = "a valid admin token" if admin else "the admin or metrics token"
-        response = error_response(401, f"{what} is required (Authorization: Bearer <token>)",
-                                  type="authentication_error",
-                                  code="invalid_admin_token" if admin else "invalid_metrics_token")
+        client = scope.get("client") or ("unknown",)
+        if caller is None:
+            actor, result = f"anonymous@{client[0]}", "refused: invalid admin token"
+            response = error_response(401, "an admin token or key is required (Authorization: Bearer <token>)",
+                                      type="authentication_error", code="invalid_admin_token")
+        else:
+            actor, result = caller.actor, "refused: an inference key"
+            response = error_response(403, "this key may only call /v1 (its role is inference)",
+                                      type="permission_error", code="insufficient_role")
+        await gw.audit.arecord(actor, f"{scope['method']} {path[:200]}", result=result, tenant=caller and caller.tenant)
         await response(scope, receive, send)
 
 

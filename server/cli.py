@@ -11,7 +11,7 @@ from .config import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Multi-tenant LoRA serving over vLLM.")
 adapters_app = typer.Typer(no_args_is_help=True, help="Manage adapters: `add` locally, the rest on a running server.")
-keys_app = typer.Typer(no_args_is_help=True, help="Manage tenant API keys (stored hashed in STATE_DIR).")
+keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys and operator keys (stored hashed).")
 registry_app = typer.Typer(no_args_is_help=True, help="Check and copy adapter registries.")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(keys_app, name="keys")
@@ -131,6 +131,7 @@ def adapters_add(
     path: Path = typer.Argument(..., help="PEFT adapter directory (adapter_config.json, adapter_model.safetensors)."),
     tenant: str = typer.Option("default", help="Tenant that owns the adapter."),
     public: bool = typer.Option(False, help="Let every tenant use it."),
+    reason: str = typer.Option(None, "--reason", help="Why, for the audit log."),
 ) -> None:
     """Register a PEFT adapter directory as the next version of NAME (no server needed)."""
     from . import basemodel
@@ -148,19 +149,23 @@ def adapters_add(
             tenant=tenant, public=public, origin=f"cli:{path.resolve()}",
         )
     except (InvalidAdapter, RegistryError) as e:
-        AuditLog(settings.state_dir, settings.registry).record(_actor(), "add", name, result=f"refused: {e}")
+        AuditLog(settings.state_dir, settings.registry).record(_actor(), "add", name, result=f"refused: {e}",
+                                                               tenant=tenant, reason=reason)
         fail(str(e))
     except FileNotFoundError as e:
         fail(f"base model LORAPLEX_BASE_MODEL={settings.base_model}: {e}")
     AuditLog(settings.state_dir, settings.registry).record(_actor(), "add", name, version.version,
-                                        version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant)
+                                                           version.manifest["files"][WEIGHTS_FILE]["sha256"],
+                                                           tenant=tenant, reason=reason)
     typer.echo(f"registered {version.key} (latest) rank {version.manifest['rank']} in {settings.registry}")
 
 
 def _actor() -> str:
+    """The CLI's name in the audit log: it acts on the registry directly, as the operating-system user."""
     import getpass
+    import socket
 
-    return f"cli:{getpass.getuser()}"
+    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
 
 
 def _admin(method: str, path: str, url: str | None, token: str | None, **kwargs):
@@ -197,7 +202,12 @@ def _echo_json(data: object) -> None:
 
 
 URL = typer.Option(None, "--url", help="Server URL (LORAPLEX_URL; default http://LORAPLEX_HOST:LORAPLEX_PORT).")
-TOKEN = typer.Option(None, "--token", help="Admin token (LORAPLEX_ADMIN_TOKEN, else STATE_DIR/admin_token).")
+TOKEN = typer.Option(None, "--token", help="Admin token or key (LORAPLEX_ADMIN_TOKEN, else STATE_DIR/admin_token).")
+REASON = typer.Option(None, "--reason", help="Why, for the audit log.")
+
+
+def _why(reason: str | None) -> dict:
+    return {"params": {"reason": reason}} if reason else {}
 
 
 @adapters_app.command("list")
@@ -217,10 +227,10 @@ def adapters_show(name: str, url: str = URL, token: str = TOKEN) -> None:
 def adapters_upload(
     name: str,
     path: Path = typer.Argument(..., help="A PEFT adapter directory, or a .tar.gz/.tgz/.zip of one."),
-    tenant: str = typer.Option(..., help="Tenant that owns the adapter."),
+    tenant: str = typer.Option(None, help="Tenant that owns the adapter (a tenant-admin key's own by default)."),
     alias: str = typer.Option(None, help="Also point this alias at the new version."),
     public: bool = typer.Option(False, help="Let every tenant use it."),
-    url: str = URL, token: str = TOKEN,
+    reason: str = REASON, url: str = URL, token: str = TOKEN,
 ) -> None:
     """Upload an adapter to a running server as the next version of NAME."""
     from .archive import pack_archive
@@ -231,103 +241,127 @@ def adapters_upload(
         content, filename = path.read_bytes(), path.name
     else:
         fail(f"PATH: {path} does not exist")
-    form = {"name": name, "tenant": tenant, "public": str(public).lower(), **({"alias": alias} if alias else {})}
-    _echo_json(_admin("POST", "/admin/adapters", url, token, data=form, files={"file": (filename, content)}))
+    form = {"name": name, "public": str(public).lower(), **({"alias": alias} if alias else {}),
+            **({"tenant": tenant} if tenant else {})}
+    _echo_json(_admin("POST", "/admin/adapters", url, token, data=form, files={"file": (filename, content)},
+                      **_why(reason)))
 
 
 @adapters_app.command("alias")
-def adapters_alias(name: str, alias: str, version: int, url: str = URL, token: str = TOKEN) -> None:
+def adapters_alias(name: str, alias: str, version: int, reason: str = REASON, url: str = URL,
+                   token: str = TOKEN) -> None:
     """Point ALIAS of NAME at VERSION."""
-    _echo_json(_admin("PUT", f"/admin/adapters/{name}/aliases/{alias}", url, token, json={"version": version}))
+    _echo_json(_admin("PUT", f"/admin/adapters/{name}/aliases/{alias}", url, token, json={"version": version},
+                      **_why(reason)))
 
 
 @adapters_app.command("canary")
 def adapters_canary(name: str, version: int = typer.Option(..., help="Candidate version."),
                     weight: float = typer.Option(..., help="Percent of the alias's callers sent to it."),
                     alias: str = typer.Option("stable", help="Alias whose callers are split."),
-                    url: str = URL, token: str = TOKEN) -> None:
+                    reason: str = REASON, url: str = URL, token: str = TOKEN) -> None:
     """Send WEIGHT% of ALIAS's callers (the same ones while the weight stays) to VERSION."""
     _echo_json(_admin("PUT", f"/admin/adapters/{name}/aliases/{alias}/canary", url, token,
-                      json={"version": version, "weight": weight}))
+                      json={"version": version, "weight": weight}, **_why(reason)))
 
 
 @adapters_app.command("promote")
 def adapters_promote(name: str, alias: str = typer.Option("stable", help="Alias under a canary."),
-                     url: str = URL, token: str = TOKEN) -> None:
+                     reason: str = REASON, url: str = URL, token: str = TOKEN) -> None:
     """Point ALIAS at its canary's version, for every caller."""
-    _echo_json(_admin("POST", f"/admin/adapters/{name}/aliases/{alias}/promote", url, token))
+    _echo_json(_admin("POST", f"/admin/adapters/{name}/aliases/{alias}/promote", url, token, **_why(reason)))
 
 
 @adapters_app.command("abort")
 def adapters_abort(name: str, alias: str = typer.Option("stable", help="Alias under a canary."),
-                   url: str = URL, token: str = TOKEN) -> None:
+                   reason: str = REASON, url: str = URL, token: str = TOKEN) -> None:
     """End ALIAS's canary: every caller gets the version the alias points at."""
-    _echo_json(_admin("POST", f"/admin/adapters/{name}/aliases/{alias}/abort", url, token))
+    _echo_json(_admin("POST", f"/admin/adapters/{name}/aliases/{alias}/abort", url, token, **_why(reason)))
 
 
 @adapters_app.command("rollback")
 def adapters_rollback(name: str, alias: str = typer.Option("stable", help="Alias to move back."),
-                      url: str = URL, token: str = TOKEN) -> None:
+                      reason: str = REASON, url: str = URL, token: str = TOKEN) -> None:
     """Move ALIAS (stable) back to the version it pointed to before."""
-    _echo_json(_admin("POST", f"/admin/adapters/{name}/rollback", url, token, json={"alias": alias}))
+    _echo_json(_admin("POST", f"/admin/adapters/{name}/rollback", url, token, json={"alias": alias},
+                      **_why(reason)))
 
 
 @adapters_app.command("delete")
 def adapters_delete(name: str, version: int = typer.Option(None, help="Delete only this version."),
-                    url: str = URL, token: str = TOKEN) -> None:
+                    reason: str = REASON, url: str = URL, token: str = TOKEN) -> None:
     """Delete an adapter (or one version); requests already running on it finish."""
     path = f"/admin/adapters/{name}" + (f"/versions/{version}" if version is not None else "")
-    _echo_json(_admin("DELETE", path, url, token))
+    _echo_json(_admin("DELETE", path, url, token, **_why(reason)))
 
 
 @keys_app.command("create")
-def keys_create(tenant: str = typer.Option(..., help="Tenant the key acts for.")) -> None:
-    """Create an API key for TENANT; the key is printed once, as the last word."""
+def keys_create(
+    tenant: str = typer.Option(None, help="Tenant the key acts for (not for --admin)."),
+    role: str = typer.Option("inference", help="inference (/v1) or tenant-admin (also /admin, own tenant only)."),
+    admin: bool = typer.Option(False, "--admin", help="An operator key: /admin for every tenant; needs --name."),
+    name: str = typer.Option(None, help="The key's name in the audit log (required with --admin)."),
+    reason: str = REASON,
+) -> None:
+    """Create an API key; the key is printed once, as the last word."""
     from .audit import AuditLog
     from .auth import key_store
     from .registry import InvalidReference, check_name
 
     settings = load_settings()
     try:
-        check_name(tenant, "tenant")
-    except InvalidReference as e:
-        fail(f"--tenant: {e}")
-    key_id, key = key_store(settings).create(tenant)
-    AuditLog(settings.state_dir, settings.registry).record(_actor(), "key_create", tenant=tenant, key_id=key_id)
-    typer.echo(f"created {key_id} for tenant {tenant}; store this key now, it is not shown again: {key}")
+        if tenant is not None:
+            check_name(tenant, "tenant")
+        key_id, key = key_store(settings).create(tenant, "admin" if admin else role, name)
+    except (InvalidReference, ValueError) as e:
+        fail(f"--{e}")
+    AuditLog(settings.state_dir, settings.registry).record(_actor(), "key_create", tenant=tenant, key_id=key_id,
+                                                           role="admin" if admin else role, name=name, reason=reason)
+    who = f"operator {name}" if admin else f"tenant {tenant} ({role})"
+    typer.echo(f"created {key_id} for {who}; store this key now, it is not shown again: {key}")
 
 
 @keys_app.command("list")
 def keys_list() -> None:
-    """List API keys (id, tenant, creation time; never the keys)."""
+    """List API keys (id, tenant, role, name, creation time; never the keys)."""
     from .auth import key_store
 
     _echo_json(key_store(load_settings()).list())
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: str) -> None:
-    """Revoke an API key by id; a running server refuses it from the next request."""
+def keys_revoke(key: str = typer.Argument(..., metavar="KEY_ID_OR_NAME"), reason: str = REASON) -> None:
+    """Revoke an API key by id (or an operator key by name); running servers refuse it from their next request."""
     from .audit import AuditLog
     from .auth import key_store
 
     settings = load_settings()
-    if not key_store(settings).revoke(key_id):
-        fail(f"KEY_ID: no key {key_id!r}")
-    AuditLog(settings.state_dir, settings.registry).record(_actor(), "key_revoke", key_id=key_id)
+    key_id = key_store(settings).revoke(key)
+    if key_id is None:
+        fail(f"KEY_ID_OR_NAME: no key {key!r}")
+    AuditLog(settings.state_dir, settings.registry).record(_actor(), "key_revoke", key_id=key_id, reason=reason)
     typer.echo(f"revoked {key_id}")
 
 
 @app.command()
-def audit() -> None:
+def audit(
+    tenant: str = typer.Option(None, help="Only entries about this tenant's adapters and keys."),
+    since: str = typer.Option(None, help="Only entries since: an ISO 8601 time (UTC unless it says) or an age "
+                                         "such as 30m, 12h, 7d."),
+) -> None:
     """Print the audit log, every gateway's and CLI's entries merged oldest first, one JSON object a line."""
     import json
 
-    from .audit import AuditLog
+    from .audit import AuditLog, parse_since
 
     settings = load_settings()
+    try:
+        start = parse_since(since) if since else None
+    except ValueError as e:
+        fail(f"--since: {e}")
     for entry in AuditLog(settings.state_dir, settings.registry).entries():
-        typer.echo(json.dumps(entry, sort_keys=True))
+        if (tenant is None or entry.get("tenant") == tenant) and (start is None or entry["time"] >= start):
+            typer.echo(json.dumps(entry, sort_keys=True))
 
 
 @keys_app.command("engine")
@@ -389,11 +423,14 @@ def train(
     from .trainer.job import JobError, load_job
     from .trainer.train import TrainError, run
 
+    from .audit import AuditLog
+
     settings = load_settings()
+    audit_log = AuditLog(settings.state_dir, registry or settings.registry)
     try:
         job = load_job(job_file, set_)
         run(job, job_file.resolve(), registry or settings.registry, settings.max_lora_rank, resume=resume,
-            log=typer.echo)
+            log=typer.echo, audit=lambda *args, **detail: audit_log.record(_actor(), *args, **detail))
     except (JobError, DataError, TrainError) as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -3,12 +3,19 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 # Read by server/lora_ops.py inside the vLLM engine, which has no Settings of its own.
 LORA_OPS_ENV = "LORAPLEX_LORA_OPS"
+
+
+class Budget(BaseModel):
+    """A tenant's token budget (prompt and completion tokens together) per calendar minute and per UTC day."""
+
+    tokens_per_minute: int | None = Field(None, gt=0)
+    tokens_per_day: int | None = Field(None, gt=0)
 
 
 class Settings(BaseSettings):
@@ -80,6 +87,17 @@ class Settings(BaseSettings):
     retry_after: int = Field(1, description="Seconds a 429 asks the client to wait (Retry-After).")
     metrics_max_adapters: int = Field(
         100, description="Adapters that get their own metrics label; the rest share the label 'other'."
+    )
+    metrics_max_tenants: int = Field(
+        100, description="Tenants that get their own metrics label; the rest share the label 'other'."
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector (http://collector:4318): a trace span per /v1 request, its context "
+                          "passed to the engine; a spawned engine exports its own spans there too."
+    )
+    tenant_budgets: dict[str, Budget] = Field(
+        {}, description='Token budgets per tenant, as JSON: {"acme": {"tokens_per_minute": 20000, "tokens_per_day": '
+                        '1000000}}; a tenant past either gets 429 with Retry-After until the minute or UTC day ends.'
     )
     state_dir: Path = Field(Path(".loraplex"), description="Admin token file, API keys (hashed) and audit log.")
     admin_token: SecretStr | None = Field(

@@ -108,9 +108,10 @@ class EngineClient:
         self.timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=request_timeout)
         self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def send(self, path: str, payload: dict, request_id: str) -> EngineAnswer:
+    async def send(self, path: str, payload: dict, request_id: str, context: dict[str, str] | None = None
+                   ) -> EngineAnswer:
         """Posts a request under the caller's request id (vLLM's X-Request-Id, which names its request and its answer's
-        id); the answer's body streams. Unreachable when no connection could be made."""
+        id) and trace `context` headers; the answer's body streams. Unreachable when no connection could be made."""
         try:
             data = json.dumps(payload, allow_nan=False).encode()
         except ValueError:  # NaN and infinities are not JSON
@@ -120,7 +121,7 @@ class EngineClient:
         try:
             response = await self.session.post(f"{self.url}{path}", data=data, timeout=self.timeout,
                                                headers={"content-type": "application/json",
-                                                        "x-request-id": request_id, **self.auth})
+                                                        "x-request-id": request_id, **self.auth, **(context or {})})
         except _NO_CONNECTION as e:
             raise Unreachable(type(e).__name__) from None
         except (aiohttp.ClientError, TimeoutError) as e:

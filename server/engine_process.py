@@ -54,6 +54,8 @@ def engine_command(settings: Settings, base_path: str, port: int, host: str = "1
     ]
     if settings.max_model_len:
         cmd += ["--max-model-len", str(settings.max_model_len)]
+    if settings.otlp_endpoint:
+        cmd += ["--otlp-traces-endpoint", f"{settings.otlp_endpoint.rstrip('/')}/v1/traces"]
     if settings.engine_tls_cert:
         cmd += ["--ssl-certfile", str(settings.engine_tls_cert), "--ssl-keyfile", str(settings.engine_tls_key)]
     return cmd + shlex.split(settings.engine_args)
@@ -68,6 +70,8 @@ def engine_environment(settings: Settings, api_key: str, port: int) -> dict[str,
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine_kvcache_gib))
     env[LORA_OPS_ENV] = settings.lora_ops
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # so that vLLM asks its resolvers for adapters it lacks
+    if settings.otlp_endpoint:
+        env.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")  # vLLM's default is gRPC
     local = not settings.registry.startswith("s3://")
     env["LORAPLEX_REGISTRY"] = str(Path(settings.registry).resolve()) if local else settings.registry
     cache = settings.adapter_cache or settings.state_dir / "adapter-cache" / str(port)

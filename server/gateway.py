@@ -17,6 +17,8 @@ from .engine_client import EngineError, Unreachable
 from .metrics import Metrics
 from .registry import Registry
 from .routing import Router
+from .tracing import Tracer
+from .usage import UsageLedger
 
 if TYPE_CHECKING:
     from .s3_registry import S3Registry
@@ -37,6 +39,8 @@ class Gateway:
     audit: AuditLog
     metrics: Metrics
     admission: Admission
+    usage: UsageLedger
+    tracer: Tracer | None
     admin_token: str
     metrics_token: str | None
     archive_slots: asyncio.Semaphore  # LORAPLEX_ARCHIVE_WORKERS uploads unpacked at once
@@ -44,15 +48,16 @@ class Gateway:
     _cleanups: set = field(default_factory=set)
 
     async def follow_registry(self, known: dict[str, list[int]]) -> None:
-        """Reads the registry (and keys kept beside it) every REGISTRY_POLL seconds from the reading `known`, so that
-        changes made through other gateways or the CLI take effect here, and versions deleted anywhere are dropped
-        from the engines."""
+        """Reads the registry (and keys and usage kept beside it) every REGISTRY_POLL seconds from the reading `known`,
+        so that changes made through other gateways or the CLI take effect here, versions deleted anywhere are
+        dropped from the engines, and budgets count every replica's tokens."""
         while True:
             await asyncio.sleep(self.settings.registry_poll)
             try:
                 now = await asyncio.to_thread(self.registry.refresh)
                 if self.keys.follow:
                     await asyncio.to_thread(self.keys.refresh)
+                await self.usage.arefresh()
             except Exception:
                 log.exception("reading the registry failed; serving from the last reading")
                 continue

@@ -1,23 +1,44 @@
-"""Gateway metrics for Prometheus: per-adapter latency, time to first token, tokens; per-engine requests and loads."""
+"""Gateway metrics for Prometheus: per-adapter latency, time to first token, tokens; per-tenant requests and tokens;
+per-engine requests and loads."""
 
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from .tracing import Span
 
 # LLM requests take milliseconds to minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BASE_LABEL = "(base)"
 OTHER_LABEL = "other"
+NO_TENANT = "(none)"  # an operator, or /v1 open to all
+
+
+class Labels:
+    """Names as label values, the first `limit` distinct ones each their own, the rest 'other': bounded series."""
+
+    def __init__(self, limit: int):
+        self.limit, self.seen = limit, set()
+
+    def __call__(self, name: str) -> str:
+        if name in self.seen:
+            return name
+        if len(self.seen) < self.limit:
+            self.seen.add(name)
+            return name
+        return OTHER_LABEL
 
 
 class Metrics:
     """One registry per app, so that several apps (tests) never share series."""
 
-    def __init__(self, max_adapter_labels: int):
+    def __init__(self, max_adapter_labels: int, max_tenant_labels: int = 100):
         self.registry = CollectorRegistry()
-        self.max_adapter_labels = max_adapter_labels
-        self._labelled: set[str] = set()
+        self._adapters, self.tenant_label = Labels(max_adapter_labels), Labels(max_tenant_labels)
         r = self.registry
         self.requests = Counter("loraplex_requests", "Requests answered, by route, adapter and HTTP status.",
                                 ["route", "adapter", "status"], registry=r)
@@ -31,6 +52,12 @@ class Metrics:
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
         self.completion_tokens = Counter("loraplex_completion_tokens", "Completion tokens generated.", ["adapter"],
                                          registry=r)
+        self.tenant_requests = Counter("loraplex_tenant_requests", "Requests answered, by the caller's tenant.",
+                                       ["tenant", "status"], registry=r)
+        self.tenant_prompt_tokens = Counter("loraplex_tenant_prompt_tokens", "Prompt tokens, by the caller's tenant.",
+                                            ["tenant"], registry=r)
+        self.tenant_completion_tokens = Counter("loraplex_tenant_completion_tokens",
+                                                "Completion tokens, by the caller's tenant.", ["tenant"], registry=r)
         self.engine_requests = Counter("loraplex_engine_requests", "Requests sent to each engine.", ["engine"],
                                        registry=r)
         self.adapter_loads = Counter("loraplex_engine_adapter_loads", "Adapter versions an engine took up between "
@@ -47,24 +74,24 @@ class Metrics:
 
     def adapter_label(self, name: str | None) -> str:
         """The adapter's name (not version) as a label, with distinct names capped to bound cardinality."""
-        if name is None:
-            return BASE_LABEL
-        if name in self._labelled:
-            return name
-        if len(self._labelled) < self.max_adapter_labels:
-            self._labelled.add(name)
-            return name
-        return OTHER_LABEL
+        return BASE_LABEL if name is None else self._adapters(name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class RequestTimer:
-    """One request's bookkeeping from arrival to `done()`: in flight, end to end, first chunk, between chunks."""
+# Where a completed request's tokens are counted for its tenant: (tenant, prompt tokens, completion tokens).
+UsageSink = Callable[[str, int, int], None]
 
-    def __init__(self, metrics: Metrics, route: str, adapter: str = "(unresolved)"):
+
+class RequestTimer:
+    """One request's bookkeeping from arrival to `done()`: in flight, end to end, first chunk, between chunks, and
+    the caller's tenant's requests and tokens."""
+
+    def __init__(self, metrics: Metrics, route: str, adapter: str = "(unresolved)", tenant: str | None = None,
+                 usage_sink: UsageSink | None = None, span: "Span | None" = None):
         self.m, self.route, self.adapter = metrics, route, adapter
+        self.tenant, self.usage_sink, self.tokens, self.span = tenant, usage_sink, (0, 0), span
         self.start = self.last = time.perf_counter()
         self.first = True
         self._itl = None  # looked up once per stream, not per chunk
@@ -81,10 +108,16 @@ class RequestTimer:
             self._itl.observe(now - self.last)
         self.last = now
 
+    def trace(self, key: str, value: str | int) -> None:
+        """An attribute of the request's span, when tracing is on."""
+        if self.span is not None:
+            self.span.set_attribute(key, value)
+
     def usage(self, usage: dict | None) -> None:
         if usage:
-            self.m.prompt_tokens.labels(self.adapter).inc(usage.get("prompt_tokens") or 0)
-            self.m.completion_tokens.labels(self.adapter).inc(usage.get("completion_tokens") or 0)
+            self.tokens = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+            self.m.prompt_tokens.labels(self.adapter).inc(self.tokens[0])
+            self.m.completion_tokens.labels(self.adapter).inc(self.tokens[1])
 
     def done(self, status: int) -> None:
         if self._finished:
@@ -93,3 +126,20 @@ class RequestTimer:
         self.m.in_flight.labels(self.route).dec()
         self.m.latency.labels(self.route, self.adapter).observe(time.perf_counter() - self.start)
         self.m.requests.labels(self.route, self.adapter, str(status)).inc()
+        self._count_tenant(status)
+        if self.span is not None:
+            for key, value in (("http.response.status_code", status), ("loraplex.tenant", self.tenant or NO_TENANT),
+                               ("gen_ai.usage.input_tokens", self.tokens[0]),
+                               ("gen_ai.usage.output_tokens", self.tokens[1])):
+                self.span.set_attribute(key, value)
+            self.span.end()
+
+    def _count_tenant(self, status: int) -> None:
+        tenant = self.m.tenant_label(self.tenant) if self.tenant else NO_TENANT
+        self.m.tenant_requests.labels(tenant, str(status)).inc()
+        if status != 200:
+            return
+        self.m.tenant_prompt_tokens.labels(tenant).inc(self.tokens[0])
+        self.m.tenant_completion_tokens.labels(tenant).inc(self.tokens[1])
+        if self.tenant and self.usage_sink:
+            self.usage_sink(self.tenant, *self.tokens)

@@ -91,11 +91,18 @@ def check_budget(gw: Gateway, body: OpenAIRequest) -> None:
 
 async def forward(gw: Gateway, body: OpenAIRequest, path: str, tenant: str | None, caller: Request) -> Response:
     """The request path: resolve the adapter, send it to an engine, relay the answer; the timer sees it all."""
-    timer = RequestTimer(gw.metrics, path.removeprefix("/v1/"))
+    route = path.removeprefix("/v1/")
+    timer = RequestTimer(gw.metrics, route, tenant=tenant, usage_sink=gw.usage.add,
+                         span=gw.tracer.start(route) if gw.tracer else None)
+    timer.trace("loraplex.request_id", caller.state.request_id)
     try:
+        gw.usage.check(tenant)
         check_budget(gw, body)
         version = resolve_target(gw, body, tenant, sticky_key(caller, body))
         timer.adapter = gw.metrics.adapter_label(version.name if version else None)
+        if version:
+            timer.trace("loraplex.adapter", version.name)
+            timer.trace("loraplex.version", version.version)
         return await _send(gw, body, path, version, timer, tenant, caller)  # the stream calls timer.done at its end
     except BaseException as e:
         timer.done(e.status if isinstance(e, APIError) else 500)
@@ -138,7 +145,9 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
         stack.enter_context(gw.admission.admit(tenant, backend))
         gw.metrics.engine_requests.labels(backend.label).inc()
         stream = bool(payload.get("stream"))
-        sending = backend.engine.send(path, payload, caller.state.request_id)
+        timer.trace("loraplex.engine", backend.engine.url)
+        context = gw.tracer.headers(timer.span) if gw.tracer and timer.span else {}
+        sending = backend.engine.send(path, payload, caller.state.request_id, context)
         # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile;
         # a stream's headers come at once.
         upstream = await (sending if stream else _unless_client_leaves(sending, caller))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import basemodel
 from ..registry import Version, open_registry
+from ..validation import WEIGHTS_FILE
 from . import data as datamod
 from .evaluate import compare, count_tokens, table
 from .job import Job
@@ -153,8 +154,9 @@ def promotion(job: Job, metrics: dict) -> tuple[bool, str]:
 
 
 def run(job: Job, job_file: Path, registry_root: str | Path, max_rank: int, resume: bool = False,
-        log: Log = print) -> Version:
-    """Train, evaluate, register as the next version, and move `stable` if the job asks and the adapter earns it."""
+        log: Log = print, audit: Callable[..., None] = lambda *args, **detail: None) -> Version:
+    """Train, evaluate, register as the next version, and move `stable` if the job asks and the adapter earns it;
+    `audit(action, adapter, version, sha256, **detail)` records the registration and the promotion decision."""
     base = basemodel.load(job.base_model)  # fails fast on a wrong base, before any training
     adapter_dir, data, facts = train(job, resume, log)
     metrics = evaluate(job, adapter_dir, data, log)
@@ -169,6 +171,8 @@ def run(job: Job, job_file: Path, registry_root: str | Path, max_rank: int, resu
                "job": job.model_dump(mode="json"), "libraries": _versions()},
     )
     log(f"registered {version.key} in {registry_root}")
+    sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
+    audit("train_register", job.adapter.name, version.version, sha, tenant=job.adapter.tenant, job=str(job_file))
     if job.promote == "auto":
         ok, why = promotion(job, metrics)
         if ok:
@@ -176,4 +180,6 @@ def run(job: Job, job_file: Path, registry_root: str | Path, max_rank: int, resu
             log(f"promoted {version.key} to stable: {why}")
         else:
             log(f"not promoted to stable: {why}")
+        audit("train_promote", job.adapter.name, version.version, sha, result="ok" if ok else f"refused: {why}",
+              tenant=job.adapter.tenant, alias="stable", reason=why)
     return version

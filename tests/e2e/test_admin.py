@@ -279,4 +279,4 @@ def test_audit_log_records_admin_actions(admin, server):
     mine = [(e["action"], e["version"], e["result"].split(":")[0]) for e in lines if e["adapter"] == "up-audit"]
     assert mine == [("upload", 1, "ok"), ("alias", 1, "ok"), ("upload", None, "refused"), ("delete", None, "ok")]
     upload_entry = next(e for e in lines if e["adapter"] == "up-audit")
-    assert upload_entry["actor"].startswith("admin@") and len(upload_entry["sha256"]) == 64
+    assert upload_entry["actor"] == "admin-token" and len(upload_entry["sha256"]) == 64  # named, not an address

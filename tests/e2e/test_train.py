@@ -58,6 +58,11 @@ def test_qlora_run_beats_base_is_registered_and_served(server, client, reference
     assert {"torch", "transformers", "trl", "peft", "bitsandbytes"} <= set(m["libraries"])
     assert m["tenant"] == "nimbus" and m["rank"] == 8 and m["source"].startswith("train:")
     assert "promoted trained@1 to stable" in r.stdout
+    audit = [json.loads(line) for line in server.cli("audit", "--tenant", "nimbus", "--since", "1h").stdout.split("\n")
+             if line]
+    trained = [(e["action"], e["version"], e["result"]) for e in audit if e["adapter"] == "trained"]
+    assert trained == [("train_register", 1, "ok"), ("train_promote", 1, "ok")]
+    assert all(e["actor"].startswith("cli:") and e["sha256"] for e in audit if e["adapter"] == "trained")
     # the running server serves it on the next request, as PEFT computes it
     adapter_dir = Path(server.env["LORAPLEX_REGISTRY"]) / "trained" / "1"
     got = complete(client, "How do I export my notes?", adapter="trained@stable")

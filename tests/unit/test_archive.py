@@ -143,6 +143,17 @@ def test_negative_size_is_refused_at_once(tmp_path):
         unpack(io.BytesIO(gzip.compress(raw)), tmp_path)
 
 
+def test_a_zip_member_without_a_name_is_refused_with_a_message(tmp_path):
+    """Found by the fuzz test: zipfile's is_dir() raised IndexError on it, and the unpacking child died."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("x", b"")
+        zf.infolist()[0].filename = ""  # the central directory, which is what is read first, names it ""
+    buf.seek(0)
+    with pytest.raises(InvalidAdapter, match="unsafe path"):
+        unpack(buf, tmp_path)
+
+
 def test_a_long_name_bomb_is_refused_at_its_header(tmp_path):
     """A GNU long-name header declaring 3 GB: refused on its size field, before any of it is read."""
     raw = tar_header(b"././@LongLink", octal(3 << 30), kind=b"L") + bytes(1 << 20)

@@ -1,6 +1,9 @@
 import json
+from concurrent.futures import ProcessPoolExecutor
 
-from server.audit import AuditLog
+import pytest
+
+from server.audit import AuditLog, parse_since
 
 
 def test_audit_log_appends_json_lines(tmp_path):
@@ -24,3 +27,30 @@ def test_audit_streams_in_the_object_store_are_merged_by_time(s3_url, tmp_path):
     assert {e["actor"] for e in entries} == {"admin0", "admin1"}
     assert not (tmp_path / "a" / "audit.log").exists()
     assert len({k.rsplit("/", 1)[0] for k, _ in gateways[0].store.keys("_loraplex/audit/")}) == 2
+
+
+def _write(state_dir: str, writer: int, lines: int) -> None:
+    log = AuditLog(state_dir, rotate_bytes=2000)
+    for i in range(lines):
+        log.record("tester", "line", f"w{writer}", i)
+
+
+def test_the_log_rotates_without_losing_a_line(tmp_path):
+    """Three processes append at once to a log that rotates every ~2 kB: every line is read back, once."""
+    with ProcessPoolExecutor(3) as pool:
+        list(pool.map(_write, [str(tmp_path)] * 3, range(3), [100] * 3))
+    assert len(list(tmp_path.glob("audit.log.[0-9]*"))) > 10
+    entries = AuditLog(tmp_path).entries()
+    assert sorted((e["adapter"], e["version"]) for e in entries) == [(f"w{w}", i) for w in range(3) for i in range(100)]
+
+
+@pytest.mark.parametrize("text,expected", [("30m", 1_000_000 - 1800), ("2h", 1_000_000 - 7200),
+                                           ("1.5d", 1_000_000 - 129_600), ("1970-01-01T00:01:00", 60.0),
+                                           ("1970-01-01T01:00:00+01:00", 0.0)])
+def test_since_takes_ages_and_iso_times(text, expected):
+    assert parse_since(text, now=1_000_000) == expected
+
+
+def test_since_names_what_it_takes():
+    with pytest.raises(ValueError, match="neither an ISO 8601 time nor an age"):
+        parse_since("yesterday")

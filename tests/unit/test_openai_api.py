@@ -85,7 +85,7 @@ async def engines():
                 await web.TCPSite(runners[-1], "127.0.0.1", port).start()
             engine = EngineClient(f"http://127.0.0.1:{port}", session)
             backends.append(Backend(engine, up=True, label=str(len(backends))))
-        return SimpleNamespace(router=Router(backends), admission=Admission(8, 8, 1), metrics=Metrics(10),
+        return SimpleNamespace(router=Router(backends), admission=Admission(8, 8, 1), metrics=Metrics(10), tracer=None,
                                settings=SimpleNamespace(model_name="base", max_response_bytes=1 << 20))
 
     yield start

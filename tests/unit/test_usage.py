@@ -1,0 +1,33 @@
+"""The usage ledger: its record shared by replicas beside an object-store registry, and budgets held across them."""
+
+import time
+
+import pytest
+
+from server.config import Budget
+from server.protocol import APIError
+from server.usage import usage_ledger
+
+
+async def test_replicas_share_usage_and_budgets_through_the_store(s3_url, tmp_path):
+    budgets = {"acme": Budget(tokens_per_day=100)}
+    a, b = (usage_ledger(s3_url, tmp_path / name, budgets) for name in "ab")
+    for _ in range(6):
+        a.add("acme", 3, 5)  # 48 tokens
+    await a.arefresh()
+    await b.arefresh()
+    b.check("acme")
+    for _ in range(7):
+        b.add("acme", 3, 5)  # 104 in all: past the budget only with both replicas' tokens
+    with pytest.raises(APIError) as refused:
+        b.check("acme")
+    assert refused.value.status == 429 and int(refused.value.headers["Retry-After"]) >= 1
+    await b.arefresh()  # each replica's poll writes its counts and reads everyone's
+    a.check("acme")  # before its own poll, replica a knows only its own 48
+    await a.arefresh()
+    with pytest.raises(APIError):
+        a.check("acme")
+    b.check("globex")  # no budget, never held
+    totals = await a.totals("acme", time.time() - 3600, time.time())
+    assert (totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == (13, 39, 65)
+    assert (await usage_ledger(s3_url, tmp_path / "c", {}).totals("acme", 0, time.time()))["requests"] == 13
