@@ -39,7 +39,7 @@ class Caller:
         return f"{self.key_id} ({self.name})" if self.name else self.key_id
 
 
-ADMIN_TOKEN_CALLER = Caller("admin-token", "admin", name="admin")
+ADMIN_TOKEN_CALLER = Caller("admin-token", "admin")
 
 
 def hash_key(key: str) -> str:

@@ -399,13 +399,17 @@ def registry_copy(
     dest: str = typer.Argument(..., help="Registry to copy into: a directory or s3://BUCKET/PREFIX."),
 ) -> None:
     """Copy every version, alias and owner of one registry into another, keeping version numbers; then check it."""
+    from .audit import AuditLog
     from .registry import RegistryError, open_registry
     from .registry_copy import copy_registry
 
+    audit_log = AuditLog(load_settings().state_dir, dest)
     try:
         copied, skipped = copy_registry(open_registry(source), open_registry(dest), log=typer.echo)
     except (RegistryError, OSError) as e:
+        audit_log.record(_actor(), "registry_copy", result=f"refused: {e}", source=source, dest=dest)
         fail(str(e))
+    audit_log.record(_actor(), "registry_copy", source=source, dest=dest, copied=copied, skipped=skipped)
     typer.echo(f"copied {copied} versions ({skipped} already there) from {source} to {dest}")
     registry_check(dest)
 

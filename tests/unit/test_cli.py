@@ -1,5 +1,5 @@
 """The CLI's commands that neither train nor serve import neither torch nor vLLM (nor boto3 on a directory
-registry), so they start fast."""
+registry, nor OpenTelemetry), so they start fast."""
 
 import json
 import os
@@ -15,7 +15,7 @@ try:
     main()
 except SystemExit as e:
     code = e.code
-print(code, "torch" in sys.modules, "vllm" in sys.modules, "boto3" in sys.modules)
+print(code, "torch" in sys.modules, "vllm" in sys.modules, "boto3" in sys.modules, "opentelemetry" in sys.modules)
 """
 
 
@@ -29,11 +29,11 @@ def test_adapters_add_and_help_import_neither_torch_nor_vllm(base, adapter_facto
     env = {"LORAPLEX_BASE_MODEL": str(base.path), "LORAPLEX_REGISTRY": str(tmp_path / "reg"),
            "LORAPLEX_STATE_DIR": str(tmp_path / "state")}
     line, err = run_cli("adapters", "add", "acme", str(adapter_factory()), env=env)
-    assert line == "0 False False False", err
+    assert line == "0 False False False False", err
     assert json.loads((tmp_path / "reg" / "acme" / "1" / "manifest.json").read_text())["rank"] == 4
-    for args in (["--help"], ["keys", "list"], ["registry", "check"]):
+    for args in (["--help"], ["keys", "list"], ["registry", "check"], ["audit", "--since", "1d"]):
         line, err = run_cli(*args, env=env)
-        assert line.split()[1:] == ["False", "False", "False"], (args, line, err)
+        assert line.split()[1:] == ["False"] * 4, (args, line, err)
 
 
 def test_registry_commands_on_object_storage(base, adapter_factory, tmp_path, s3_url):

@@ -64,10 +64,18 @@ async def test_tenant_admins_manage_their_own_adapters_and_see_no_other(tmp_path
         assert {status for status, _ in foreign} == {404}
         listed = (await client.get("/admin/adapters", headers=bearer(acme))).json()["data"]
         assert [a["name"] for a in listed] == ["acme-bot"]
-        assert (await client.get("/admin/adapters/globex-bot", headers=bearer(globex))).status_code == 200
+        own = await client.put("/admin/adapters/globex-bot/aliases/stable", json={"version": 1}, headers=bearer(globex))
+        assert own.status_code == 200
         assert (await client.delete("/admin/adapters/globex-bot", headers=bearer(globex))).status_code == 200
         assert await answers() == foreign, "another tenant's adapter answers byte for byte as a missing one"
 
+        for version in (1, 2):
+            moved = await client.put("/admin/adapters/acme-bot/aliases/stable", json={"version": version},
+                                     headers=bearer(acme))
+            assert moved.status_code == 200
+        back = await client.post("/admin/adapters/acme-bot/rollback", headers=bearer(acme))
+        assert back.status_code == 200 and back.json()["version"] == 1
+        await client.put("/admin/adapters/acme-bot/aliases/stable", json={"version": 2}, headers=bearer(acme))
         assert (await client.delete("/admin/adapters/acme-bot/versions/1", headers=bearer(acme))).status_code == 200
         operator = await client.get("/admin/adapters", headers=bearer(keys["alice"][1]))
         assert [a["name"] for a in operator.json()["data"]] == ["acme-bot"]
