@@ -36,6 +36,7 @@ class StubEngine:
     requests: int = 0
     request_ids: list[str | None] = field(default_factory=list)
     traceparents: list[str | None] = field(default_factory=list)
+    serves: frozenset[str] = frozenset()  # adapter versions (name@version) it answers; others it fails to load
     _runner: web.AppRunner | None = None
 
     @property
@@ -80,7 +81,7 @@ class StubEngine:
         self.request_ids.append(request.headers.get("x-request-id"))
         self.traceparents.append(request.headers.get("traceparent"))
         body = await request.json()
-        if "@" in body["model"]:
+        if "@" in body["model"] and body["model"] not in self.serves:
             return self._refuse_adapter(body["model"])
         head = {"id": "cmpl-stub", "object": "text_completion", "created": 1, "model": body["model"]}
         text = "x" * self.event_bytes or " tok"

@@ -23,6 +23,7 @@ from .auth import Caller, admin_caller
 from .gateway import Gateway
 from .protocol import APIError
 from .registry import LATEST, MAX_VERSION, Conflict, InvalidReference, NotFound, RegistryError, Version, check_name
+from .rollout import RolloutSpec
 from .validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest
 
 
@@ -199,7 +200,8 @@ async def show_adapter(name: str, request: Request, caller: Caller = Depends(adm
         owner = _owned(gw, caller, name)
         aliases, canaries = gw.registry.alias_table(name)
         versions = [gw.registry.get(name, v).manifest for v in gw.registry.versions(name)]
-        return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries, "versions": versions}
+        return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries,
+                "rollouts": gw.rollouts.of(name), "versions": versions}
 
     return await asyncio.to_thread(show)
 
@@ -237,6 +239,19 @@ async def promote(name: str, alias: str, request: Request, reason: str | None = 
     sha = await asyncio.to_thread(_sha, gw, name, version)
     await _audit(request, caller, "promote", name, version, sha, tenant=owner, alias=alias)
     return {"name": name, "alias": alias, "version": version}
+
+
+@router.post("/adapters/{name}/aliases/{alias}/rollout", status_code=201)
+async def start_rollout(name: str, alias: str, body: RolloutSpec, request: Request, reason: str | None = Reason,
+                        caller: Caller = Depends(admin_caller)) -> dict:
+    """Rolls `to` out step by step while it keeps within bounds of the alias's version; rolls back when not."""
+    gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
+    record = await asyncio.to_thread(gw.rollouts.start, name, alias, body, caller.actor)
+    sha = await asyncio.to_thread(_sha, gw, name, body.to)
+    await _audit(request, caller, "rollout_start", name, body.to, sha, tenant=owner, alias=alias,
+                 weight=record["weight"], steps=body.steps, interval=body.interval)
+    return record
 
 
 @router.post("/adapters/{name}/aliases/{alias}/abort")

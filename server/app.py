@@ -21,6 +21,7 @@ from .audit import AuditLog
 from .auth import Credentials, admin_token, engine_key, key_store
 from .config import Settings
 from .discovery import Discovery
+from .documents import shared_document
 from .engine_client import EngineClient
 from .engine_process import EngineProcess
 from .gateway import Gateway
@@ -30,6 +31,7 @@ from .protocol import ERROR_RESPONSES, APIError, error_response
 from .registry import RegistryError, open_registry
 from .request_ids import RequestIds
 from .routing import Backend, Router
+from .rollout import ROLLOUTS_FILE, Rollouts
 from .supervisor import Supervisor
 from .tracing import tracer
 from .usage import usage_ledger
@@ -97,12 +99,13 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     # Reads come from the snapshot that Gateway.follow_registry renews, never from the store on the request path.
     registry = open_registry(settings.registry, max_age=math.inf)
-    return Gateway(settings, registry, base, session, Router(backends),
-                   key_store(settings, follow=True), AuditLog(settings.state_dir, settings.registry), metrics,
-                   Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
-                             settings.retry_after),
+    audit = AuditLog(settings.state_dir, settings.registry)
+    rollouts = Rollouts(shared_document(settings.registry, settings.state_dir, ROLLOUTS_FILE), registry, audit)
+    return Gateway(settings, registry, base, session, Router(backends), key_store(settings, follow=True), audit,
+                   metrics, Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
+                                      settings.retry_after),
                    usage_ledger(settings.registry, settings.state_dir, settings.tenant_budgets),
-                   tracer(settings.otlp_endpoint), admin, metrics_token,
+                   tracer(settings.otlp_endpoint), rollouts, admin, metrics_token,
                    asyncio.Semaphore(settings.archive_workers))
 
 

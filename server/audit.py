@@ -22,11 +22,19 @@ ROTATE_BYTES = 16 * 2**20
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 
 
+def duration(text: str) -> float | None:
+    """Seconds in a duration such as 45s, 30m, 12h or 7d (a bare number is seconds); None if it is none."""
+    text = text.strip()
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
+    age = _AGE.match(text)
+    return float(age[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age[2]] if age else None
+
+
 def parse_since(text: str, now: float | None = None) -> float:
     """A start time from an ISO 8601 time (UTC unless it names a zone) or an age such as 30m, 12h or 7d."""
-    age = _AGE.match(text.strip())
-    if age:
-        return (time.time() if now is None else now) - float(age[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age[2]]
+    if _AGE.match(text.strip()):
+        return (time.time() if now is None else now) - duration(text)
     try:
         when = datetime.datetime.fromisoformat(text.strip())
     except ValueError:

@@ -265,6 +265,34 @@ def adapters_canary(name: str, version: int = typer.Option(..., help="Candidate 
                       json={"version": version, "weight": weight}, **_why(reason)))
 
 
+@adapters_app.command("rollout")
+def adapters_rollout(
+    name: str,
+    to: int = typer.Option(..., "--to", help="Candidate version."),
+    steps: str = typer.Option("5,25,50,100", help="Percent of the alias's callers at each step; 100 promotes."),
+    interval: str = typer.Option("10m", help="How long each step lasts if its bounds hold: 90s, 10m, 1h."),
+    alias: str = typer.Option("stable", help="Alias whose callers move to the candidate."),
+    min_requests: int = typer.Option(20, help="Requests each side needs in a step before any decision."),
+    max_error_increase: float = typer.Option(0.02, help="Error ratio the candidate may add to the stable one's."),
+    latency_tolerance: float = typer.Option(0.25, help="Fraction by which the candidate's p95 may exceed it."),
+    reason: str = REASON, url: str = URL, token: str = TOKEN,
+) -> None:
+    """Roll VERSION out step by step; any step outside the bounds rolls it back at once."""
+    from .audit import duration
+
+    seconds = duration(interval)
+    if seconds is None:
+        fail(f"--interval: {interval!r} is not a duration such as 90s, 10m or 1h")
+    try:
+        weights = [float(w) for w in steps.split(",")]
+    except ValueError:
+        fail(f"--steps: {steps!r} is not a list of percentages such as 5,25,50,100")
+    body = {"to": to, "steps": weights, "interval": seconds, "min_requests": min_requests,
+            "max_error_increase": max_error_increase, "latency_tolerance": latency_tolerance}
+    _echo_json(_admin("POST", f"/admin/adapters/{name}/aliases/{alias}/rollout", url, token, json=body,
+                      **_why(reason)))
+
+
 @adapters_app.command("promote")
 def adapters_promote(name: str, alias: str = typer.Option("stable", help="Alias under a canary."),
                      reason: str = REASON, url: str = URL, token: str = TOKEN) -> None:

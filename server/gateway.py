@@ -16,6 +16,7 @@ from .config import Settings
 from .engine_client import EngineError, Unreachable
 from .metrics import Metrics
 from .registry import Registry
+from .rollout import Rollouts
 from .routing import Router
 from .tracing import Tracer
 from .usage import UsageLedger
@@ -41,6 +42,7 @@ class Gateway:
     admission: Admission
     usage: UsageLedger
     tracer: Tracer | None
+    rollouts: Rollouts
     admin_token: str
     metrics_token: str | None
     archive_slots: asyncio.Semaphore  # LORAPLEX_ARCHIVE_WORKERS uploads unpacked at once
@@ -58,6 +60,7 @@ class Gateway:
                 if self.keys.follow:
                     await asyncio.to_thread(self.keys.refresh)
                 await self.usage.arefresh()
+                await asyncio.to_thread(self.rollouts.tick)
             except Exception:
                 log.exception("reading the registry failed; serving from the last reading")
                 continue

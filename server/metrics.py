@@ -92,6 +92,9 @@ class RequestTimer:
                  usage_sink: UsageSink | None = None, span: "Span | None" = None):
         self.m, self.route, self.adapter = metrics, route, adapter
         self.tenant, self.usage_sink, self.tokens, self.span = tenant, usage_sink, (0, 0), span
+        # A version under rollout: told each outcome (failed, seconds); the engine refusing the adapter is a failure.
+        self.outcome_sink: Callable[[bool, float], None] | None = None
+        self.load_failed = False
         self.start = self.last = time.perf_counter()
         self.first = True
         self._itl = None  # looked up once per stream, not per chunk
@@ -124,7 +127,10 @@ class RequestTimer:
             return
         self._finished = True
         self.m.in_flight.labels(self.route).dec()
-        self.m.latency.labels(self.route, self.adapter).observe(time.perf_counter() - self.start)
+        elapsed = time.perf_counter() - self.start
+        self.m.latency.labels(self.route, self.adapter).observe(elapsed)
+        if self.outcome_sink is not None:
+            self.outcome_sink(status >= 500 or self.load_failed, elapsed)
         self.m.requests.labels(self.route, self.adapter, str(status)).inc()
         self._count_tenant(status)
         if self.span is not None:

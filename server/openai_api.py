@@ -5,6 +5,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import TypeVar
 
 import anyio
@@ -103,6 +104,10 @@ async def forward(gw: Gateway, body: OpenAIRequest, path: str, tenant: str | Non
         if version:
             timer.trace("loraplex.adapter", version.name)
             timer.trace("loraplex.version", version.version)
+            rollout = gw.rollouts.watch.get((version.name, version.version))
+            if rollout is not None:  # both sides' series apart, as NAME@VERSION (within the same label cap)
+                timer.adapter = gw.metrics.adapter_label(version.key)
+                timer.outcome_sink = partial(gw.rollouts.observe, rollout, version.version)
         return await _send(gw, body, path, version, timer, tenant, caller)  # the stream calls timer.done at its end
     except BaseException as e:
         timer.done(e.status if isinstance(e, APIError) else 500)
@@ -161,6 +166,7 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
                             version.key if version else None)
             if error.code == "adapter_load_failed":
                 gw.metrics.load_failures.labels(timer.adapter).inc()
+                timer.load_failed = True
             raise error
         if upstream.length is not None and upstream.length > limit:
             raise too_large(limit)
