@@ -78,6 +78,11 @@ class AliasBody(BaseModel):
     version: int = Field(ge=1, le=MAX_VERSION)
 
 
+class ShadowBody(BaseModel):
+    version: int = Field(ge=1, le=MAX_VERSION)
+    percent: float = Field(gt=0, le=100, description="Percent of the alias's non-streamed requests copied.")
+
+
 class RollbackBody(BaseModel):
     alias: str = "stable"
 
@@ -201,19 +206,30 @@ async def show_adapter(name: str, request: Request, caller: Caller = Depends(adm
         aliases, canaries = gw.registry.alias_table(name)
         versions = [gw.registry.get(name, v).manifest for v in gw.registry.versions(name)]
         return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries,
-                "rollouts": gw.rollouts.of(name), "versions": versions}
+                "shadows": gw.registry.shadows(name), "rollouts": gw.rollouts.of(name), "versions": versions}
 
     return await asyncio.to_thread(show)
+
+
+async def _change(request: Request, caller: Caller, action: str, name: str, apply: Callable[[], int | None],
+                  version: int | None = None, **detail) -> int | None:
+    """One alias change: the caller's scope checked, `apply` run off the event loop, then audited with the version
+    it names (`version`, else what `apply` returned) and that version's sha256; returns what `apply` returned."""
+    gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
+    result = await asyncio.to_thread(apply)
+    named = version if version is not None else result
+    sha = await asyncio.to_thread(_sha, gw, name, named) if named is not None else None
+    await _audit(request, caller, action, name, named, sha, tenant=owner, **detail)
+    return result
 
 
 @router.put("/adapters/{name}/aliases/{alias}")
 async def set_alias(name: str, alias: str, body: AliasBody, request: Request, reason: str | None = Reason,
                     caller: Caller = Depends(admin_caller)) -> dict:
-    gw = _gateway(request)
-    owner = await asyncio.to_thread(_owned, gw, caller, name)
-    await asyncio.to_thread(gw.registry.set_alias, name, alias, body.version)
-    sha = await asyncio.to_thread(_sha, gw, name, body.version)
-    await _audit(request, caller, "alias", name, body.version, sha, tenant=owner, alias=alias)
+    registry = _gateway(request).registry
+    await _change(request, caller, "alias", name, lambda: registry.set_alias(name, alias, body.version),
+                  body.version, alias=alias)
     return {"name": name, "alias": alias, "version": body.version}
 
 
@@ -221,11 +237,9 @@ async def set_alias(name: str, alias: str, body: AliasBody, request: Request, re
 async def set_canary(name: str, alias: str, body: CanaryBody, request: Request, reason: str | None = Reason,
                      caller: Caller = Depends(admin_caller)) -> dict:
     """Sends `weight`% of the alias's callers (the same ones while the weight stays) to `version`."""
-    gw = _gateway(request)
-    owner = await asyncio.to_thread(_owned, gw, caller, name)
-    await asyncio.to_thread(gw.registry.set_canary, name, alias, body.version, body.weight)
-    sha = await asyncio.to_thread(_sha, gw, name, body.version)
-    await _audit(request, caller, "canary", name, body.version, sha, tenant=owner, alias=alias, weight=body.weight)
+    registry = _gateway(request).registry
+    await _change(request, caller, "canary", name, lambda: registry.set_canary(name, alias, body.version, body.weight),
+                  body.version, alias=alias, weight=body.weight)
     return {"name": name, "alias": alias, "canary": {"version": body.version, "weight": body.weight}}
 
 
@@ -233,11 +247,8 @@ async def set_canary(name: str, alias: str, body: CanaryBody, request: Request, 
 async def promote(name: str, alias: str, request: Request, reason: str | None = Reason,
                   caller: Caller = Depends(admin_caller)) -> dict:
     """Points the alias at its canary's version, for every caller."""
-    gw = _gateway(request)
-    owner = await asyncio.to_thread(_owned, gw, caller, name)
-    version = await asyncio.to_thread(gw.registry.promote, name, alias)
-    sha = await asyncio.to_thread(_sha, gw, name, version)
-    await _audit(request, caller, "promote", name, version, sha, tenant=owner, alias=alias)
+    registry = _gateway(request).registry
+    version = await _change(request, caller, "promote", name, lambda: registry.promote(name, alias), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
 
@@ -245,35 +256,46 @@ async def promote(name: str, alias: str, request: Request, reason: str | None = 
 async def start_rollout(name: str, alias: str, body: RolloutSpec, request: Request, reason: str | None = Reason,
                         caller: Caller = Depends(admin_caller)) -> dict:
     """Rolls `to` out step by step while it keeps within bounds of the alias's version; rolls back when not."""
-    gw = _gateway(request)
-    owner = await asyncio.to_thread(_owned, gw, caller, name)
-    record = await asyncio.to_thread(gw.rollouts.start, name, alias, body, caller.actor)
-    sha = await asyncio.to_thread(_sha, gw, name, body.to)
-    await _audit(request, caller, "rollout_start", name, body.to, sha, tenant=owner, alias=alias,
-                 weight=record["weight"], steps=body.steps, interval=body.interval)
-    return record
+    rollouts, started = _gateway(request).rollouts, {}
+    await _change(request, caller, "rollout_start", name,
+                  lambda: started.update(rollouts.start(name, alias, body, caller.actor)), body.to, alias=alias,
+                  weight=body.steps[0], steps=body.steps, interval=body.interval)
+    return started
+
+
+@router.put("/adapters/{name}/aliases/{alias}/shadow")
+async def set_shadow(name: str, alias: str, body: ShadowBody, request: Request, reason: str | None = Reason,
+                     caller: Caller = Depends(admin_caller)) -> dict:
+    """Sends a copy of `percent`% of the alias's non-streamed requests to `version`: compared, timed, not served."""
+    registry = _gateway(request).registry
+    await _change(request, caller, "shadow", name,
+                  lambda: registry.set_shadow(name, alias, body.version, body.percent), body.version, alias=alias,
+                  percent=body.percent)
+    return {"name": name, "alias": alias, "shadow": {"version": body.version, "percent": body.percent}}
+
+
+@router.delete("/adapters/{name}/aliases/{alias}/shadow")
+async def end_shadow(name: str, alias: str, request: Request, reason: str | None = Reason,
+                     caller: Caller = Depends(admin_caller)) -> dict:
+    registry = _gateway(request).registry
+    await _change(request, caller, "shadow_end", name, lambda: registry.end_shadow(name, alias), alias=alias)
+    return {"name": name, "alias": alias, "shadow": None}
 
 
 @router.post("/adapters/{name}/aliases/{alias}/abort")
 async def abort(name: str, alias: str, request: Request, reason: str | None = Reason,
                 caller: Caller = Depends(admin_caller)) -> dict:
     """Ends the alias's canary: every caller gets the version the alias points at."""
-    gw = _gateway(request)
-    owner = await asyncio.to_thread(_owned, gw, caller, name)
-    version = await asyncio.to_thread(gw.registry.abort, name, alias)
-    await _audit(request, caller, "abort", name, version, tenant=owner, alias=alias)
+    registry = _gateway(request).registry
+    version = await _change(request, caller, "abort", name, lambda: registry.abort(name, alias), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
 
 @router.post("/adapters/{name}/rollback")
 async def rollback(name: str, request: Request, body: RollbackBody | None = None, reason: str | None = Reason,
                    caller: Caller = Depends(admin_caller)) -> dict:
-    gw = _gateway(request)
-    owner = await asyncio.to_thread(_owned, gw, caller, name)
-    alias = (body or RollbackBody()).alias
-    version = await asyncio.to_thread(gw.registry.rollback, name, alias)
-    sha = await asyncio.to_thread(_sha, gw, name, version)
-    await _audit(request, caller, "rollback", name, version, sha, tenant=owner, alias=alias)
+    registry, alias = _gateway(request).registry, (body or RollbackBody()).alias
+    version = await _change(request, caller, "rollback", name, lambda: registry.rollback(name, alias), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
 

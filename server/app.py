@@ -32,6 +32,7 @@ from .registry import RegistryError, open_registry
 from .request_ids import RequestIds
 from .routing import Backend, Router
 from .rollout import ROLLOUTS_FILE, Rollouts
+from .shadow import Shadows
 from .supervisor import Supervisor
 from .tracing import tracer
 from .usage import usage_ledger
@@ -99,13 +100,15 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     # Reads come from the snapshot that Gateway.follow_registry renews, never from the store on the request path.
     registry = open_registry(settings.registry, max_age=math.inf)
-    audit = AuditLog(settings.state_dir, settings.registry)
+    audit, router = AuditLog(settings.state_dir, settings.registry), Router(backends)
     rollouts = Rollouts(shared_document(settings.registry, settings.state_dir, ROLLOUTS_FILE), registry, audit)
-    return Gateway(settings, registry, base, session, Router(backends), key_store(settings, follow=True), audit,
+    shadows = Shadows(router, metrics, settings.shadow_max_in_flight, settings.max_in_flight_per_engine // 2,
+                      settings.max_response_bytes)
+    return Gateway(settings, registry, base, session, router, key_store(settings, follow=True), audit,
                    metrics, Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant,
                                       settings.retry_after),
                    usage_ledger(settings.registry, settings.state_dir, settings.tenant_budgets),
-                   tracer(settings.otlp_endpoint), rollouts, admin, metrics_token,
+                   tracer(settings.otlp_endpoint), rollouts, shadows, admin, metrics_token,
                    asyncio.Semaphore(settings.archive_workers))
 
 

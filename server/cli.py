@@ -293,6 +293,25 @@ def adapters_rollout(
                       **_why(reason)))
 
 
+@adapters_app.command("shadow")
+def adapters_shadow(
+    name: str,
+    version: int = typer.Option(None, help="Version that gets the copies."),
+    percent: float = typer.Option(None, help="Percent of the alias's non-streamed requests copied to it."),
+    alias: str = typer.Option("stable", help="Alias whose requests are copied."),
+    off: bool = typer.Option(False, "--off", help="Stop copying."),
+    reason: str = REASON, url: str = URL, token: str = TOKEN,
+) -> None:
+    """Copy PERCENT% of ALIAS's requests to VERSION, whose answers are compared with the served ones, not served."""
+    path = f"/admin/adapters/{name}/aliases/{alias}/shadow"
+    if off:
+        _echo_json(_admin("DELETE", path, url, token, **_why(reason)))
+        return
+    if version is None or percent is None:
+        fail("--version and --percent: both needed (or --off)")
+    _echo_json(_admin("PUT", path, url, token, json={"version": version, "percent": percent}, **_why(reason)))
+
+
 @adapters_app.command("promote")
 def adapters_promote(name: str, alias: str = typer.Option("stable", help="Alias under a canary."),
                      reason: str = REASON, url: str = URL, token: str = TOKEN) -> None:

@@ -95,6 +95,10 @@ class Settings(BaseSettings):
         None, description="OTLP/HTTP collector (http://collector:4318): a trace span per /v1 request, its context "
                           "passed to the engine; a spawned engine exports its own spans there too."
     )
+    shadow_max_in_flight: int = Field(
+        8, ge=0, description="Shadow copies running at once; more are shed (counted), as are copies for an engine "
+                             "holding half of MAX_IN_FLIGHT_PER_ENGINE."
+    )
     tenant_budgets: dict[str, Budget] = Field(
         {}, description='Token budgets per tenant, as JSON: {"acme": {"tokens_per_minute": 20000, "tokens_per_day": '
                         '1000000}}; a tenant past either gets 429 with Retry-After until the minute or UTC day ends.'

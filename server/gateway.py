@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .registry import Registry
 from .rollout import Rollouts
 from .routing import Router
+from .shadow import Shadows
 from .tracing import Tracer
 from .usage import UsageLedger
 
@@ -43,6 +44,7 @@ class Gateway:
     usage: UsageLedger
     tracer: Tracer | None
     rollouts: Rollouts
+    shadows: Shadows
     admin_token: str
     metrics_token: str | None
     archive_slots: asyncio.Semaphore  # LORAPLEX_ARCHIVE_WORKERS uploads unpacked at once

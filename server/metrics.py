@@ -58,6 +58,7 @@ class Metrics:
                                             ["tenant"], registry=r)
         self.tenant_completion_tokens = Counter("loraplex_tenant_completion_tokens",
                                                 "Completion tokens, by the caller's tenant.", ["tenant"], registry=r)
+        self._shadow_series(r)
         self.engine_requests = Counter("loraplex_engine_requests", "Requests sent to each engine.", ["engine"],
                                        registry=r)
         self.adapter_loads = Counter("loraplex_engine_adapter_loads", "Adapter versions an engine took up between "
@@ -71,6 +72,18 @@ class Metrics:
                                registry=r)
         self.engine_restarts = Counter("loraplex_engine_restarts", "Times a local engine was restarted.", ["engine"],
                                        registry=r)
+
+    def _shadow_series(self, r: CollectorRegistry) -> None:
+        self.shadow_requests = Counter("loraplex_shadow_requests", "Copies of requests sent to a shadow version, by "
+                                       "result: completed, shed (under load), failed.", ["adapter", "result"],
+                                       registry=r)
+        self.shadow_exact = Counter("loraplex_shadow_exact_matches", "Shadow answers identical to the served one.",
+                                    ["adapter"], registry=r)
+        self.shadow_length_ratio = Histogram("loraplex_shadow_length_ratio", "A shadow answer's completion tokens "
+                                             "over the served answer's.", ["adapter"], registry=r,
+                                             buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0))
+        self.shadow_latency = Histogram("loraplex_shadow_duration_seconds", "Latency of shadow requests.",
+                                        ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
 
     def adapter_label(self, name: str | None) -> str:
         """The adapter's name (not version) as a label, with distinct names capped to bound cardinality."""

@@ -26,7 +26,7 @@ from .protocol import (
     ModelList,
     OpenAIRequest,
 )
-from .registry import InvalidReference, NotFound, Version
+from .registry import LATEST, InvalidReference, NotFound, Version, parse_ref
 from .routing import Backend
 
 log = logging.getLogger("loraplex.api")
@@ -108,10 +108,29 @@ async def forward(gw: Gateway, body: OpenAIRequest, path: str, tenant: str | Non
             if rollout is not None:  # both sides' series apart, as NAME@VERSION (within the same label cap)
                 timer.adapter = gw.metrics.adapter_label(version.key)
                 timer.outcome_sink = partial(gw.rollouts.observe, rollout, version.version)
-        return await _send(gw, body, path, version, timer, tenant, caller)  # the stream calls timer.done at its end
+        shadow = shadow_of(gw, body, version)
+        response = await _send(gw, body, path, version, timer, tenant, caller)  # a stream calls timer.done at its end
+        if shadow is not None and type(response) is Response:  # a complete answer, read whole
+            gw.shadows.copy(shadow[0], path, _payload(gw, body, version), shadow[1], response.body,
+                            caller.state.request_id)
+        return response
     except BaseException as e:
         timer.done(e.status if isinstance(e, APIError) else 500)
         raise
+
+
+def shadow_of(gw: Gateway, body: OpenAIRequest, version: Version | None) -> tuple[float, Version] | None:
+    """(percent, version) when the request named an alias with a shadow other than the version serving it; streamed
+    requests are not copied."""
+    if body.stream or version is None:
+        return None
+    ref = parse_ref(body.adapter or body.model)  # resolve_target has parsed it once already
+    if ref.version is not None:
+        return None
+    shadow = gw.registry.shadows(ref.name).get(ref.alias or LATEST)
+    if shadow is None or shadow["version"] == version.version:
+        return None
+    return shadow["percent"], gw.registry.get(ref.name, shadow["version"])
 
 
 def _payload(gw: Gateway, body: OpenAIRequest, version: Version | None) -> dict:

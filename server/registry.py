@@ -271,6 +271,32 @@ class AliasTable:
         self._end_canary(name, alias)
         return self.aliases(name)[alias]
 
+    def shadows(self, name: str) -> dict[str, dict]:
+        """{alias: {"version", "percent"}}: the version that gets a copy of `percent`% of the alias's requests."""
+        present = self._present(name)
+        return {a: dict(s) for a, s in self._alias_state(name).get("shadow", {}).items() if s["version"] in present}
+
+    def set_shadow(self, name: str, alias: str, version: int, percent: float) -> None:
+        """Sends a copy of `percent`% of `alias`'s requests to `version`, whose answers are compared, not served."""
+        check_alias(alias)
+        if not 0 < percent <= 100:
+            raise InvalidReference(f"percent {percent}: must be more than 0 and at most 100", "percent")
+        self.get(name, version)
+
+        def change(state: dict) -> None:
+            if state.setdefault("aliases", {}).get(alias) is None:
+                raise NotFound(f"alias {alias!r} of {name!r} points at no version: set it first", "alias")
+            state.setdefault("shadow", {})[alias] = {"version": version, "percent": percent}
+
+        self._update_state(name, change)
+
+    def end_shadow(self, name: str, alias: str) -> None:
+        def change(state: dict) -> None:
+            if state.get("shadow", {}).pop(alias, None) is None:
+                raise NotFound(f"alias {alias!r} of {name!r} has no shadow", "alias")
+
+        self._update_state(check_name(name), change)
+
     def _end_canary(self, name: str, alias: str) -> dict:
         ended = {}
 
