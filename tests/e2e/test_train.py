@@ -85,3 +85,35 @@ def test_resume_continues_from_the_checkpoint(server, tmp_path, base_model):
 def test_resume_without_checkpoint_is_an_error(server, tmp_path, base_model):
     r = server.cli("train", str(write_job(tmp_path, base_model, "fresh")), "--resume")
     assert r.returncode == 1 and "--resume: no checkpoint in" in r.stderr
+
+
+def test_the_forgetting_gate_refuses_an_adapter_that_raises_general_perplexity(tmp_path, base_model):
+    """The gate on real measurements: compare() of the demo model with and without an adapter gives the rise in
+    general-text perplexity; one that distorts every layer is refused past max_forgetting, a near-zero one passes.
+    (Both are given a held-out loss below the base's, so that only the forgetting gate decides.)"""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loadtest.adapters import ALL_LINEAR, AdapterFactory
+    from server.trainer.data import Example
+    from server.trainer.evaluate import compare
+    from server.trainer.job import load_job
+    from server.trainer.train import promotion
+
+    job = load_job(write_job(tmp_path, base_model, "gate"), [])
+    held_out = [Example((("user", "How do I export my notes?"),), "Open Settings, then Export.", "t")]
+    general = (DEMO_DATA / "general.txt").read_text()[:3000]
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    decisions = {}
+    for scale in (1.0, 1e-4):
+        adapter = AdapterFactory(base_model, 8, ALL_LINEAR, scale=scale).write(tmp_path / f"lora-{scale}", seed=1)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32),
+                                          adapter)
+        metrics = compare(model, tokenizer, held_out, general, 256, 0, 8)
+        metrics["adapter"]["eval_loss"] = metrics["base"]["eval_loss"] - 0.1
+        decisions[scale] = (metrics["forgetting"], *promotion(job, metrics))
+    forgetting, ok, why = decisions[1.0]
+    assert forgetting > job.max_forgetting and not ok and why.startswith("general perplexity rose"), decisions
+    forgetting, ok, why = decisions[1e-4]
+    assert abs(forgetting) < job.max_forgetting and ok, decisions
