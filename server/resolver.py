@@ -26,6 +26,9 @@ from .registry import InvalidReference, NotFound, open_registry, parse_ref
 log = logging.getLogger("vllm.loraplex.resolver")
 # Seconds an adapter stays in use after a request looked it up: the request reaches the engine well within it.
 GRACE = 2.0
+# Seconds a path handed to vLLM stays in use until vLLM lists it: vLLM loads an adapter into the workers before it
+# lists it, and a worker whose CPU cache later drops the adapter reloads it from these files.
+HANDED_OUT = 120.0
 # On the engine's own /metrics (vLLM serves prometheus_client's default registry), which the gateway proxies.
 RESOLVES = Counter("loraplex_engine_adapter_resolves", "Adapter versions vLLM asked loraplex's resolver for, by "
                    "result: cached (a verified local copy), fetched (downloaded from the registry), missing.",
@@ -43,6 +46,7 @@ class RegistryResolver(LoRAResolver):
         self.max_resident = settings.max_resident_adapters
         self.models: Any = None  # vLLM's OpenAIServingModels, once the API server has made it
         self._trimmer: asyncio.Task | None = None
+        self._handed: dict[Path, float] = {}  # paths returned to vLLM and not yet seen in its list
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         try:
@@ -58,6 +62,7 @@ class RegistryResolver(LoRAResolver):
             RESOLVES.labels("missing").inc()
             return None
         RESOLVES.labels("fetched" if fetched else "cached").inc()
+        self._handed[path] = time.monotonic()
         self._trim(keep=path)
         if self._trimmer is None:
             self._trimmer = asyncio.create_task(self._trim_idle())
@@ -96,11 +101,19 @@ class RegistryResolver(LoRAResolver):
             table.pop(name, None)
 
     def _in_use(self, entry: Path) -> bool:
-        """Whether the engine holds an adapter whose files are at `entry`: a worker that then finds them gone takes
-        the whole engine down."""
+        """Whether the engine holds, or is loading, an adapter whose files are at `entry`: a worker that then finds
+        them gone takes the whole engine down (seen in the e2e run when a trim fell between vLLM's load and its
+        listing of the adapter)."""
         if self.models is None:
             return True  # cannot tell yet: keep it
-        return any(Path(r.lora_path) == entry for r in list(self.models.lora_requests.values()))
+        if any(Path(r.lora_path) == entry for r in list(self.models.lora_requests.values())):
+            self._handed.pop(entry, None)
+            return True
+        handed = self._handed.get(entry)
+        if handed is not None and time.monotonic() - handed >= HANDED_OUT:
+            del self._handed[entry]  # vLLM never listed it: its load failed
+            return False
+        return handed is not None
 
 
 class Lookups(dict):

@@ -36,3 +36,19 @@ def test_files_of_a_version_the_engine_holds_are_in_use(tmp_path):
     assert r._in_use(tmp_path / "entry") and not r._in_use(tmp_path / "other")
     r.models = None
     assert r._in_use(tmp_path / "other")  # before vLLM's table exists nothing is known: keep everything
+
+
+def test_files_handed_to_vllm_are_in_use_before_vllm_lists_them(tmp_path):
+    """vLLM loads an adapter into its workers and only then lists it; a trim in between must not take its files."""
+    import server.resolver as resolver_module
+
+    r = resolver(tmp_path, {}, running=set())
+    entry = tmp_path / "entry"
+    r._handed[entry] = time.monotonic()
+    assert r._in_use(entry)
+    r.models.lora_requests["a@1"] = SimpleNamespace(lora_path=str(entry))  # listed: the list protects it now
+    assert r._in_use(entry) and entry not in r._handed
+    del r.models.lora_requests["a@1"]
+    assert not r._in_use(entry)
+    r._handed[entry] = time.monotonic() - resolver_module.HANDED_OUT  # handed out and never listed: a failed load
+    assert not r._in_use(entry) and entry not in r._handed
