@@ -204,9 +204,11 @@ async def show_adapter(name: str, request: Request, caller: Caller = Depends(adm
     def show() -> dict:
         owner = _owned(gw, caller, name)
         aliases, canaries = gw.registry.alias_table(name)
-        versions = [gw.registry.get(name, v).manifest for v in gw.registry.versions(name)]
-        return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries,
-                "shadows": gw.registry.shadows(name), "rollouts": gw.rollouts.of(name), "versions": versions}
+        present = gw.registry.versions(name)
+        versions = [gw.registry.get(name, v).manifest for v in present]
+        shadows = {a: s for a, s in gw.registry.shadows(name).items() if s["version"] in present}
+        return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries, "shadows": shadows,
+                "rollouts": gw.rollouts.of(name), "versions": versions}
 
     return await asyncio.to_thread(show)
 

@@ -130,7 +130,10 @@ def shadow_of(gw: Gateway, body: OpenAIRequest, version: Version | None) -> tupl
     shadow = gw.registry.shadows(ref.name).get(ref.alias or LATEST)
     if shadow is None or shadow["version"] == version.version:
         return None
-    return shadow["percent"], gw.registry.get(ref.name, shadow["version"])
+    try:
+        return shadow["percent"], gw.registry.get(ref.name, shadow["version"])
+    except NotFound:  # the shadow's version was deleted: nothing to copy to
+        return None
 
 
 def _payload(gw: Gateway, body: OpenAIRequest, version: Version | None) -> dict:
