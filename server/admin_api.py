@@ -5,11 +5,13 @@ Operators act on every adapter; a tenant-admin key on its own tenant's only, and
 exactly as a missing one does."""
 
 import asyncio
+import json
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
@@ -20,10 +22,12 @@ from pydantic import BaseModel, Field
 from .archive import Limits, unpack_isolated
 from .audit import parse_since
 from .auth import Caller, admin_caller
+from .evaluation import EvalOptions, EvalSet, table
 from .gateway import Gateway
 from .protocol import APIError
 from .registry import LATEST, MAX_VERSION, Conflict, InvalidReference, NotFound, RegistryError, Version, check_name
 from .rollout import RolloutSpec
+from .trainer.data import DataError, parse_row
 from .validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest
 
 
@@ -87,6 +91,14 @@ class RollbackBody(BaseModel):
     alias: str = "stable"
 
 
+class EvalBody(EvalOptions):
+    rows: list[dict] = Field(min_length=1, max_length=10_000, description="Held-out rows, in any format the trainer "
+                                                                          "reads (chat, prompt/completion, Alpaca).")
+    general_text: str | None = Field(None, max_length=4_000_000, description="Plain text whose perplexity shows "
+                                                                             "forgetting.")
+    against: str = Field("base", max_length=100, description='"base", an alias, or a version number.')
+
+
 class CanaryBody(BaseModel):
     version: int = Field(ge=1, le=MAX_VERSION)
     weight: float = Field(gt=0, lt=100, description="Percent of the alias's callers sent to `version`.")
@@ -122,6 +134,12 @@ async def upload(
     alias: str | None = Form(None),
     public: bool = Form(False),
     file: UploadFile = File(...),
+    eval_data: UploadFile | None = File(None, description="JSONL held-out rows: the version is evaluated against "
+                                                          "the base on arrival."),
+    general_text: UploadFile | None = File(None, description="Plain text for the forgetting measure."),
+    promote: Literal["never", "auto"] = Form("never", description='"auto": point `stable` at the version if its '
+                                                                  "evaluation passes."),
+    max_forgetting: float = Form(0.05, ge=0),
     reason: str | None = Reason,
     caller: Caller = Depends(admin_caller),
 ) -> dict:
@@ -129,6 +147,8 @@ async def upload(
     request.state.adapter = name[:200]
     check_name(name)
     tenant = _upload_tenant(caller, tenant)
+    # Eval data is checked before anything is stored, so that a bad file registers nothing.
+    evalset = await _arrival_eval_set(eval_data, general_text, promote, max_forgetting)
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-upload-"))
     try:
         unpacked = await _unpack(gw, file, work)
@@ -145,7 +165,36 @@ async def upload(
         except InvalidReference as e:
             raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
         await _audit(request, caller, "alias", name, version.version, sha, tenant=tenant, alias=alias)
-    return version.manifest
+    if evalset is None:
+        return version.manifest
+    evaluation = await _evaluate(request, caller, name, version.version, evalset, "base", tenant)
+    if promote == "auto":
+        if evaluation["passed"]:
+            await asyncio.to_thread(gw.registry.set_alias, name, "stable", version.version)
+        await _audit(request, caller, "promote_auto", name, version.version, sha, tenant=tenant, alias="stable",
+                     result="ok" if evaluation["passed"] else f"refused: {evaluation['verdict']}")
+    return {**version.manifest, "evaluation": evaluation}
+
+
+MAX_EVAL_UPLOAD = 16 * 2**20
+
+
+async def _arrival_eval_set(eval_data: UploadFile | None, general_text: UploadFile | None, promote: str,
+                            max_forgetting: float) -> EvalSet | None:
+    """The eval set an upload names, read and parsed; None when it names none."""
+    if eval_data is None:
+        if promote == "auto":
+            raise APIError(400, "promote: auto needs eval_data, the held-out rows the version must pass",
+                           param="promote", code="missing_required_parameter")
+        return None
+    content = await eval_data.read(MAX_EVAL_UPLOAD + 1)
+    text = (await general_text.read(MAX_EVAL_UPLOAD + 1)) if general_text is not None else None
+    if len(content) > MAX_EVAL_UPLOAD or (text is not None and len(text) > MAX_EVAL_UPLOAD):
+        raise APIError(413, f"eval_data and general_text: at most {MAX_EVAL_UPLOAD} bytes each",
+                       param="eval_data", code="eval_data_too_large")
+    rows = _jsonl_rows(content, "eval_data")
+    general = text.decode("utf-8", errors="replace") if text is not None else None
+    return _eval_set(rows, general, EvalOptions(max_forgetting=max_forgetting), "eval_data")
 
 
 def _upload_tenant(caller: Caller, tenant: str | None) -> str:
@@ -174,6 +223,56 @@ def _register(gw: Gateway, unpacked: Path, name: str, tenant: str, public: bool,
     check_exported_manifest(unpacked, gw.base)
     return gw.registry.register(name, unpacked, base=gw.base, max_rank=gw.settings.max_lora_rank, tenant=tenant,
                                 public=public, origin=f"upload:{(filename or '')[:200]}")
+
+
+def _eval_set(rows: list, general_text: str | None, options: EvalOptions, where: str) -> EvalSet:
+    """Rows parsed as the trainer parses them; a bad one is refused naming it (`where` and its index or line)."""
+    try:
+        examples = [parse_row(row, f"{where}[{i}]") for i, row in enumerate(rows)]
+    except DataError as e:
+        raise APIError(400, str(e), param=where, code="invalid_eval_data") from None
+    return EvalSet(examples, general_text, options)
+
+
+def _jsonl_rows(content: bytes, where: str) -> list:
+    rows = []
+    for n, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise APIError(400, f"{where}:{n}: not valid JSON ({e.msg})", param=where,
+                               code="invalid_eval_data") from None
+    if not rows:
+        raise APIError(400, f"{where}: no rows", param=where, code="invalid_eval_data")
+    return rows
+
+
+async def _evaluate(request: Request, caller: Caller, name: str, version: int, evalset: EvalSet, against: str,
+                    tenant: str | None) -> dict:
+    """Scores the version on an engine, keeps the summary beside it (the rollout gate reads it) and audits it."""
+    gw = _gateway(request)
+    result = await gw.evaluate(name, version, evalset, against)
+    result["table"] = table(result)
+    summary = {k: v for k, v in result.items() if k != "table"}
+    summary["reference"], summary["candidate"] = (
+        {k: v for k, v in summary[side].items() if k != "samples"} for side in ("reference", "candidate"))
+    summary["time"] = time.time()
+    await asyncio.to_thread(gw.registry.record_evaluation, name, version, summary)
+    await _audit(request, caller, "eval", name, version, await asyncio.to_thread(_sha, gw, name, version),
+                 tenant=tenant, against=result["reference_model"], passed=result["passed"],
+                 verdict=result["verdict"])
+    return result
+
+
+@router.post("/adapters/{name}/versions/{version}/eval")
+async def evaluate(name: str, body: EvalBody, request: Request, version: int = VersionParam,
+                   reason: str | None = Reason, caller: Caller = Depends(admin_caller)) -> dict:
+    """Scores a version through the engine (held-out loss, exact match, ROUGE-L, forgetting) beside `against`."""
+    owner = await asyncio.to_thread(_owned, _gateway(request), caller, name)
+    options = EvalOptions(**body.model_dump(include=set(EvalOptions.model_fields)))
+    evalset = _eval_set(body.rows, body.general_text, options, "rows")
+    return await _evaluate(request, caller, name, version, evalset, body.against, owner)
 
 
 @router.get("/adapters")
@@ -207,8 +306,9 @@ async def show_adapter(name: str, request: Request, caller: Caller = Depends(adm
         present = gw.registry.versions(name)
         versions = [gw.registry.get(name, v).manifest for v in present]
         shadows = {a: s for a, s in gw.registry.shadows(name).items() if s["version"] in present}
+        evaluations = {v: e for v, e in gw.registry.evaluations(name).items() if v in present}
         return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries, "shadows": shadows,
-                "rollouts": gw.rollouts.of(name), "versions": versions}
+                "rollouts": gw.rollouts.of(name), "evaluations": evaluations, "versions": versions}
 
     return await asyncio.to_thread(show)
 

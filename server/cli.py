@@ -195,10 +195,14 @@ def _admin(method: str, path: str, url: str | None, token: str | None, **kwargs)
     return body
 
 
-def _echo_json(data: object) -> None:
+def _json_text(data: object) -> str:
     import json
 
-    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _echo_json(data: object) -> None:
+    typer.echo(_json_text(data))
 
 
 URL = typer.Option(None, "--url", help="Server URL (LORAPLEX_URL; default http://LORAPLEX_HOST:LORAPLEX_PORT).")
@@ -230,6 +234,10 @@ def adapters_upload(
     tenant: str = typer.Option(None, help="Tenant that owns the adapter (a tenant-admin key's own by default)."),
     alias: str = typer.Option(None, help="Also point this alias at the new version."),
     public: bool = typer.Option(False, help="Let every tenant use it."),
+    eval_data: Path = typer.Option(None, "--eval", help="JSONL held-out rows: evaluate the version on arrival."),
+    general_text: Path = typer.Option(None, "--general", help="Plain text for the forgetting measure."),
+    promote: str = typer.Option("never", help='"auto": point stable at the version if its evaluation passes.'),
+    max_forgetting: float = typer.Option(0.05, help="Allowed relative rise of general-text perplexity."),
     reason: str = REASON, url: str = URL, token: str = TOKEN,
 ) -> None:
     """Upload an adapter to a running server as the next version of NAME."""
@@ -241,10 +249,59 @@ def adapters_upload(
         content, filename = path.read_bytes(), path.name
     else:
         fail(f"PATH: {path} does not exist")
-    form = {"name": name, "public": str(public).lower(), **({"alias": alias} if alias else {}),
-            **({"tenant": tenant} if tenant else {})}
-    _echo_json(_admin("POST", "/admin/adapters", url, token, data=form, files={"file": (filename, content)},
-                      **_why(reason)))
+    form = {"name": name, "public": str(public).lower(), "promote": promote, "max_forgetting": str(max_forgetting),
+            **({"alias": alias} if alias else {}), **({"tenant": tenant} if tenant else {})}
+    files = {"file": (filename, content), **_file_part("eval_data", eval_data, "--eval"),
+             **_file_part("general_text", general_text, "--general")}
+    answer = _admin("POST", "/admin/adapters", url, token, data=form, files=files, **_why(reason))
+    evaluation = answer.pop("evaluation", None)
+    _echo_json(answer)
+    if evaluation:
+        typer.echo(evaluation["table"])
+
+
+def _file_part(field: str, path: Path | None, option: str) -> dict:
+    if path is None:
+        return {}
+    if not path.is_file():
+        fail(f"{option}: {path} does not exist")
+    return {field: (path.name, path.read_bytes())}
+
+
+@app.command("eval")
+def eval_version(
+    ref: str = typer.Argument(..., metavar="NAME@VERSION", help="The version to score."),
+    data: Path = typer.Option(..., "--data", help="JSONL held-out rows (chat, prompt/completion or Alpaca)."),
+    against: str = typer.Option("base", help='"base", an alias (stable) or a version number of NAME.'),
+    general_text: Path = typer.Option(None, "--general", help="Plain text for the forgetting measure."),
+    max_seq_len: int = typer.Option(512, help="Tokens of an example or text window scored."),
+    generations: int = typer.Option(32, help="Held-out rows answered greedily for exact match and ROUGE-L."),
+    max_new_tokens: int = typer.Option(64),
+    max_forgetting: float = typer.Option(0.05, help="Allowed relative rise of general-text perplexity."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
+    reason: str = REASON, url: str = URL, token: str = TOKEN,
+) -> None:
+    """Score a version through the serving engine against the base or another version; the result is kept beside
+    the version, where rollouts read it."""
+    from .trainer.data import DataError, read_rows
+
+    name, _, version = ref.partition("@")
+    if not version.isdigit():
+        fail(f"NAME@VERSION: {ref!r} needs a version number, as in acme-support@3")
+    try:
+        examples, _ = read_rows([data])
+    except DataError as e:
+        fail(str(e))
+    rows = [{"messages": e.messages() + [{"role": "assistant", "content": e.completion}]} for e in examples]
+    if general_text is not None and not general_text.is_file():
+        fail(f"--general: {general_text} does not exist")
+    body = {"rows": rows, "against": against, "max_seq_len": max_seq_len, "generations": generations,
+            "max_new_tokens": max_new_tokens, "max_forgetting": max_forgetting,
+            "general_text": general_text.read_text() if general_text else None}
+    result = _admin("POST", f"/admin/adapters/{name}/versions/{version}/eval", url, token, json=body, **_why(reason))
+    typer.echo(_json_text(result) if as_json else result["table"])
+    if not result["passed"]:
+        raise typer.Exit(1)
 
 
 @adapters_app.command("alias")
@@ -275,9 +332,10 @@ def adapters_rollout(
     min_requests: int = typer.Option(20, help="Requests each side needs in a step before any decision."),
     max_error_increase: float = typer.Option(0.02, help="Error ratio the candidate may add to the stable one's."),
     latency_tolerance: float = typer.Option(0.25, help="Fraction by which the candidate's p95 may exceed it."),
+    require_evaluation: bool = typer.Option(False, help="Refuse a candidate without a passing `loraplex eval`."),
     reason: str = REASON, url: str = URL, token: str = TOKEN,
 ) -> None:
-    """Roll VERSION out step by step; any step outside the bounds rolls it back at once."""
+    """Roll VERSION out step by step; any step outside the bounds, or a failed evaluation, rolls it back at once."""
     from .audit import duration
 
     seconds = duration(interval)
@@ -288,7 +346,8 @@ def adapters_rollout(
     except ValueError:
         fail(f"--steps: {steps!r} is not a list of percentages such as 5,25,50,100")
     body = {"to": to, "steps": weights, "interval": seconds, "min_requests": min_requests,
-            "max_error_increase": max_error_increase, "latency_tolerance": latency_tolerance}
+            "max_error_increase": max_error_increase, "latency_tolerance": latency_tolerance,
+            "require_evaluation": require_evaluation}
     _echo_json(_admin("POST", f"/admin/adapters/{name}/aliases/{alias}/rollout", url, token, json=body,
                       **_why(reason)))
 
@@ -480,7 +539,7 @@ def train(
     audit_log = AuditLog(settings.state_dir, registry or settings.registry)
     try:
         job = load_job(job_file, set_)
-        run(job, job_file.resolve(), registry or settings.registry, settings.max_lora_rank, resume=resume,
+        run(job, job_file.resolve(), registry or settings.registry, settings, resume=resume,
             log=typer.echo, audit=lambda *args, **detail: audit_log.record(_actor(), *args, **detail))
     except (JobError, DataError, TrainError) as e:
         fail(str(e))

@@ -166,6 +166,13 @@ class EngineClient:
             return None
         return None if cards is None else {c["id"] for c in cards if c.get("parent")}
 
+    async def call(self, path: str, body: dict, adapter: str | None = None) -> dict:
+        """Posts `body` and returns the engine's JSON answer; a refusal raises the APIError a caller would get."""
+        status, content = await self._post(path, body)
+        if status != 200:
+            raise refusal(status, content, adapter)
+        return json.loads(content)
+
     async def unload_lora(self, name: str) -> None:
         status, content = await self._post("/v1/unload_lora_adapter", {"lora_name": name})
         if status not in (200, 404):

@@ -4,13 +4,18 @@ import asyncio
 import importlib.metadata
 import logging
 import os
+import secrets
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+import aiohttp
 
 from .config import LORA_OPS_ENV, Settings
 from .engine_client import EngineClient
@@ -82,18 +87,25 @@ def engine_environment(settings: Settings, api_key: str, port: int) -> dict[str,
 class EngineProcess:
     """One local `vllm.entrypoints.openai.api_server`, in its own process group so it can be ended whole."""
 
-    def __init__(self, settings: Settings, base_path: str, api_key: str):
+    def __init__(self, settings: Settings, base_path: str, api_key: str, extra: list[str] | None = None):
         self.settings, self.api_key = settings, api_key
         self.port = free_port()
         self.url = f"{'https' if settings.engine_tls_cert else 'http'}://127.0.0.1:{self.port}"
-        self.command = engine_command(settings, base_path, self.port)
+        self.command = engine_command(settings, base_path, self.port) + (extra or [])
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, output: Path | None = None) -> None:
+        """Starts the engine, its output to `output` if given, else to this process's."""
         env = engine_environment(self.settings, self.api_key, self.port)
         log.info("starting engine: %s", shlex.join(self.command))
-        # A new session makes the API server, EngineCore and workers one process group to signal together.
-        self.proc = subprocess.Popen(self.command, env=env, start_new_session=True)
+        out = open(output, "ab") if output else None
+        try:
+            # A new session makes the API server, EngineCore and workers one process group to signal together.
+            self.proc = subprocess.Popen(self.command, env=env, start_new_session=True, stdout=out,
+                                         stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out:
+                out.close()
 
     async def wait_ready(self, engine: EngineClient, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -122,3 +134,21 @@ class EngineProcess:
         except ProcessLookupError:
             pass
         self.proc.wait()
+
+
+@asynccontextmanager
+async def private_engine(settings: Settings, base_path: str, adapters: dict[str, Path], output: Path,
+                         timeout: float = 600.0) -> AsyncIterator[EngineClient]:
+    """An engine of one job's own (the trainer's evaluation) with `adapters` (name: directory) loaded at start, its
+    output in `output`; ended, process group and all, on leaving."""
+    modules = [f"{name}={path}" for name, path in adapters.items()]
+    process = EngineProcess(settings, base_path, secrets.token_urlsafe(24),
+                            extra=["--lora-modules", *modules] if modules else [])
+    process.start(output)
+    try:
+        async with aiohttp.ClientSession() as session:
+            engine = EngineClient(process.url, session, api_key=process.api_key)
+            await process.wait_ready(engine, timeout)
+            yield engine
+    finally:
+        process.stop()

@@ -14,8 +14,10 @@ from .auth import KeyStore
 from .basemodel import BaseModel
 from .config import Settings
 from .engine_client import EngineError, Unreachable
+from .evaluation import EvalSet, compare
 from .metrics import Metrics
-from .registry import Registry
+from .protocol import APIError
+from .registry import NotFound, Registry
 from .rollout import Rollouts
 from .routing import Router
 from .shadow import Shadows
@@ -70,6 +72,30 @@ class Gateway:
             if gone:
                 self.retire(gone)
             known = now
+
+    async def evaluate(self, name: str, version: int, evalset: EvalSet, against: str) -> dict:
+        """Scores NAME@version on an engine beside `against`: "base", an alias of the adapter (the version it points
+        at, not its canary) or a version number."""
+        candidate = (await asyncio.to_thread(self.registry.get, name, version)).key
+        reference = self.settings.model_name if against == "base" else await asyncio.to_thread(
+            self._reference, name, against)
+        backend = self.router.choose(candidate)
+        if backend is None:
+            raise APIError(503, "no engine is ready", type="server_error", code="engine_unavailable")
+        try:
+            return await compare(lambda path, body: backend.engine.call(path, body, candidate), candidate,
+                                 reference, evalset)
+        except Unreachable:
+            backend.unreachable()
+            raise APIError(503, "engine unavailable", type="server_error", code="engine_unavailable") from None
+
+    def _reference(self, name: str, against: str) -> str:
+        if against.isdigit():
+            return self.registry.get(name, int(against)).key
+        version = self.registry.aliases(name).get(against)
+        if version is None:
+            raise NotFound(f"against: {name!r} has no alias {against!r}", "against")
+        return f"{name}@{version}"
 
     def retire(self, deleted: list[str]) -> None:
         """Drops deleted versions from every engine: they take no new request there, and running ones finish

@@ -297,6 +297,15 @@ class AliasTable:
 
         self._update_state(check_name(name), change)
 
+    def evaluations(self, name: str) -> dict[int, dict]:
+        """{version: its latest evaluation's summary}. Kept beside the immutable manifest: a version can be evaluated
+        again, on other data or against another reference."""
+        return {int(v): dict(e) for v, e in self._alias_state(name).get("evaluations", {}).items()}
+
+    def record_evaluation(self, name: str, version: int, summary: dict) -> None:
+        self.get(name, version)
+        self._update_state(name, lambda state: state.setdefault("evaluations", {}).__setitem__(str(version), summary))
+
     def _end_canary(self, name: str, alias: str) -> dict:
         ended = {}
 

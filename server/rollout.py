@@ -40,6 +40,8 @@ class RolloutSpec(BaseModel):
                                                                     "stable version's by this much.")
     latency_tolerance: float = Field(0.25, ge=0, description="The candidate's p95 latency may exceed the stable "
                                                              "version's by this fraction (runs here vary by 18%).")
+    require_evaluation: bool = Field(False, description="Refuse a candidate that has no passing evaluation (one "
+                                                        "whose evaluation failed is refused either way).")
 
     @field_validator("steps")
     @classmethod
@@ -123,6 +125,7 @@ class Rollouts:
         running = (self.document.read() or {}).get("rollouts", {}).get(key, {})
         if running.get("status") == "running":
             raise Conflict(f"{key} is already rolling out version {running['to']}; abort it first", "alias")
+        self._check_evaluation(name, spec)
         weight = spec.steps[0]
         if weight == 100:
             self.registry.set_alias(name, alias, spec.to)
@@ -137,6 +140,15 @@ class Rollouts:
                   "started_by": actor, "decisions": [], "stats": {}}
         self.document.update(lambda doc: doc.setdefault("rollouts", {}).__setitem__(key, record))
         return public(record)
+
+    def _check_evaluation(self, name: str, spec: RolloutSpec) -> None:
+        """The evaluation gate: a candidate whose latest evaluation failed does not roll out."""
+        evaluation = self.registry.evaluations(name).get(spec.to)
+        if evaluation is not None and not evaluation["passed"]:
+            raise Conflict(f"{name}@{spec.to} failed its evaluation ({evaluation['verdict']}); evaluate it again "
+                           "or roll out another version", "to")
+        if evaluation is None and spec.require_evaluation:
+            raise Conflict(f"{name}@{spec.to} has no evaluation: run `loraplex eval {name}@{spec.to}` first", "to")
 
     def observe(self, key: str, version: int, failed: bool, seconds: float) -> None:
         """Counts one finished request of a version under rollout (the request path: memory only)."""
@@ -189,7 +201,11 @@ class Rollouts:
                 for version, counts in published["versions"].items():
                     if int(version) in sides:
                         sides[int(version)].merge(counts)
-        verdict, why = judge(record, sides[record["from"]], sides[record["to"]], now)
+        evaluation = self.registry.evaluations(record["name"]).get(record["to"])
+        if evaluation is not None and not evaluation["passed"]:
+            verdict, why = "rollback", f"its evaluation failed: {evaluation['verdict']}"
+        else:
+            verdict, why = judge(record, sides[record["from"]], sides[record["to"]], now)
         if verdict == "wait":
             return None
         figures = {"stable": sides[record["from"]].figures(), "candidate": sides[record["to"]].figures()}

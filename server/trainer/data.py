@@ -37,7 +37,7 @@ class Dataset:
     files: list[dict] = field(default_factory=list)
 
 
-# Tokens in one example, as the base tokenizer counts them (evaluate.count_tokens makes one).
+# Tokens in one example, as the base tokenizer counts them (train.count_tokens makes one).
 TokenCounter = Callable[["Example"], int]
 
 def _str(row: dict, key: str, where: str, required: bool = True) -> str:

@@ -1,20 +1,23 @@
 """A training job end to end: curated data, QLoRA with TRL's SFTTrainer, evaluation, registration, promotion."""
 
+import asyncio
 import gc
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import basemodel
+from ..config import Settings
+from ..engine_process import private_engine
+from ..evaluation import EvalOptions, EvalSet, compare, table
 from ..registry import Version, open_registry
 from ..validation import WEIGHTS_FILE
 from . import data as datamod
-from .evaluate import compare, count_tokens, table
 from .job import Job
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from trl import SFTConfig, SFTTrainer
 
 Log = Callable[[str], object]
@@ -34,6 +37,22 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return found
+
+
+def count_tokens(tokenizer: "PreTrainedTokenizerBase") -> datamod.TokenCounter:
+    """Token length of a row as it is trained: chat template applied, answer included."""
+    def count(example: datamod.Example) -> int:
+        messages = example.messages() + [{"role": "assistant", "content": example.completion}]
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+
+    return count
+
+
+def _release_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _compute_dtype():
@@ -125,47 +144,45 @@ def train(job: Job, resume: bool, log: Log = print) -> tuple[Path, datamod.Datas
              "data": {"files": data.files, "counts": data.counts}}
     del trainer
     gc.collect()
+    _release_gpu_memory()  # the evaluation engine that follows needs it
     return adapter_dir, data, facts
 
 
-def evaluate(job: Job, adapter_dir: Path, data: datamod.Dataset, log: Log = print) -> dict:
-    """Metrics of the served configuration: the unquantized base, with and without the trained adapter."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def evaluate(job: Job, adapter_dir: Path, data: datamod.Dataset, settings: Settings, log: Log = print) -> dict:
+    """The adapter against the base as they will be served: through a vLLM engine of the job's own, with the code
+    `loraplex eval` uses."""
+    options = EvalOptions(max_seq_len=job.max_seq_len, generations=job.eval_generations,
+                          max_new_tokens=job.max_new_tokens, max_forgetting=job.max_forgetting)
+    evalset = EvalSet(data.eval, job.general_eval.read_text() if job.general_eval else None, options)
+    # The engine may serve TLS to the gateway; this one is the job's alone, on loopback.
+    local = settings.model_copy(update={"engine_tls_cert": None, "engine_tls_key": None,
+                                        "max_lora_rank": max(settings.max_lora_rank, job.lora.r)})
+    candidate = f"{job.adapter.name}@candidate"
 
-    tokenizer = AutoTokenizer.from_pretrained(job.base_model)
-    base = AutoModelForCausalLM.from_pretrained(job.base_model, dtype=_compute_dtype())
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    general = job.general_eval.read_text() if job.general_eval else None
-    metrics = compare(model, tokenizer, data.eval, general, job.max_seq_len, job.eval_generations, job.max_new_tokens)
+    async def run_eval() -> dict:
+        async with private_engine(local, job.base_model, {candidate: adapter_dir},
+                                  job.output_dir / "eval-engine.log") as engine:
+            return await compare(engine.call, candidate, settings.model_name, evalset)
+
+    log(f"evaluating through vLLM (its log: {job.output_dir / 'eval-engine.log'})")
+    metrics = asyncio.run(run_eval())
     log(table(metrics))
     return metrics
 
 
-def promotion(job: Job, metrics: dict) -> tuple[bool, str]:
-    base, adapter = metrics["base"], metrics["adapter"]
-    if adapter["eval_loss"] >= base["eval_loss"]:
-        return False, f"held-out loss {adapter['eval_loss']:.3f} does not beat the base's {base['eval_loss']:.3f}"
-    if "forgetting" in metrics and metrics["forgetting"] > job.max_forgetting:
-        return False, (f"general perplexity rose {metrics['forgetting']:.1%}, above the allowed "
-                       f"{job.max_forgetting:.1%}")
-    return True, (f"held-out loss {adapter['eval_loss']:.3f} < base {base['eval_loss']:.3f}"
-                  + (f", forgetting {metrics['forgetting']:+.1%}" if "forgetting" in metrics else ""))
-
-
-def run(job: Job, job_file: Path, registry_root: str | Path, max_rank: int, resume: bool = False,
+def run(job: Job, job_file: Path, registry_root: str | Path, settings: Settings, resume: bool = False,
         log: Log = print, audit: Callable[..., None] = lambda *args, **detail: None) -> Version:
     """Train, evaluate, register as the next version, and move `stable` if the job asks and the adapter earns it;
     `audit(action, adapter, version, sha256, **detail)` records the registration and the promotion decision."""
     base = basemodel.load(job.base_model)  # fails fast on a wrong base, before any training
     adapter_dir, data, facts = train(job, resume, log)
-    metrics = evaluate(job, adapter_dir, data, log)
-    samples = {side: metrics[side].pop("samples")[:5] for side in ("base", "adapter")}
-    for b, a in zip(samples["base"], samples["adapter"]):
+    metrics = evaluate(job, adapter_dir, data, settings, log)
+    samples = {side: metrics[side].pop("samples")[:5] for side in ("reference", "candidate")}
+    for b, a in zip(samples["reference"], samples["candidate"]):
         log(f"\nQ: {b['question']}\n  expected: {b['reference']}\n  base:     {b['answer']}\n  adapter:  {a['answer']}")
     registry = open_registry(registry_root)
     version = registry.register(
-        job.adapter.name, adapter_dir, base=base, max_rank=max_rank,
+        job.adapter.name, adapter_dir, base=base, max_rank=settings.max_lora_rank,
         tenant=job.adapter.tenant, public=job.adapter.public, origin=f"train:{job_file}",
         extra={"training": facts, "metrics": metrics, "samples": samples,
                "job": job.model_dump(mode="json"), "libraries": _versions()},
@@ -174,7 +191,7 @@ def run(job: Job, job_file: Path, registry_root: str | Path, max_rank: int, resu
     sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
     audit("train_register", job.adapter.name, version.version, sha, tenant=job.adapter.tenant, job=str(job_file))
     if job.promote == "auto":
-        ok, why = promotion(job, metrics)
+        ok, why = metrics["passed"], metrics["verdict"]
         if ok:
             registry.set_alias(job.adapter.name, "stable", version.version)
             log(f"promoted {version.key} to stable: {why}")

@@ -15,6 +15,7 @@ from loadtest.servers import Gateway
 from server.auth import engine_key
 from server.config import Settings
 from server.demo_model import build
+from tests.helpers import write_job
 
 # Different ranks and target modules; seeds are drawn per run so the tests cannot know the weights in advance.
 ADAPTERS = {
@@ -54,8 +55,8 @@ class Server:
     def startup(self) -> list[tuple[int, int]]:
         return self.gateway.startup
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*LOADER, *args], env=self.env, capture_output=True, text=True, timeout=300)
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([*LOADER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def engine_url(self) -> str:
         return self.gateway.engine_url()
@@ -103,6 +104,16 @@ def server(workdir, base_model, adapter_dirs):
         yield Server(gateway, adapter_dirs)
     finally:
         gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def trained(server, workdir, base_model) -> subprocess.CompletedProcess:
+    """The demo job, run once with `promote: auto` and registered into the session's registry as trained@1 (tenant
+    nimbus): the `loraplex train` run, which must have succeeded."""
+    r = server.cli("train", str(write_job(workdir, base_model, "trained", promote="auto", max_forgetting=10.0)),
+                   timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 @dataclass(frozen=True)

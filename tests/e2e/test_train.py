@@ -3,25 +3,7 @@
 import json
 from pathlib import Path
 
-import yaml
-
-from tests.helpers import complete, same
-
-DEMO_DATA = Path(__file__).parents[2] / "examples" / "demo-support"
-
-
-def write_job(tmp_path: Path, base_model: Path, name: str, **overrides) -> Path:
-    job = {
-        "base_model": str(base_model), "data": [str(DEMO_DATA / "support.jsonl")],
-        "adapter": {"name": name, "tenant": "nimbus"}, "lora": {"r": 8, "alpha": 16},
-        "quantization": "nf4", "max_steps": 30, "learning_rate": 1e-3, "batch_size": 8, "max_seq_len": 256,
-        "eval_fraction": 0.15, "general_eval": str(DEMO_DATA / "general.txt"), "eval_generations": 2,
-        "max_new_tokens": 8, "save_steps": 10, "output_dir": str(tmp_path / name), **overrides,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
-
+from tests.helpers import DEMO_DATA, complete, same, write_job
 
 def test_bad_rows_stop_the_job_before_training(server, tmp_path, base_model):
     data = tmp_path / "bad.jsonl"
@@ -39,14 +21,13 @@ def test_job_errors_name_the_field(server, tmp_path, base_model):
     assert r.returncode == 1 and "lora.r: Input should be greater than or equal to 1" in r.stderr
 
 
-def test_qlora_run_beats_base_is_registered_and_served(server, client, reference, tmp_path, base_model):
-    r = server.cli("train", str(write_job(tmp_path, base_model, "trained", promote="auto", max_forgetting=10.0)))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "registered trained@1" in r.stdout and "held-out loss" in r.stdout
+def test_qlora_run_beats_base_is_registered_and_served(server, client, reference, trained):
+    r = trained
+    assert "registered trained@1" in r.stdout and "held-out loss" in r.stdout and "evaluating through vLLM" in r.stdout
     m = json.loads((Path(server.env["LORAPLEX_REGISTRY"]) / "trained" / "1" / "manifest.json").read_text())
     metrics = m["metrics"]
-    assert metrics["adapter"]["eval_loss"] < metrics["base"]["eval_loss"]
-    for side in ("base", "adapter"):
+    assert metrics["candidate"]["eval_loss"] < metrics["reference"]["eval_loss"] and metrics["passed"]
+    for side in ("reference", "candidate"):
         assert {"eval_loss", "eval_perplexity", "exact_match", "rouge_l", "general_perplexity"} <= set(metrics[side])
     assert "forgetting" in metrics
     counts = m["training"]["data"]["counts"]
@@ -60,7 +41,8 @@ def test_qlora_run_beats_base_is_registered_and_served(server, client, reference
     assert "promoted trained@1 to stable" in r.stdout
     audit = [json.loads(line) for line in server.cli("audit", "--tenant", "nimbus", "--since", "1h").stdout.split("\n")
              if line]
-    trained = [(e["action"], e["version"], e["result"]) for e in audit if e["adapter"] == "trained"]
+    trained = [(e["action"], e["version"], e["result"]) for e in audit
+               if e["adapter"] == "trained" and e["action"].startswith("train_")]
     assert trained == [("train_register", 1, "ok"), ("train_promote", 1, "ok")]
     assert all(e["actor"].startswith("cli:") and e["sha256"] for e in audit if e["adapter"] == "trained")
     # the running server serves it on the next request, as PEFT computes it
@@ -85,35 +67,3 @@ def test_resume_continues_from_the_checkpoint(server, tmp_path, base_model):
 def test_resume_without_checkpoint_is_an_error(server, tmp_path, base_model):
     r = server.cli("train", str(write_job(tmp_path, base_model, "fresh")), "--resume")
     assert r.returncode == 1 and "--resume: no checkpoint in" in r.stderr
-
-
-def test_the_forgetting_gate_refuses_an_adapter_that_raises_general_perplexity(tmp_path, base_model):
-    """The gate on real measurements: compare() of the demo model with and without an adapter gives the rise in
-    general-text perplexity; one that distorts every layer is refused past max_forgetting, a near-zero one passes.
-    (Both are given a held-out loss below the base's, so that only the forgetting gate decides.)"""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loadtest.adapters import ALL_LINEAR, AdapterFactory
-    from server.trainer.data import Example
-    from server.trainer.evaluate import compare
-    from server.trainer.job import load_job
-    from server.trainer.train import promotion
-
-    job = load_job(write_job(tmp_path, base_model, "gate"), [])
-    held_out = [Example((("user", "How do I export my notes?"),), "Open Settings, then Export.", "t")]
-    general = (DEMO_DATA / "general.txt").read_text()[:3000]
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    decisions = {}
-    for scale in (1.0, 1e-4):
-        adapter = AdapterFactory(base_model, 8, ALL_LINEAR, scale=scale).write(tmp_path / f"lora-{scale}", seed=1)
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32),
-                                          adapter)
-        metrics = compare(model, tokenizer, held_out, general, 256, 0, 8)
-        metrics["adapter"]["eval_loss"] = metrics["base"]["eval_loss"] - 0.1
-        decisions[scale] = (metrics["forgetting"], *promotion(job, metrics))
-    forgetting, ok, why = decisions[1.0]
-    assert forgetting > job.max_forgetting and not ok and why.startswith("general perplexity rose"), decisions
-    forgetting, ok, why = decisions[1e-4]
-    assert abs(forgetting) < job.max_forgetting and ok, decisions

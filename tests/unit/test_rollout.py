@@ -4,6 +4,8 @@ rolled back before its first interval ends, both decisions audited; the judgemen
 import asyncio
 import itertools
 
+import pytest
+
 from loadtest.stub_engine import StubEngine
 from server.rollout import Counts, judge
 from tests.helpers import archive, gateway_over, ready, wait_for
@@ -153,3 +155,31 @@ def test_replicas_share_a_rollout_in_the_store_and_a_lapsed_lease_passes_on(s3_u
     assert record["status"] == "promoted" and record["decisions"][-1]["figures"]["candidate"]["requests"] == 6
     assert registry.aliases("bot")["stable"] == 2 and registry.canaries("bot") == {}
     assert [e["action"] for e in AuditLog(tmp_path / "c", s3_url).entries()] == ["rollout_promote"]
+
+
+def test_the_evaluation_gate_refuses_a_failed_candidate_and_rolls_back_one_that_fails_midway(tmp_path, base,
+                                                                                           adapter_factory):
+    from server.audit import AuditLog
+    from server.documents import FileDocument
+    from server.registry import Conflict, open_registry
+    from server.rollout import ROLLOUTS_FILE, Rollouts, RolloutSpec
+
+    registry = open_registry(tmp_path / "registry")
+    for seed in range(3):
+        registry.register("bot", adapter_factory(seed=seed), base=base, max_rank=16, tenant="acme")
+    registry.set_alias("bot", "stable", 1)
+    rollouts = Rollouts(FileDocument(tmp_path / ROLLOUTS_FILE), registry, AuditLog(tmp_path / "state"))
+    failed = {"passed": False, "verdict": "held-out loss 2.1 does not beat the reference's 2.0"}
+    registry.record_evaluation("bot", 3, failed)
+    with pytest.raises(Conflict, match="bot@3 failed its evaluation"):
+        rollouts.start("bot", "stable", RolloutSpec(to=3), "alice")
+    with pytest.raises(Conflict, match="bot@2 has no evaluation"):
+        rollouts.start("bot", "stable", RolloutSpec(to=2, require_evaluation=True), "alice")
+    rollouts.start("bot", "stable", RolloutSpec(to=2, interval=3600), "alice")
+    rollouts.tick()
+    assert rollouts.of("bot")[0]["status"] == "running"
+    registry.record_evaluation("bot", 2, failed)  # evaluated again, on other data, while it rolls out
+    rollouts.tick()
+    [record] = rollouts.of("bot")
+    assert record["status"] == "rolled_back" and record["decisions"][-1]["why"].startswith("its evaluation failed")
+    assert registry.canaries("bot") == {} and registry.aliases("bot")["stable"] == 1

@@ -1,0 +1,97 @@
+"""Engine-side evaluation against a scripted engine: which tokens are scored, how windows and answers are counted,
+and the gate."""
+
+import asyncio
+import math
+
+import pytest
+
+from server.evaluation import EvalOptions, EvalSet, compare, table, verdict
+from server.trainer.data import Example
+
+GEN_PROMPT = 1  # the token the scripted chat template appends for add_generation_prompt
+
+
+def _logprob(model: str, token: int) -> float:
+    """The scripted model's log-probability of a token: the candidate finds every token likelier."""
+    return -0.1 * (token % 7 + 1) * (0.5 if model == "acme@2" else 1.0)
+
+
+class ScriptedEngine:
+    """/tokenize: one token per character (its code point), a chat turn ends with 0; /v1/completions: prompt
+    logprobs from _logprob, and the greedy answer "yes" for every prompt."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    async def __call__(self, path: str, body: dict) -> dict:
+        self.calls.append((path, body))
+        await asyncio.sleep(0)
+        if path == "/tokenize":
+            if "prompt" in body:
+                return {"tokens": [ord(c) for c in body["prompt"]]}
+            ids = [t for m in body["messages"] for t in [*map(ord, m["content"]), 0]]
+            return {"tokens": ids + ([GEN_PROMPT] if body["add_generation_prompt"] else [])}
+        ids = body["prompt"]
+        if body.get("prompt_logprobs") is not None:
+            entries = [None] + [{str(t): {"logprob": _logprob(body["model"], t), "rank": 1}} for t in ids[1:]]
+            return {"choices": [{"text": "x", "prompt_logprobs": entries}]}
+        return {"choices": [{"text": " yes\n"}]}
+
+
+def _example(question: str, answer: str) -> Example:
+    return Example((("user", question),), answer, "t")
+
+
+def test_held_out_loss_scores_only_answer_tokens_and_text_windows_skip_their_first_token():
+    examples = [_example("ab", "yes"), _example("cd", "no")]
+    engine = ScriptedEngine()
+    options = EvalOptions(max_seq_len=16, generations=1, max_new_tokens=4, max_forgetting=0.5)
+    result = asyncio.run(compare(engine, "acme@2", "base", EvalSet(examples, "hello world!", options)))
+
+    # Prompt "ab" + end of turn + generation prompt is 4 tokens; the conversation is "ab",0,"yes",0: its answer
+    # tokens are positions 4.. ("es", 0), since the scripted template puts no generation token in the conversation.
+    answer_tokens = []
+    for ex in examples:
+        prompt = [*map(ord, ex.prompt[0][1]), 0, GEN_PROMPT]
+        full = [*map(ord, ex.prompt[0][1]), 0, *map(ord, ex.completion), 0]
+        answer_tokens += full[len(prompt):]
+    expected = sum(0.1 * (t % 7 + 1) for t in answer_tokens) / len(answer_tokens)
+    assert result["reference"]["eval_loss"] == pytest.approx(expected)
+    assert result["candidate"]["eval_loss"] == pytest.approx(expected / 2)
+    # "hello world!" is 12 tokens in one window of 16: 11 are predicted.
+    text = [ord(c) for c in "hello world!"]
+    assert result["reference"]["general_perplexity"] == pytest.approx(
+        math.exp(sum(0.1 * (t % 7 + 1) for t in text[1:]) / 11))
+    assert result["forgetting"] < 0 and result["passed"], result["verdict"]
+    # One generation asked for: the first example, answered "yes" (stripped), an exact match.
+    assert result["candidate"]["exact_match"] == 1.0 and len(result["candidate"]["samples"]) == 1
+    generations = [b for p, b in engine.calls if p == "/v1/completions" and "prompt_logprobs" not in b]
+    assert len(generations) == 2 and all(b["temperature"] == 0 and b["max_tokens"] == 4 for b in generations)
+
+
+def test_long_text_is_scored_in_windows_of_max_seq_len():
+    engine = ScriptedEngine()
+    options = EvalOptions(max_seq_len=16, generations=0)
+    text = "x" * 40  # windows of 16, 16 and 8 tokens
+    asyncio.run(compare(engine, "acme@2", "base", EvalSet([_example("a", "b")], text, options)))
+    scored = [len(b["prompt"]) for p, b in engine.calls
+              if p == "/v1/completions" and b["model"] == "base" and b["prompt"][0] == ord("x")]
+    assert sorted(scored) == [8, 16, 16]
+
+
+def test_the_gate_refuses_a_worse_loss_and_too_much_forgetting():
+    better = {"reference": {"eval_loss": 2.0}, "candidate": {"eval_loss": 1.5}, "forgetting": 0.01}
+    assert verdict(better, 0.05)[0]
+    assert not verdict({**better, "candidate": {"eval_loss": 2.0}}, 0.05)[0]
+    ok, why = verdict({**better, "forgetting": 0.2}, 0.05)
+    assert not ok and why.startswith("general perplexity rose 20.0%")
+
+
+def test_the_table_names_both_models_and_the_decision():
+    metrics = {"reference_model": "base", "candidate_model": "acme@2", "passed": False, "verdict": "why",
+               "reference": {"eval_loss": 2.0, "eval_perplexity": 7.39},
+               "candidate": {"eval_loss": 2.5, "eval_perplexity": 12.18}}
+    lines = table(metrics).splitlines()
+    assert "base" in lines[0] and "acme@2" in lines[0]
+    assert lines[1].split()[-2:] == ["2.000", "2.500"] and lines[-1] == "failed: why"
