@@ -75,7 +75,7 @@ def test_an_upload_with_eval_data_is_scored_on_arrival_and_promoted_only_if_it_p
     bad = admin.post("/admin/adapters", data=form, files={"file": ("n.tar.gz", archive(noise)), **files})
     assert bad.status_code == 201, bad.text
     evaluation = bad.json()["evaluation"]
-    assert not evaluation["passed"] and evaluation["verdict"].startswith("held-out loss")
+    assert not evaluation["passed"], evaluation["verdict"]  # noise: its general perplexity soars
     shown = admin.get("/admin/adapters/arrival").json()
     assert shown["aliases"]["stable"] == 1 and shown["evaluations"]["2"]["passed"] is False
     audit = [json.loads(line) for line in server.cli("audit", "--tenant", "nimbus").stdout.splitlines() if line]

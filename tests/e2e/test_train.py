@@ -41,10 +41,10 @@ def test_qlora_run_beats_base_is_registered_and_served(server, client, reference
     assert "promoted trained@1 to stable" in r.stdout
     audit = [json.loads(line) for line in server.cli("audit", "--tenant", "nimbus", "--since", "1h").stdout.split("\n")
              if line]
-    trained = [(e["action"], e["version"], e["result"]) for e in audit
-               if e["adapter"] == "trained" and e["action"].startswith("train_")]
-    assert trained == [("train_register", 1, "ok"), ("train_promote", 1, "ok")]
-    assert all(e["actor"].startswith("cli:") and e["sha256"] for e in audit if e["adapter"] == "trained")
+    by_trainer = [e for e in audit if e["adapter"] == "trained" and e["action"].startswith("train_")]
+    assert [(e["action"], e["version"], e["result"]) for e in by_trainer] == [("train_register", 1, "ok"),
+                                                                              ("train_promote", 1, "ok")]
+    assert all(e["actor"].startswith("cli:") and e["sha256"] for e in by_trainer)
     # the running server serves it on the next request, as PEFT computes it
     adapter_dir = Path(server.env["LORAPLEX_REGISTRY"]) / "trained" / "1"
     got = complete(client, "How do I export my notes?", adapter="trained@stable")
