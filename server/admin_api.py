@@ -167,13 +167,21 @@ async def upload(
         await _audit(request, caller, "alias", name, version.version, sha, tenant=tenant, alias=alias)
     if evalset is None:
         return version.manifest
+    return {**version.manifest, "evaluation": await _evaluate_arrival(request, caller, version, evalset, promote)}
+
+
+async def _evaluate_arrival(request: Request, caller: Caller, version: Version, evalset: EvalSet,
+                            promote: str) -> dict:
+    """An upload's evaluation against the base; with `promote: auto`, `stable` moves to it only if it passes."""
+    name, tenant = version.name, version.manifest["tenant"]
     evaluation = await _evaluate(request, caller, name, version.version, evalset, "base", tenant)
     if promote == "auto":
         if evaluation["passed"]:
-            await asyncio.to_thread(gw.registry.set_alias, name, "stable", version.version)
-        await _audit(request, caller, "promote_auto", name, version.version, sha, tenant=tenant, alias="stable",
+            await asyncio.to_thread(_gateway(request).registry.set_alias, name, "stable", version.version)
+        await _audit(request, caller, "promote_auto", name, version.version,
+                     version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant, alias="stable",
                      result="ok" if evaluation["passed"] else f"refused: {evaluation['verdict']}")
-    return {**version.manifest, "evaluation": evaluation}
+    return evaluation
 
 
 MAX_EVAL_UPLOAD = 16 * 2**20

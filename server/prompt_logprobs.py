@@ -7,10 +7,8 @@ an adapter could take the engine down, and `loraplex eval` needs them. While vLL
 logits, this hands the LoRA layer that request's tokens' slots instead, which is what it should have used.
 """
 
-import logging
 from collections.abc import Callable
-
-log = logging.getLogger("loraplex.prompt_logprobs")
+from typing import Any
 
 # Rows [start, stop) of the batch whose prompt logits are being computed; None outside that call. An engine worker
 # runs its steps on one thread.
@@ -18,7 +16,7 @@ _window: tuple[int, int] | None = None
 
 
 def _per_token(sampler_indices: property) -> property:
-    def indices(self):
+    def indices(self: Any) -> Any:
         if _window is None:
             return sampler_indices.fget(self)
         return self.token_lora_indices[_window[0]:_window[1]]
@@ -27,12 +25,12 @@ def _per_token(sampler_indices: property) -> property:
 
 
 def _with_windows(original: Callable) -> Callable:
-    def get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+    def get_prompt_logprobs_dict(self: Any, hidden_states: Any, num_scheduled_tokens: Any) -> Any:
         model = self.model
         compute_logits = model.compute_logits
         row_bytes = hidden_states.stride(0) * hidden_states.element_size()
 
-        def windowed(prompt_hidden_states):
+        def windowed(prompt_hidden_states: Any) -> Any:
             """vLLM passes a slice of `hidden_states`: where it starts says which rows, hence which tokens."""
             global _window
             start = (prompt_hidden_states.data_ptr() - hidden_states.data_ptr()) // row_bytes
