@@ -95,3 +95,41 @@ def test_the_table_names_both_models_and_the_decision():
     lines = table(metrics).splitlines()
     assert "base" in lines[0] and "acme@2" in lines[0]
     assert lines[1].split()[-2:] == ["2.000", "2.500"] and lines[-1] == "failed: why"
+
+
+async def test_the_admin_api_refuses_bad_eval_requests_before_storing_anything(tmp_path, base, adapter_factory):
+    """Over the real app and a stand-in engine (which could not score anyway): every refusal names its field, and a
+    refused upload leaves no version behind."""
+    from loadtest.stub_engine import StubEngine
+    from tests.helpers import archive, gateway_over, ready, wait_for
+
+    admin = {"Authorization": "Bearer admin-token"}
+    engine = await StubEngine().start()
+    try:
+        async with gateway_over([engine.url], str(base.path), tmp_path) as client:
+            assert await wait_for(lambda: ready(client), 30)
+            form = {"name": "bot", "tenant": "acme"}
+
+            async def upload(**extra) -> dict:
+                files = {"file": ("bot.tar.gz", archive(adapter_factory(seed=1))), **extra.pop("files", {})}
+                r = await client.post("/admin/adapters", headers=admin, data={**form, **extra}, files=files)
+                return {"status": r.status_code, **r.json().get("error", {})}
+
+            no_data = await upload(promote="auto")
+            bad_json = await upload(files={"eval_data": ("e.jsonl", b'{"prompt": "Q", "completion": "A"}\n{oops\n')})
+            empty = await upload(files={"eval_data": ("e.jsonl", b"\n\n")})
+            listed = (await client.get("/admin/adapters", headers=admin)).json()["data"]
+            assert (await upload())["status"] == 201
+            bad_row = await client.post("/admin/adapters/bot/versions/1/eval", headers=admin,
+                                        json={"rows": [{"prompt": "Q", "completion": "A"}, {"messages": []}]})
+            unknown = await client.post("/admin/adapters/bot/versions/1/eval", headers=admin,
+                                        json={"rows": [{"prompt": "Q", "completion": "A"}], "max_seq_len": 4})
+    finally:
+        await engine.stop()
+    assert (no_data["status"], no_data["param"]) == (400, "promote")
+    assert (bad_json["status"], bad_json["param"]) == (400, "eval_data")
+    assert bad_json["message"].startswith("eval_data:2: not valid JSON")
+    assert empty["message"] == "eval_data: no rows" and listed == []
+    assert bad_row.status_code == 400 and bad_row.json()["error"]["param"] == "rows"
+    assert bad_row.json()["error"]["message"] == "rows[1]: 'messages' must be a non-empty list"
+    assert unknown.status_code == 400 and "max_seq_len" in str(unknown.json()["error"])
