@@ -292,7 +292,7 @@ def eval_version(
         examples, _ = read_rows([data])
     except DataError as e:
         fail(str(e))
-    rows = [{"messages": e.messages() + [{"role": "assistant", "content": e.completion}]} for e in examples]
+    rows = [{"messages": e.conversation()} for e in examples]
     if general_text is not None and not general_text.is_file():
         fail(f"--general: {general_text} does not exist")
     body = {"rows": rows, "against": against, "max_seq_len": max_seq_len, "generations": generations,

@@ -77,7 +77,7 @@ class Scorer:
 async def _tokenize(scorer: Scorer, evalset: EvalSet) -> _Tokens:
     examples, limit = evalset.examples, evalset.options.max_seq_len
     prompts = asyncio.gather(*(scorer.chat_tokens(ex.messages(), True) for ex in examples))
-    fulls = asyncio.gather(*(scorer.chat_tokens(_with_answer(ex), False) for ex in examples))
+    fulls = asyncio.gather(*(scorer.chat_tokens(ex.conversation(), False) for ex in examples))
     text = scorer.text_tokens(evalset.general_text) if evalset.general_text else _nothing()
     prompt_ids, full_ids, text_ids = await asyncio.gather(prompts, fulls, text)
     windows = [text_ids[i:i + limit] for i in range(0, len(text_ids), limit)]
@@ -86,10 +86,6 @@ async def _tokenize(scorer: Scorer, evalset: EvalSet) -> _Tokens:
 
 async def _nothing() -> list[int]:
     return []
-
-
-def _with_answer(example: Example) -> list[dict]:
-    return example.messages() + [{"role": "assistant", "content": example.completion}]
 
 
 def mean_nll(parts: list[tuple[float, int]]) -> float:

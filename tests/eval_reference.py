@@ -25,7 +25,7 @@ def completion_loss(model: "PreTrainedModel | PeftModel", tokenizer: "PreTrained
     nll, tokens = 0.0, 0
     for ex in examples:
         prompt = _ids(tokenizer, ex.messages(), add_generation_prompt=True)
-        full = _ids(tokenizer, ex.messages() + [{"role": "assistant", "content": ex.completion}])[:max_seq_len]
+        full = _ids(tokenizer, ex.conversation())[:max_seq_len]
         labels = [-100] * len(prompt) + full[len(prompt):]
         targets = sum(1 for t in labels[1:] if t != -100)
         if targets == 0:

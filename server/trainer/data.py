@@ -25,6 +25,10 @@ class Example:
     def messages(self) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.prompt]
 
+    def conversation(self) -> list[dict]:
+        """The prompt's turns and the answer: the chat as it is trained and scored."""
+        return self.messages() + [{"role": "assistant", "content": self.completion}]
+
     def text(self) -> str:
         return "\n".join(c for _, c in self.prompt) + "\n" + self.completion
 

@@ -42,8 +42,7 @@ def _versions() -> dict[str, str]:
 def count_tokens(tokenizer: "PreTrainedTokenizerBase") -> datamod.TokenCounter:
     """Token length of a row as it is trained: chat template applied, answer included."""
     def count(example: datamod.Example) -> int:
-        messages = example.messages() + [{"role": "assistant", "content": example.completion}]
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+        return len(tokenizer.apply_chat_template(example.conversation(), tokenize=True, return_dict=False))
 
     return count
 

@@ -21,8 +21,7 @@ def held_out(workdir) -> Path:
     """The demo job's held-out rows (its stable 15% split) as an eval file."""
     examples, _ = read_rows([DEMO_DATA / "support.jsonl"])
     path = workdir / "held-out.jsonl"
-    rows = [{"messages": ex.messages() + [{"role": "assistant", "content": ex.completion}]}
-            for ex in examples if in_eval(ex, 0.15)]
+    rows = [{"messages": ex.conversation()} for ex in examples if in_eval(ex, 0.15)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
