@@ -43,6 +43,15 @@ async def rollout_of(client) -> dict:
     return (await client.get("/admin/adapters/bot", headers=ADMIN)).json()["rollouts"][0]
 
 
+async def applied(client, action: str) -> list[dict]:
+    """The audit trail once `action` is in it: a decision is stored first and carried out (then audited) after."""
+    def entries() -> list[dict]:
+        return client.app.state.gateway.audit.entries()
+
+    assert await wait_for(lambda: any(e["action"] == action for e in entries()), 10), entries()
+    return entries()
+
+
 async def test_an_equal_candidate_is_rolled_out_to_everyone(tmp_path, base, adapter_factory):
     engine = await StubEngine(tokens=2, gap=0.02, serves=frozenset({"bot@1", "bot@2"})).start()
     try:
@@ -58,9 +67,9 @@ async def test_an_equal_candidate_is_rolled_out_to_everyone(tmp_path, base, adap
                 return (await rollout_of(client))["status"] != "running"
 
             seen = await traffic_until(client, promoted)
+            audit = await applied(client, "rollout_promote")
             record = await rollout_of(client)
             aliases = (await client.get("/admin/adapters/bot", headers=ADMIN)).json()
-            audit = client.app.state.gateway.audit.entries()
             metrics = (await client.get("/metrics", headers=ADMIN)).text
     finally:
         await engine.stop()
@@ -88,10 +97,10 @@ async def test_a_failing_candidate_is_rolled_back_before_its_interval_ends(tmp_p
                 return (await rollout_of(client))["status"] != "running"
 
             await traffic_until(client, decided)
+            audit = await applied(client, "rollout_rollback")
             record = await rollout_of(client)
             after = (await client.post("/v1/completions", json={"adapter": "bot@stable", "prompt": "A",
                                                                 "max_tokens": 1, "user": "anyone"})).json()
-            audit = client.app.state.gateway.audit.entries()
     finally:
         await engine.stop()
     assert record["status"] == "rolled_back" and "error ratio 100.00%" in record["decisions"][-1]["why"], record
