@@ -111,7 +111,7 @@ class EngineClient:
     async def send(self, path: str, payload: dict, request_id: str, context: dict[str, str] | None = None
                    ) -> EngineAnswer:
         """Posts a request under the caller's request id (vLLM's X-Request-Id, which names its request and its answer's
-        id) and trace `context` headers; the answer's body streams. Unreachable when no connection could be made."""
+        id) and trace `context` headers; the answer's body streams. Unreachable when the request could not reach it."""
         try:
             data = json.dumps(payload, allow_nan=False).encode()
         except ValueError:  # NaN and infinities are not JSON
@@ -125,6 +125,9 @@ class EngineClient:
         except _NO_CONNECTION as e:
             raise Unreachable(type(e).__name__) from None
         except (aiohttp.ClientError, TimeoutError) as e:
+            # A pooled connection the engine had closed (it died or restarted): the request was never written.
+            if isinstance(e.__cause__, aiohttp.ClientConnectionResetError):
+                raise Unreachable("the engine closed the connection before the request was sent") from None
             raise APIError(503, f"engine unavailable: {type(e).__name__}", type="server_error",
                            code="engine_unavailable") from None
         return EngineAnswer(response.status, response.headers.get("content-type", "application/json"),

@@ -3,18 +3,17 @@
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from functools import partial
-from typing import TypeVar
 
-import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .auth import bearer, caller_tenant, hash_key
-from .engine_client import Unreachable, refusal, too_large
+from .client_watch import ClientWatch
+from .engine_client import EngineAnswer, Unreachable, refusal, too_large
 from .gateway import Gateway
 from .metrics import RequestTimer
 from .protocol import (
@@ -30,7 +29,6 @@ from .registry import LATEST, InvalidReference, NotFound, Version, parse_ref
 from .routing import Backend
 
 log = logging.getLogger("loraplex.api")
-T = TypeVar("T")
 
 router = APIRouter(prefix="/v1")
 
@@ -171,67 +169,70 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
     async with AsyncExitStack() as stack:
         stack.enter_context(gw.admission.admit(tenant, backend))
         gw.metrics.engine_requests.labels(backend.label).inc()
-        stream = bool(payload.get("stream"))
         timer.trace("loraplex.engine", backend.engine.url)
         context = gw.tracer.headers(timer.span) if gw.tracer and timer.span else {}
-        sending = backend.engine.send(path, payload, caller.state.request_id, context)
-        # vLLM sends a non-streamed answer's headers only once it is complete, so watch the client meanwhile;
-        # a stream's headers come at once.
-        upstream = await (sending if stream else _unless_client_leaves(sending, caller))
-        # Closing the upstream connection early is what makes vLLM abort the request.
-        stack.push_async_callback(upstream.close)
-        limit = gw.settings.max_response_bytes
-        if upstream.status != 200:
-            if upstream.status >= 500:
-                backend.failed()
-            error = refusal(upstream.status, await _unless_client_leaves(upstream.read(limit), caller),
-                            version.key if version else None)
-            if error.code == "adapter_load_failed":
-                gw.metrics.load_failures.labels(timer.adapter).inc()
-                timer.load_failed = True
-            raise error
-        if upstream.length is not None and upstream.length > limit:
-            raise too_large(limit)
-        stack.callback(timer.done, 200)
-        headers = {"content-type": upstream.content_type}
-        if not stream and upstream.length is not None and upstream.length <= WHOLE_BYTES:
-            content = await _unless_client_leaves(upstream.read(limit), caller)
-            timer.usage(_usage(content))
-            return Response(content, headers=headers)
+        # vLLM sends a non-streamed answer's headers only once it is complete, so the client is watched meanwhile.
+        watch = ClientWatch(caller.receive)
+        async with watch(leaving=client_left()):
+            upstream = await backend.engine.send(path, payload, caller.state.request_id, context)
+            # Closing the upstream connection early is what makes vLLM abort the request.
+            stack.push_async_callback(upstream.close)
+            limit = gw.settings.max_response_bytes
+            if upstream.status != 200:
+                raise await _refusal(gw, backend, upstream, timer, version, limit)
+            if upstream.length is not None and upstream.length > limit:
+                raise too_large(limit)
+            stack.callback(timer.done, 200)
+            headers = {"content-type": upstream.content_type}
+            if not payload.get("stream") and upstream.length is not None and upstream.length <= WHOLE_BYTES:
+                content = await upstream.read(limit)
+                timer.usage(_usage(content))
+                return Response(content, headers=headers)
         chunks = upstream.chunks()
+        stream = payload.get("stream")
         relay = _relay(chunks, timer, wants_usage, limit) if stream else _relay_body(chunks, timer, limit)
-        return EngineStream(relay, stack.pop_all(), headers=headers)
+        return EngineStream(relay, stack.pop_all(), watch, headers=headers)
 
 
-async def _unless_client_leaves(awaitable: Awaitable[T], client: Request) -> T:
-    """Awaits an engine call, abandoning it if the client disconnects first (FastAPI would not notice)."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await client.is_disconnected():
-                raise APIError(499, "client closed the request", code="client_closed_request")
-        return task.result()
-    finally:
-        task.cancel()
+def client_left() -> APIError:
+    return APIError(499, "client closed the request", code="client_closed_request")
+
+
+async def _refusal(gw: Gateway, backend: Backend, upstream: EngineAnswer, timer: RequestTimer,
+                   version: Version | None, limit: int) -> APIError:
+    """The engine's refusal as the caller's error; a failure of the engine's own counts against it."""
+    if upstream.status >= 500:
+        backend.failed()
+    error = refusal(upstream.status, await upstream.read(limit), version.key if version else None)
+    if error.code == "adapter_load_failed":
+        gw.metrics.load_failures.labels(timer.adapter).inc()
+        timer.load_failed = True
+    return error
 
 
 class EngineStream(StreamingResponse):
     """An engine answer relayed as it arrives; it owns the request's admission and upstream connection until it
-    ends."""
+    ends.
 
-    def __init__(self, content: AsyncIterator[bytes], stack: AsyncExitStack, headers: dict):
+    The request's ClientWatch ends it when the client leaves, in place of the task group and cancel scope that
+    Starlette's StreamingResponse spends on every stream."""
+
+    def __init__(self, content: AsyncIterator[bytes], stack: AsyncExitStack, watch: ClientWatch, headers: dict):
         super().__init__(content, status_code=200, headers=headers)
-        self.stack = stack
+        self.stack, self.watch = stack, watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            async with self.watch():
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            # Also when the client went away, even before the first chunk: the shield lets the admission release and
-            # the upstream connection close, and closing that connection is what makes vLLM abort the request.
-            with anyio.CancelScope(shield=True):
-                await self.stack.aclose()
+            # Also when the client went away, even before the first chunk: the admission is released and the upstream
+            # connection closed, which is what makes vLLM abort the request. Nothing in the stack waits on I/O, so a
+            # cancellation cannot cut it short.
+            await self.stack.aclose()
 
 
 def _event_too_large(limit: int) -> bytes:

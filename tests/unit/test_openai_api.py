@@ -1,5 +1,6 @@
 """The /v1 forwarding path piece by piece: the relays over chunked input, and _send over engines on real sockets."""
 
+import asyncio
 import json
 from types import SimpleNamespace
 
@@ -106,15 +107,36 @@ async def too_long(request: web.Request) -> web.Response:
 
 
 class Caller:
+    """A request whose client stays until `leave` is set."""
+
     state = SimpleNamespace(request_id="req-1")
 
-    async def is_disconnected(self) -> bool:
-        return False
+    def __init__(self):
+        self.leave = asyncio.Event()
+
+    async def receive(self) -> dict:
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
 
 
-async def send(gw, t: RequestTimer | None = None, **body) -> Response:
+async def send(gw, t: RequestTimer | None = None, caller: Caller | None = None, **body) -> Response:
     request = CompletionRequest(prompt="x", **body)
-    return await _send(gw, request, "/v1/completions", None, t or timer(), None, Caller())
+    return await _send(gw, request, "/v1/completions", None, t or timer(), None, caller or Caller())
+
+
+def held(closed: asyncio.Event, stream: bool):
+    """An engine handler that holds its answer (a stream after one event) until the gateway closes the connection."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        if stream:
+            await response.prepare(request)
+            await response.write(EVENTS[0] + b"\n\n")
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.01)
+        closed.set()
+        return response
+
+    return handler
 
 
 async def test_send_retries_once_on_another_engine_when_one_cannot_be_reached(engines):
@@ -159,3 +181,35 @@ async def test_an_engine_that_fails_requests_stops_drawing_them(engines):
         await send(gw)
     assert e.value.status == 502 and e.value.code == "engine_error"
     assert json.loads((await send(gw)).body)["choices"][0]["text"] == "ok"
+
+
+async def test_a_client_leaving_a_non_streamed_answer_ends_the_engine_request(engines):
+    closed, caller, t = asyncio.Event(), Caller(), timer()
+    gw = await engines(held(closed, stream=False))
+    sending = asyncio.ensure_future(send(gw, t, caller))
+    await asyncio.sleep(0.1)  # the request reaches the engine; nothing to wait on for the client leaving
+    caller.leave.set()
+    with pytest.raises(APIError) as e:
+        await asyncio.wait_for(sending, 5)
+    assert (e.value.status, e.value.code) == (499, "client_closed_request")
+    await asyncio.wait_for(closed.wait(), 5)
+    assert gw.router.backends[0].in_flight == 0 and not asyncio.current_task().cancelling()
+
+
+async def test_a_client_leaving_a_stream_ends_it_and_the_engine_request(engines):
+    closed, caller, t = asyncio.Event(), Caller(), timer()
+    gw = await engines(held(closed, stream=True))
+    response = await send(gw, t, caller, stream=True)
+    sent = []
+
+    async def to_client(message: dict) -> None:
+        sent.append(message)
+        if message.get("body"):
+            caller.leave.set()  # the client leaves once the first event reached it
+
+    await asyncio.wait_for(response({"type": "http"}, caller.receive, to_client), 5)
+    await asyncio.wait_for(closed.wait(), 5)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1]["body"] == EVENTS[0] + b"\n\n" and gw.router.backends[0].in_flight == 0
+    assert t.m.requests.labels("completions", "(base)", "200")._value.get() == 1
+    assert not asyncio.current_task().cancelling()

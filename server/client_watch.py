@@ -1,0 +1,51 @@
+"""Noticing a client that leaves: uvicorn (ASGI 2.3) ignores a send to a departed client, so only `receive` tells,
+and work done for that client (a generation in the engine) must stop when it does."""
+
+import asyncio
+from types import TracebackType
+
+from starlette.types import Receive
+
+
+class ClientWatch:
+    """Within `async with watch(leaving):`, a client that disconnects cancels the task that entered; the
+    cancellation ends at the exit, swallowed or raised as `leaving`. Enter it only around code whose awaits all lie
+    inside, so the cancellation cannot land elsewhere.
+
+    One listener per request, never cancelled: uvicorn's `receive` returns once the response is complete, so on the
+    usual path it ends by itself, and a request costs one task and no cancellation."""
+
+    def __init__(self, receive: Receive):
+        self.receive = receive
+        self.listener: asyncio.Task | None = None
+        self.watching = self.left = False
+        self.leaving: Exception | None = None
+
+    def __call__(self, leaving: Exception | None = None) -> "ClientWatch":
+        self.leaving = leaving
+        return self
+
+    async def __aenter__(self) -> "ClientWatch":
+        self.task, self.watching = asyncio.current_task(), True
+        if self.left:
+            self.task.cancel()  # it left between two watched stretches: the next await ends this one
+        elif self.listener is None:
+            self.listener = asyncio.ensure_future(self._listen())
+        return self
+
+    async def _listen(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.left = True  # also when the response completed, after which nothing is watched
+        if self.watching:
+            self.task.cancel()
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> bool:
+        self.watching = False
+        if not (self.left and kind is asyncio.CancelledError):
+            return False
+        self.task.uncancel()  # the client left: that is why the work stops, not a cancellation of the request
+        if self.leaving is not None:
+            raise self.leaving
+        return True
