@@ -29,7 +29,7 @@ import psutil
 
 from loadtest import routing_bench
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
-from loadtest.servers import LOADER, Gateway, ObjectStore, wait_ready
+from loadtest.servers import LOADER, BareRelay, Gateway, ObjectStore, wait_ready
 from server import basemodel
 from server.archive import pack_archive
 from server.auth import engine_key
@@ -56,9 +56,10 @@ class Bench:
 
     def load(self, url: str, label: str, adapters: list[str] = (), field: str = "adapter", model: str = "",
              concurrency: int | None = None, plot: bool = False, cpu_of: Gateway | None = None,
-             no_stream: bool = False) -> dict:
+             no_stream: bool = False, relay: BareRelay | None = None) -> dict:
         """One run of the load generator, in its own process (Locust patches the standard library); with
-        `cpu_of`, also the CPU seconds that gateway process and its engine's vLLM API server spent meanwhile."""
+        `cpu_of`, also the CPU seconds that gateway process, its engine's vLLM API server and `relay` spent
+        meanwhile."""
         label = f"quick-{label}" if self.args.quick else label  # its plots must not replace the full run's
         out = self.work / f"{label}.json"
         cmd = [sys.executable, "-m", "loadtest.load", "--url", url, "--model", model or self.model_name,
@@ -72,6 +73,8 @@ class Bench:
         if no_stream:
             cmd.append("--no-stream")
         watched = {"gateway": psutil.Process(cpu_of.proc.pid), "vllm_api": cpu_of.api_server()} if cpu_of else {}
+        if relay is not None:
+            watched["relay"] = psutil.Process(relay.proc.pid)
         before = {k: sum(p.cpu_times()[:2]) for k, p in watched.items()}
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
         report = json.loads(out.read_text())
@@ -91,7 +94,7 @@ class Bench:
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(rounds or self.args.rounds):
             for side, kw in (sides.items() if r % 2 == 0 else reversed(list(sides.items()))):
-                runs[side].append(self.load(label=f"{name}-{side}-{r}", plot=(r == 0), **kw))
+                runs[side].append(self.load(label=f"{name}-{side.replace(' ', '-')}-{r}", plot=(r == 0), **kw))
         out = {}
         for side, reports in runs.items():
             out[side] = {
@@ -103,7 +106,7 @@ class Bench:
                 "errors": sum(x["overall"]["errors"] for x in reports),
                 "rounds_tok_s": [round(x["throughput"]["output_tokens_per_s"], 1) for x in reports],
             }
-            for process in ("gateway", "vllm_api"):
+            for process in ("gateway", "vllm_api", "relay"):
                 if f"{process}_cpu_s" in reports[0]:
                     # Per request the generator sent in the whole run, warm-up included, as the CPU time was.
                     out[side][f"{process}_cpu_ms_per_request"] = statistics.median(
@@ -161,18 +164,25 @@ class Bench:
 
     def overhead(self, gw: Gateway) -> None:
         direct = gw.engine_url()
-        # Single rounds of the 32-stream pair vary by up to 18% here, against a 3% target: it gets more rounds.
-        for name, concurrency, rounds, no_stream, what in (
-                ("overhead", None, self.args.overhead_rounds, False, ""),
-                ("overhead-nonstream", 16, None, True, ", non-streamed at 16 clients"),
-                ("overhead-sequential", 1, None, False, ", one request at a time (no queueing)")):
-            print(f"gateway overhead{what}", flush=True)
-            side = {"concurrency": concurrency, "cpu_of": gw, "no_stream": no_stream}
-            r = self.pair(name, {"gateway": {"url": gw.url, **side}, "vllm": {"url": direct, **side}}, rounds)
-            r["throughput_ratio"] = r["gateway"]["output_tokens_per_s"] / r["vllm"]["output_tokens_per_s"]
-            for key in ("e2e_p50_ms", "e2e_p99_ms", "ttft_p50_ms"):
-                r["added_" + key.removeprefix("e2e_")] = r["gateway"][key] - r["vllm"][key]
-            self.save()
+        relay = BareRelay(direct, ENGINE_KEY, self.work / "bare-relay.log")
+        try:
+            # Single rounds of the 32-stream pair vary by up to 18% here, against a 3% target: it gets more rounds.
+            for name, concurrency, rounds, no_stream, what in (
+                    ("overhead", None, self.args.overhead_rounds, False, ""),
+                    ("overhead-nonstream", 16, None, True, ", non-streamed at 16 clients"),
+                    ("overhead-sequential", 1, None, False, ", one request at a time (no queueing)")):
+                print(f"gateway overhead{what}", flush=True)
+                side = {"concurrency": concurrency, "cpu_of": gw, "no_stream": no_stream, "relay": relay}
+                sides = {"gateway": {"url": gw.url, **side}, "vllm": {"url": direct, **side}}
+                if concurrency != 1:  # the floor of the front-end CPU comparison
+                    sides["bare relay"] = {"url": relay.url, **side}
+                r = self.pair(name, sides, rounds)
+                r["throughput_ratio"] = r["gateway"]["output_tokens_per_s"] / r["vllm"]["output_tokens_per_s"]
+                for key in ("e2e_p50_ms", "e2e_p99_ms", "ttft_p50_ms"):
+                    r["added_" + key.removeprefix("e2e_")] = r["gateway"][key] - r["vllm"][key]
+                self.save()
+        finally:
+            relay.stop()
 
     def sweeps(self, gw: Gateway) -> None:
         """The defaults and, with the `tuned` part, each hand-set setting, on engines that run side by side."""

@@ -104,20 +104,24 @@ def _cold_start(results: dict) -> list[str]:
 
 
 def _front_end_cpu(results: dict) -> list[str]:
-    """The gateway's CPU per request beside what vLLM's own API server spends on the same request called directly."""
+    """The gateway's CPU per request beside what vLLM's own API server spends on the same request called directly,
+    and beside a bare relay's (uvicorn and aiohttp, nothing else), the floor for a Python gateway."""
     rows = [(name, what) for name, what in (("overhead", "streamed, 32 clients"),
                                             ("overhead-nonstream", "non-streamed, 16 clients"))
             if "vllm_api_cpu_ms_per_request" in results.get(name, {}).get("vllm", {})]
     if not rows:
         return []
     lines = ["### Gateway CPU against vLLM's own front end", "",
-             "| completions | gateway CPU ms/request | vLLM API server CPU ms/request (called directly) | ratio |",
-             "|---|---|---|---|"]
+             "| completions | gateway CPU ms/request | vLLM API server CPU ms/request (called directly) | ratio "
+             "| bare relay CPU ms/request | bare relay ratio |", "|---|---|---|---|---|---|"]
     for name, what in rows:
         gateway = results[name]["gateway"]["gateway_cpu_ms_per_request"]
         front = results[name]["vllm"]["vllm_api_cpu_ms_per_request"]
-        lines.append(f"| {what} | {gateway:.2f} | {front:.2f} | **{gateway / front:.2f}** |")
-    return lines + ["", "Target: the gateway at most half of vLLM's front end (ratio ≤ 0.5).", ""]
+        bare = results[name].get("bare relay", {}).get("relay_cpu_ms_per_request")
+        floor = f"{bare:.2f} | {bare / front:.2f}" if bare is not None else "- | -"
+        lines.append(f"| {what} | {gateway:.2f} | {front:.2f} | **{gateway / front:.2f}** | {floor} |")
+    return lines + ["", "Target: the gateway at most half of vLLM's front end (ratio ≤ 0.5). The bare relay "
+                        "(`loadtest/bare_relay.py`) relays the same requests with nothing of the gateway's work.", ""]
 
 
 def _s3_cold_start(results: dict) -> list[str]:

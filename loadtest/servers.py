@@ -17,8 +17,8 @@ LOADER = str(Path(sys.executable).parent / "loraplex")
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float,
-               seen: list[tuple[int, int]] | None = None) -> None:
-    """Polls /ready until it answers 200; raises if the process exits or `timeout` passes. Each poll's
+               seen: list[tuple[int, int]] | None = None, path: str = "/ready") -> None:
+    """Polls `path` until it answers 200; raises if the process exits or `timeout` passes. Each poll's
     (/health, /ready) status pair goes to `seen` when given."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -26,7 +26,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float,
             raise RuntimeError(f"{url}: exited with code {proc.returncode}: {log.read_text()[-3000:]}")
         try:
             health = httpx.get(f"{url}/health", timeout=5).status_code if seen is not None else 200
-            ready = httpx.get(f"{url}/ready", timeout=5).status_code
+            ready = httpx.get(f"{url}{path}", timeout=5).status_code
         except httpx.TransportError:
             ready = None
         else:
@@ -95,6 +95,23 @@ class Gateway:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        self.proc.wait()
+
+
+class BareRelay:
+    """`loadtest.bare_relay` (uvicorn and aiohttp, nothing else) in front of an engine, on `url`."""
+
+    def __init__(self, engine_url: str, engine_key: str, log: Path):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        env = {**os.environ, "LORAPLEX_RELAY_ENGINE": engine_url, "LORAPLEX_RELAY_KEY": engine_key}
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "loadtest.bare_relay:app", "--port",
+                                          self.url.rsplit(":", 1)[1], "--log-level", "warning", "--no-access-log"],
+                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+        wait_ready(self.url, self.proc, log, 60, path="/health")  # the engine's, through the relay
+
+    def stop(self) -> None:
+        self.proc.terminate()
         self.proc.wait()
 
 

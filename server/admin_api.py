@@ -160,14 +160,20 @@ async def upload(
     sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
     await _audit(request, caller, "upload", name, version.version, sha, tenant=tenant)
     if alias:
-        try:
-            await asyncio.to_thread(gw.registry.set_alias, name, alias, version.version)
-        except InvalidReference as e:
-            raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
-        await _audit(request, caller, "alias", name, version.version, sha, tenant=tenant, alias=alias)
+        await _alias_upload(request, caller, version, alias, sha, tenant)
     if evalset is None:
         return version.manifest
     return {**version.manifest, "evaluation": await _evaluate_arrival(request, caller, version, evalset, promote)}
+
+
+async def _alias_upload(request: Request, caller: Caller, version: Version, alias: str, sha: str,
+                        tenant: str | None) -> None:
+    """Points `alias` at the version just uploaded; a refused alias leaves the version registered, and says so."""
+    try:
+        await asyncio.to_thread(_gateway(request).registry.set_alias, version.name, alias, version.version)
+    except InvalidReference as e:
+        raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
+    await _audit(request, caller, "alias", version.name, version.version, sha, tenant=tenant, alias=alias)
 
 
 async def _evaluate_arrival(request: Request, caller: Caller, version: Version, evalset: EvalSet,

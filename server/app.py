@@ -88,7 +88,9 @@ def _gateway(settings: Settings, base: basemodel.BaseModel) -> Gateway:
     # Idle connections close before vLLM's 5 s keep-alive does, so a POST never goes out on a closing one.
     # Engines on https:// URLs are verified against ENGINE_CA when set, else the system's CAs.
     tls = ssl.create_default_context(cafile=settings.engine_ca) if settings.engine_ca else True
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0, ssl=tls))
+    # No cookie jar: engines set none, and one set for one caller must never go out with another caller's request.
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0, ssl=tls),
+                                    cookie_jar=aiohttp.DummyCookieJar())
     metrics = Metrics(settings.metrics_max_adapters, settings.metrics_max_tenants)
     admin = admin_token(settings)
     key = engine_key(settings, admin)
