@@ -7,10 +7,14 @@ from types import TracebackType
 from starlette.types import Receive
 
 
+class ClientLeft(Exception):
+    """The client disconnected: what it asked for is no longer wanted."""
+
+
 class ClientWatch:
-    """Within `async with watch(leaving):`, a client that disconnects cancels the task that entered; the
-    cancellation ends at the exit, swallowed or raised as `leaving`. Enter it only around code whose awaits all lie
-    inside, so the cancellation cannot land elsewhere.
+    """Within `async with watch(leaving):`, a client that disconnects cancels the task that entered, and the
+    cancellation leaves as `leaving` (ClientLeft by default); entering after it left raises that at once. Enter it
+    only around code whose awaits all lie inside, so the cancellation cannot land elsewhere.
 
     One listener per request, never cancelled: uvicorn's `receive` returns once the response is complete, so on the
     usual path it ends by itself, and a request costs one task and no cancellation."""
@@ -26,10 +30,10 @@ class ClientWatch:
         return self
 
     async def __aenter__(self) -> "ClientWatch":
+        if self.left:  # between two watched stretches
+            raise (self.leaving or ClientLeft()) from None
         self.task, self.watching = asyncio.current_task(), True
-        if self.left:
-            self.task.cancel()  # it left between two watched stretches: the next await ends this one
-        elif self.listener is None:
+        if self.listener is None:
             self.listener = asyncio.ensure_future(self._listen())
         return self
 
@@ -46,6 +50,4 @@ class ClientWatch:
         if not (self.left and kind is asyncio.CancelledError):
             return False
         self.task.uncancel()  # the client left: that is why the work stops, not a cancellation of the request
-        if self.leaving is not None:
-            raise self.leaving
-        return True
+        raise (self.leaving or ClientLeft()) from None

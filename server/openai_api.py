@@ -12,7 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .auth import bearer, caller_tenant, hash_key
-from .client_watch import ClientWatch
+from .client_watch import ClientLeft, ClientWatch
 from .engine_client import EngineAnswer, Unreachable, refusal, too_large
 from .gateway import Gateway
 from .metrics import RequestTimer
@@ -228,6 +228,8 @@ class EngineStream(StreamingResponse):
                 async for chunk in self.body_iterator:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ClientLeft:
+            pass  # nobody to send the rest to
         finally:
             # Also when the client went away, even before the first chunk: the admission is released and the upstream
             # connection closed, which is what makes vLLM abort the request. Nothing in the stack waits on I/O, so a
