@@ -31,6 +31,17 @@ def test_past_the_bound_the_least_recently_looked_up_idle_versions_are_dropped(t
     assert sorted(table) == ["a@0", "a@4"]  # the running and the just-used stay, even over the bound
 
 
+def test_an_adapter_a_request_has_checked_for_stays_until_it_is_used(tmp_path):
+    """vLLM checks `name in table`, awaits, then takes the entry: a trim in between must not drop it."""
+    r = resolver(tmp_path, {f"a@{i}": f"/cache/{i}" for i in range(3)}, running=set(), limit=1)
+    table = r.models.lora_requests
+    long_ago = time.monotonic() - 10 * GRACE
+    table.used.update({"a@0": long_ago, "a@1": long_ago, "a@2": long_ago - 5})  # a@2 the least recently used
+    assert "a@2" in table and "a@9" not in table
+    r._forget_idle()
+    assert sorted(table) == ["a@2"] and "a@9" not in table.used
+
+
 def test_files_of_a_version_the_engine_holds_are_in_use(tmp_path):
     r = resolver(tmp_path, {"a@1": str(tmp_path / "entry")}, running=set())
     assert r._in_use(tmp_path / "entry") and not r._in_use(tmp_path / "other")
