@@ -2,6 +2,7 @@
 and work done for that client (a generation in the engine) must stop when it does."""
 
 import asyncio
+from collections.abc import Callable
 from types import TracebackType
 
 from starlette.types import Receive
@@ -13,7 +14,8 @@ class ClientLeft(Exception):
 
 class ClientWatch:
     """Within `async with watch(leaving):`, a client that disconnects cancels the task that entered, and the
-    cancellation leaves as `leaving` (ClientLeft by default); entering after it left raises that at once. Enter it
+    cancellation leaves as the exception `leaving()` makes (ClientLeft by default); entering after it left raises
+    that at once. Enter it
     only around code whose awaits all lie inside, so the cancellation cannot land elsewhere.
 
     One listener per request, never cancelled: uvicorn's `receive` returns once the response is complete, so on the
@@ -23,15 +25,15 @@ class ClientWatch:
         self.receive = receive
         self.listener: asyncio.Task | None = None
         self.watching = self.left = False
-        self.leaving: Exception | None = None
+        self.leaving: Callable[[], Exception] = ClientLeft
 
-    def __call__(self, leaving: Exception | None = None) -> "ClientWatch":
+    def __call__(self, leaving: Callable[[], Exception] = ClientLeft) -> "ClientWatch":
         self.leaving = leaving
         return self
 
     async def __aenter__(self) -> "ClientWatch":
         if self.left:  # between two watched stretches
-            raise (self.leaving or ClientLeft()) from None
+            raise self.leaving() from None
         self.task, self.watching = asyncio.current_task(), True
         if self.listener is None:
             self.listener = asyncio.ensure_future(self._listen())
@@ -50,4 +52,4 @@ class ClientWatch:
         if not (self.left and kind is asyncio.CancelledError):
             return False
         self.task.uncancel()  # the client left: that is why the work stops, not a cancellation of the request
-        raise (self.leaving or ClientLeft()) from None
+        raise self.leaving() from None

@@ -169,11 +169,12 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
     async with AsyncExitStack() as stack:
         stack.enter_context(gw.admission.admit(tenant, backend))
         gw.metrics.engine_requests.labels(backend.label).inc()
+        stream = bool(payload.get("stream"))
         timer.trace("loraplex.engine", backend.engine.url)
         context = gw.tracer.headers(timer.span) if gw.tracer and timer.span else {}
         # vLLM sends a non-streamed answer's headers only once it is complete, so the client is watched meanwhile.
         watch = ClientWatch(caller.receive)
-        async with watch(leaving=client_left()):
+        async with watch(leaving=client_left):
             upstream = await backend.engine.send(path, payload, caller.state.request_id, context)
             # Closing the upstream connection early is what makes vLLM abort the request.
             stack.push_async_callback(upstream.close)
@@ -184,12 +185,11 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
                 raise too_large(limit)
             stack.callback(timer.done, 200)
             headers = {"content-type": upstream.content_type}
-            if not payload.get("stream") and upstream.length is not None and upstream.length <= WHOLE_BYTES:
+            if not stream and upstream.length is not None and upstream.length <= WHOLE_BYTES:
                 content = await upstream.read(limit)
                 timer.usage(_usage(content))
                 return Response(content, headers=headers)
         chunks = upstream.chunks()
-        stream = payload.get("stream")
         relay = _relay(chunks, timer, wants_usage, limit) if stream else _relay_body(chunks, timer, limit)
         return EngineStream(relay, stack.pop_all(), watch, headers=headers)
 

@@ -23,7 +23,7 @@ async def test_a_departure_ends_the_watched_work_and_the_next_stretch_at_once():
             asyncio.get_running_loop().call_later(0.05, gone.set)
             await asyncio.sleep(30)
     with pytest.raises(ValueError):
-        async with watch(leaving=ValueError("left")):
+        async with watch(leaving=lambda: ValueError("left")):
             ran.append(True)
     assert not ran and not asyncio.current_task().cancelling()
 
