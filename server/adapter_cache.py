@@ -1,8 +1,9 @@
-"""An engine's local copies of registry versions: content-addressed, verified against the manifest, size-bounded.
+"""An engine's local copies of registry versions: content-addressed files, verified against the manifest.
 
 An entry is ROOT/DIGEST/ (DIGEST from the manifest's file hashes, so versions with equal files share it). It appears
 by one rename of a complete, verified download, and its files are hashed again each time it is handed out, so a
-partial or damaged entry is never served: it is fetched again.
+partial or damaged entry is never served: it is fetched again. The cache only stores: what may be deleted, and when,
+is decided by its one owner (`server/residency.py`), which never runs two file operations on one entry at once.
 """
 
 import hashlib
@@ -10,10 +11,8 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .registry import Version, sha256_file
 from .validation import CONFIG_FILE, WEIGHTS_FILE
@@ -31,12 +30,19 @@ class CorruptAdapter(Exception):
     """A download did not match the manifest's hashes."""
 
 
+class Stored(NamedTuple):
+    entry: Path
+    used_ns: int
+    size: int
+
+
 def digest(manifest: dict) -> str:
     files = manifest["files"]
     return hashlib.sha256("".join(f"{f}:{files[f]['sha256']};" for f in FILES).encode()).hexdigest()[:32]
 
 
-def _matches(entry: Path, manifest: dict) -> bool:
+def matches(entry: Path, manifest: dict) -> bool:
+    """Whether every file of `entry` has the size and sha256 the manifest gives."""
     for fname in FILES:
         meta, path = manifest["files"][fname], entry / fname
         if not path.is_file() or path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
@@ -44,68 +50,69 @@ def _matches(entry: Path, manifest: dict) -> bool:
     return True
 
 
-def _size(entry: Path) -> int:
-    return sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
-
-
 class AdapterCache:
-    """Hands out a verified local directory for a registry version; keeps at most `max_entries` and `max_bytes`,
-    evicting the least recently used entries that `in_use` says no engine request needs."""
+    """Verified local directories of registry versions, one per distinct set of files."""
 
-    def __init__(self, root: Path, max_bytes: int, max_entries: int,
-                 in_use: Callable[[Path], bool] = lambda path: False):
-        self.root, self.max_bytes, self.max_entries, self.in_use = Path(root), max_bytes, max_entries, in_use
+    def __init__(self, root: Path, max_bytes: int, max_entries: int):
+        self.root, self.max_bytes, self.max_entries = Path(root), max_bytes, max_entries
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
         for leftover in self.root.glob(".partial-*"):  # downloads cut short by a crash
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def path(self, version: Version, source: Source) -> tuple[Path, bool]:
-        """The local directory of `version`, and whether it was downloaded from `source` (no good copy was here)."""
-        entry = self.root / digest(version.manifest)
-        with self._lock:
-            if entry.is_dir():
-                if _matches(entry, version.manifest):
-                    os.utime(entry)  # most recently used
-                    return entry, False
-                log.warning("cached %s at %s does not match its manifest: fetching it again", version.key, entry)
-                self._remove(entry)
+    def entry(self, version: Version) -> Path:
+        return self.root / digest(version.manifest)
+
+    def ensure(self, version: Version, source: Source) -> bool:
+        """Makes `entry(version)` a verified copy, downloading it from `source` unless a good copy is there already;
+        returns whether it downloaded."""
+        entry = self.entry(version)
+        if entry.is_dir():
+            if matches(entry, version.manifest):
+                os.utime(entry)  # most recently used
+                return False
+            log.warning("cached %s at %s does not match its manifest: fetching it again", version.key, entry)
+            self.remove(entry)
         partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.root))
         try:
             source.fetch(version, partial)
-            if not _matches(partial, version.manifest):
+            if not matches(partial, version.manifest):
                 raise CorruptAdapter(f"{version.key}: downloaded files do not match the manifest's sha256")
             partial.chmod(0o755)
-            with self._lock:
-                if not entry.is_dir():
-                    os.rename(partial, entry)
-                os.utime(entry)
+            os.rename(partial, entry)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-        return entry, True
+        return True
 
-    def _remove(self, entry: Path) -> None:
+    def remove(self, entry: Path) -> None:
         """Out of sight by one rename first, so no reader sees a half-removed entry."""
+        if not entry.is_dir():
+            return
         aside = self.root / f".partial-{entry.name}-{os.urandom(4).hex()}"
         os.rename(entry, aside)
         shutil.rmtree(aside, ignore_errors=True)
 
-    def trim(self, keep: Path | None = None) -> None:
-        """Evicts least recently used entries, never `keep` or one in use, until the cache is within its bound."""
-        with self._lock:
-            self._trim(keep)
-
-    def _trim(self, keep: Path | None) -> None:
-        entries = sorted((p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                         key=lambda p: p.stat().st_mtime_ns)
-        total, count = sum(_size(p) for p in entries), len(entries)
-        for entry in entries:
-            if total <= self.max_bytes and count <= self.max_entries:
-                return
-            if entry == keep or self.in_use(entry):
+    def stored(self) -> list[Stored]:
+        """Every entry, least recently used first."""
+        found = []
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
                 continue
-            total, count = total - _size(entry), count - 1
-            self._remove(entry)
-        if total > self.max_bytes or count > self.max_entries:
-            log.warning("adapter cache holds %d entries of %d bytes, over its bounds: the rest are in use", count,
-                        total)
+            try:
+                size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+                found.append(Stored(entry, entry.stat().st_mtime_ns, size))
+            except FileNotFoundError:
+                continue  # removed while listed
+        return sorted(found, key=lambda s: s.used_ns)
+
+    def excess(self, stored: list[Stored], keep: set[Path]) -> list[Path]:
+        """The least recently used entries outside `keep` whose removal brings the cache within its bounds."""
+        total, count = sum(s.size for s in stored), len(stored)
+        over = []
+        for s in stored:
+            if total <= self.max_bytes and count <= self.max_entries:
+                break
+            if s.entry in keep:
+                continue
+            over.append(s.entry)
+            total, count = total - s.size, count - 1
+        return over

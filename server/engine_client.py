@@ -56,6 +56,9 @@ def _adapter_refusal(status: int, adapter: str, message: str) -> APIError:
     log.warning("engine could not serve adapter %s: %s", adapter, message)
     if status == 404:  # deleted since this gateway last read the registry
         return APIError(404, f"adapter {adapter!r} not found", param="adapter", code="adapter_not_found")
+    if "is invalid" in message:  # the engine's resolver checked the files: the version itself cannot be loaded
+        return APIError(400, f"adapter {adapter} is invalid: the engine could not load its weights", param="adapter",
+                        code="adapter_load_failed")
     return APIError(400, f"loading adapter {adapter} failed: the engine refused it", param="adapter",
                     code="adapter_load_failed")
 

@@ -339,9 +339,12 @@ class Registry(AliasTable):
         return {name: versions for name, versions in listed.items() if versions}
 
     def fetch(self, version: Version, dest: Path) -> None:
-        """Copies the version's adapter files into the directory `dest`."""
-        for fname in (CONFIG_FILE, WEIGHTS_FILE):
-            shutil.copyfile(version.path / fname, dest / fname)
+        """Copies the version's adapter files into the directory `dest`; NotFound if it was deleted meanwhile."""
+        try:
+            for fname in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(version.path / fname, dest / fname)
+        except FileNotFoundError:
+            raise NotFound(f"{version.key} was deleted") from None
 
     def state(self, name: str) -> dict:
         return self._state(check_name(name))

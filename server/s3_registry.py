@@ -182,9 +182,14 @@ class S3Registry(AliasTable):
         return self._read_state(check_name(name))[0].get("tenant")
 
     def fetch(self, version: Version, dest: Path) -> None:
-        """Downloads the version's adapter files into the directory `dest`."""
-        for fname in (CONFIG_FILE, WEIGHTS_FILE):
-            self.store.download(f"{version.name}/{version.version}/{fname}", dest / fname)
+        """Downloads the version's adapter files into the directory `dest`; NotFound if it was deleted meanwhile."""
+        try:
+            for fname in (CONFIG_FILE, WEIGHTS_FILE):
+                self.store.download(f"{version.name}/{version.version}/{fname}", dest / fname)
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise NotFound(f"{version.key} was deleted") from None
+            raise
 
     # Writes, each decided by one conditional write
 
