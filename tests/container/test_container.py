@@ -131,6 +131,10 @@ def test_sigterm_lets_a_running_stream_finish(gateway):
                 if events == 1:  # SIGTERM (what `docker stop` sends) with most of the stream still to come
                     docker("kill", "--signal", "TERM", name)
                     signalled = time.monotonic()
+                    # Not read further until the gateway has acted on the signal: the unread rest of the stream
+                    # holds the connection open, so it is still running then, however fast the engine is.
+                    assert wait_until(lambda: "Waiting for connections to close" in logs(name), 120), \
+                        logs(name)[-3000:]
         print(f"stream ran {time.monotonic() - signalled:.1f} s after the SIGTERM")
         code = docker("wait", name)
         assert usage and usage["completion_tokens"] == 8000, usage

@@ -190,15 +190,19 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
     started, results = {n: threading.Event() for n in names}, {}
 
     def stream(name: str) -> None:
-        body = {"model": name, "prompt": "Once upon a time", "max_tokens": 1000, "n": 4, "stream": True,
-                "ignore_eos": True}  # sampled: vLLM refuses n > 1 with greedy decoding
-        done = False
+        body = {"model": name, "prompt": "Once upon a time", "max_tokens": 1000, "n": 16, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}  # sampled: n > 1 needs it
+        done, usage = False, None
         try:
             with cluster.client(0) as gw, gw.stream("POST", "/v1/completions", json=body) as r:
                 lines = r.iter_lines()
                 next(line for line in lines if line.startswith("data: "))
                 started[name].set()
-                done = any(line == "data: [DONE]" for line in lines)
+                for line in lines:
+                    if line.startswith("data: {") and '"usage"' in line:
+                        usage = json.loads(line[6:]).get("usage") or usage
+                    # Complete only with every token: a stream cut short must never look finished.
+                    done = line == "data: [DONE]" and usage is not None and usage["completion_tokens"] == 16_000
         except httpx.HTTPError:
             pass
         results[name] = done
@@ -207,18 +211,24 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
     threads = [threading.Thread(target=stream, args=(n,)) for n in names]
     for t in threads:
         t.start()
-    # The kill comes as soon as engine 0's streams have begun (4 sequences of 1,000 tokens each take seconds).
+    # The kill comes as soon as engine 0's streams have begun. A stream that has ended by then (its 16 sequences of
+    # 1,000 tokens can finish first on a loaded machine while another waits for its adapter) has nothing to lose:
+    # the verdict is on the streams still running at the kill, read off the streams themselves, not off a clock.
     assert all(started[n].wait(timeout=120) for n in homes[0]), "engine 0's streams should have begun"
-    ended = {n for n in results if n in homes[0]}
-    assert not ended, f"engine 0's streams ended before the kill, which makes this test meaningless: {ended}"
     running = [after - earlier for after, earlier in zip(_sent(cluster), before)]
     assert running[0] == 3, f"engine 0 should run the streams of the adapters it ranks first: {running}"
+    ended = {n for n in results if n in homes[0]}
     cluster.engines[0].kill()
+    cut = set(homes[0]) - ended
+    assert cut, f"every stream of engine 0 ended before the kill, so none could be lost: {ended}"
     for t in threads:
         t.join(timeout=300)
     completed = sorted(n for n, ok in results.items() if ok)
-    print(f"streams sent per engine at the kill: {running}; completed: {completed}")
-    assert {n for n, ok in results.items() if not ok} == set(homes[0])  # the killed engine's, and no other
+    print(f"streams sent per engine at the kill: {running}; ended before it: {sorted(ended)}; completed: {completed}")
+    lost = {n for n, ok in results.items() if not ok}
+    # Only the killed engine's streams that were running are lost (one whose last tokens were generated before the
+    # kill may still arrive whole), and at least one of them is.
+    assert lost and lost <= cut, (lost, cut)
     with cluster.client(0) as a, cluster.client(1) as b:
         for gw in (a, b):
             for name in names:  # the killed engine's adapters move to the one left, unasked

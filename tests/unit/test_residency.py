@@ -317,3 +317,26 @@ def test_missing_versions_resolve_to_nothing(tmp_path):
     assert asyncio.run(resolver.resolve_lora("base", "no-version")) is None
     with pytest.raises(NotFound):
         resolver.registry.get("nope", 1)
+
+
+def test_vllm_still_has_what_residency_hooks():
+    """Each private part of vLLM the hooks rely on, so that an upgrade that moves one fails here, loudly."""
+    import importlib
+    import inspect
+
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.output_processor import OutputProcessor, RequestState
+
+    from server.resolver import HANDLERS
+
+    for module, cls, method in HANDLERS:  # the handlers that pin their adapter
+        assert inspect.iscoroutinefunction(getattr(getattr(importlib.import_module(module), cls), method))
+    assert "request.model in self.models.lora_requests" in inspect.getsource(BaseServing._check_model)
+    assert "self.models.lora_requests[request.model]" in inspect.getsource(BaseServing._maybe_get_adapters)
+    resolve = inspect.getsource(OpenAIServingModels.resolve_lora)
+    assert "self.lora_requests[lora_name] = lora_request" in resolve and "engine_client.add_lora" in resolve
+    assert "del self.lora_requests[lora_name]" in inspect.getsource(OpenAIServingModels.unload_lora_adapter)
+    assert "self.lora_name = lora_request.lora_name" in inspect.getsource(RequestState.__init__)
+    assert "self.output_processor = OutputProcessor(" in inspect.getsource(AsyncLLM.__init__)
+    assert "self.request_states: dict[str, RequestState]" in inspect.getsource(OutputProcessor.__init__)
+    assert all(inspect.iscoroutinefunction(getattr(AsyncLLM, m)) for m in ("add_lora", "remove_lora"))
