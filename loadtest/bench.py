@@ -214,7 +214,7 @@ class Bench:
                 after = self.counters(gw)
                 results[label][str(n)] = {"output_tokens_per_s": report["throughput"]["output_tokens_per_s"],
                                           "e2e_p99_ms": report["overall"]["e2e_s"]["p99"] * 1000,
-                                          "errors": report["overall"]["errors"],
+                                          "errors": report["overall"]["errors"], "seconds": self.args.duration,
                                           **{k: after[k] - before[k] for k in after}}
             self.save()
 
@@ -384,7 +384,7 @@ def main() -> int:
     if args.only is None:
         args.only = ["overhead", "sweep"] if args.quick else PARTS
     if args.sweep is None:
-        args.sweep = [8] if args.quick else [1, 8, 64, 512]
+        args.sweep = [8] if args.quick else [1, 8, 64, 512, 2000]
     if args.quick:
         args.duration, args.rounds = min(args.duration, 20), min(args.rounds, 2)
         args.overhead_rounds = min(args.overhead_rounds, 2)

@@ -201,8 +201,8 @@ def test_an_engine_killed_mid_traffic_loses_only_its_streaming_requests(cluster)
                 for line in lines:
                     if line.startswith("data: {") and '"usage"' in line:
                         usage = json.loads(line[6:]).get("usage") or usage
-                    # Complete only with every token: a stream cut short must never look finished.
-                    done = line == "data: [DONE]" and usage is not None and usage["completion_tokens"] == 16_000
+                    if line == "data: [DONE]":  # complete only with every token: a cut stream must not look finished
+                        done = usage is not None and usage["completion_tokens"] == 16_000
         except httpx.HTTPError:
             pass
         results[name] = done
