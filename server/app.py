@@ -172,10 +172,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ops_api.router)
     if settings.admin_port is None:
         app.include_router(admin_api.router)
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
     _install_errors(app, settings)
     app.add_middleware(Credentials, guard_admin=settings.admin_port is None)
+    if settings.cors_origins:
+        # Outside the credentials check: a browser's preflight carries no credentials, and a refusal must still
+        # carry the CORS headers for the page to read it. The methods are those /admin uses.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(RequestIds)  # outermost: every answer carries the id
     return app

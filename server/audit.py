@@ -19,13 +19,15 @@ from .request_ids import REQUEST_ID
 
 AUDIT_PREFIX = f"{SHARED}/audit/"
 ROTATE_BYTES = 16 * 2**20
-_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+# ASCII digits only: \d and str.isdigit() also take "²" and "١", which float() refuses or reads.
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_AGE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd])$")
 
 
 def duration(text: str) -> float | None:
     """Seconds in a duration such as 45s, 30m, 12h or 7d (a bare number is seconds); None if it is none."""
     text = text.strip()
-    if text.replace(".", "", 1).isdigit():
+    if _NUMBER.fullmatch(text):
         return float(text)
     age = _AGE.match(text)
     return float(age[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age[2]] if age else None

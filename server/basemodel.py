@@ -56,9 +56,20 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
+class Unreadable(ValueError):
+    """The base model's files cannot be read (permissions, a missing file): one line naming the path and why."""
+
+
 def load(base_model: str) -> BaseModel:
     """Reads config, tokenizer and safetensors headers; hashes them with a sample of the weights."""
     path = local_dir(base_model)
+    try:
+        return _load(base_model, path)
+    except OSError as e:
+        raise Unreadable(f"base model {path}: cannot read {e.filename or path}: {e.strerror or e}") from None
+
+
+def _load(base_model: str, path: Path) -> BaseModel:
     h = hashlib.sha256()
     config = json.loads((path / "config.json").read_text())
     h.update(json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS},

@@ -1,7 +1,6 @@
 """The `loraplex` command line."""
 
 import asyncio
-import logging
 from pathlib import Path
 
 import typer
@@ -50,11 +49,16 @@ def serve(
     """Start the gateway (and a local vLLM engine unless LORAPLEX_ENGINE_URLS is set)."""
     import uvicorn
 
+    from . import basemodel
     from .app import create_admin_app, create_app
+    from .logs import configure
 
     settings = load_settings(host=host, port=port)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call otherwise
+    try:  # read again at start-up; here a model the server cannot read ends it in one line, not a traceback
+        basemodel.load(settings.base_model)
+    except basemodel.Unreadable as e:
+        fail(str(e))
+    configure(settings.log_level)
     app = create_app(settings)
     # The access log is the gateway's own (server/request_ids.py): uvicorn's cannot show the request id.
     main = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -148,7 +152,7 @@ def adapters_add(
             name, path, base=base, max_rank=settings.max_lora_rank,
             tenant=tenant, public=public, origin=f"cli:{path.resolve()}",
         )
-    except (InvalidAdapter, RegistryError) as e:
+    except (InvalidAdapter, RegistryError, basemodel.Unreadable) as e:
         AuditLog(settings.state_dir, settings.registry).record(_actor(), "add", name, result=f"refused: {e}",
                                                                tenant=tenant, reason=reason)
         fail(str(e))
@@ -283,10 +287,11 @@ def eval_version(
 ) -> None:
     """Score a version through the serving engine against the base or another version; the result is kept beside
     the version, where rollouts read it."""
+    from .registry import VERSION_RE
     from .trainer.data import DataError, read_rows
 
     name, _, version = ref.partition("@")
-    if not version.isdigit():
+    if not VERSION_RE.fullmatch(version):
         fail(f"NAME@VERSION: {ref!r} needs a version number, as in acme-support@3")
     try:
         examples, _ = read_rows([data])

@@ -205,12 +205,20 @@ def _train(model: "LlamaForCausalLM", data: "torch.Tensor", steps: int, seed: in
     model.eval()
 
 
+def _readable_by_all(directory: Path) -> None:
+    """0755 and 0644 (mkdtemp makes 0700): a model built on the host is mounted into the image, whose user differs."""
+    directory.chmod(0o755)
+    for f in directory.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
+
+
 def _save(model: "LlamaForCausalLM", tokenizer: "PreTrainedTokenizerFast", out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        _readable_by_all(staging)
         if out.exists():
             shutil.rmtree(out)
         os.rename(staging, out)

@@ -21,6 +21,8 @@ from .config import LORA_OPS_ENV, Settings
 from .engine_client import EngineClient
 
 log = logging.getLogger("loraplex.engine_process")
+# Every route of the engine behind its key (server/engine_guard.py).
+GUARD = "server.engine_guard.EngineGuard"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,6 +58,7 @@ def engine_command(settings: Settings, base_path: str, port: int, host: str = "1
         "--max-loras", str(settings.max_loras),
         "--max-cpu-loras", str(max(settings.max_loras, settings.max_resident_adapters)),
         "--disable-uvicorn-access-log",
+        "--middleware", GUARD,
     ]
     if settings.max_model_len:
         cmd += ["--max-model-len", str(settings.max_model_len)]

@@ -17,7 +17,7 @@ from .engine_client import EngineError, Unreachable
 from .evaluation import EvalSet, compare
 from .metrics import Metrics
 from .protocol import APIError
-from .registry import NotFound, Registry
+from .registry import VERSION_RE, NotFound, Registry
 from .rollout import Rollouts
 from .routing import Router
 from .shadow import Shadows
@@ -90,7 +90,7 @@ class Gateway:
             raise APIError(503, "engine unavailable", type="server_error", code="engine_unavailable") from None
 
     def _reference(self, name: str, against: str) -> str:
-        if against.isdigit():
+        if VERSION_RE.fullmatch(against):  # ASCII digits: "²" is a digit to str.isdigit, and no number to int
             return self.registry.get(name, int(against)).key
         version = self.registry.aliases(name).get(against)
         if version is None:

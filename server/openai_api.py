@@ -298,33 +298,50 @@ WHOLE_BYTES = 1 << 20
 
 
 async def _relay_body(chunks: AsyncIterator[bytes], timer: RequestTimer, limit: int) -> AsyncIterator[bytes]:
-    """Passes a large non-streamed answer through as it comes, noting its usage without parsing the document."""
-    size, window, found = 0, b"", False
+    """Passes a large non-streamed answer through as it comes, noting its usage without holding the document."""
+    size, tail = 0, UsageTail()
     async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             log.warning("engine answer over %d bytes cut short (LORAPLEX_MAX_RESPONSE_BYTES)", limit)
             return  # the headers are out: the client sees the answer end early
-        if found:
-            window += chunk[:USAGE_BYTES - len(window)]
-        else:  # the key's start may end the last chunk, so its tail is searched with this one
-            window = window[-len(USAGE_KEY):] + chunk
-            at = window.find(USAGE_KEY)
-            found = at >= 0
-            window = window[at:at + USAGE_BYTES] if found else window[-len(USAGE_KEY):]
+        tail.feed(chunk)
         yield chunk
-    timer.usage(_usage(window))
+    timer.usage(tail.usage())
+
+
+class UsageTail:
+    """The answer's own usage from a document read in chunks. Logprobs are keyed by token text, so `"usage":` also
+    appears inside `choices` (a token spelled "usage"); vLLM writes the answer's `usage` after `choices`, and no later
+    field has such a key, so the last occurrence is the answer's."""
+
+    def __init__(self) -> None:
+        self.found, self.edge = b"", b""  # the text from the last key so far; the end of the chunk before
+
+    def feed(self, chunk: bytes) -> None:
+        joined = self.edge + chunk  # a key cut by the chunks' boundary is whole here
+        at = joined.rfind(USAGE_KEY)
+        if at >= 0:
+            self.found = joined[at:at + USAGE_BYTES]
+        elif self.found:
+            self.found += chunk[:USAGE_BYTES - len(self.found)]
+        self.edge = joined[-(len(USAGE_KEY) - 1):]
+
+    def usage(self) -> dict | None:
+        try:
+            usage, _ = json.JSONDecoder().raw_decode(self.found[len(USAGE_KEY):].decode(errors="replace").lstrip())
+        except ValueError:
+            return None
+        return usage if isinstance(usage, dict) else None
 
 
 def _usage(content: bytes) -> dict | None:
-    """The usage object of a non-streamed answer. JSON escapes quotes inside strings, so the first `"usage":` in
-    the document is the answer's own field."""
-    at = content.find(USAGE_KEY)
+    """The usage object of a whole non-streamed answer, from the parsed document."""
     try:
-        usage, _ = json.JSONDecoder().raw_decode(content[at + len(USAGE_KEY):at + USAGE_BYTES].decode().lstrip())
-    except ValueError:
+        usage = json.loads(content).get("usage")
+    except (ValueError, AttributeError):
         return None
-    return usage if at >= 0 and isinstance(usage, dict) else None
+    return usage if isinstance(usage, dict) else None
 
 
 @router.post("/completions", responses=STREAM_OR_JSON)

@@ -56,7 +56,12 @@ class NotFound(RegistryError, LookupError):
 
 
 class Conflict(RegistryError):
-    """The name belongs to another tenant."""
+    """The name cannot be taken, or the change conflicts with the registry's state."""
+
+
+def unavailable(name: str) -> str:
+    """Why a name another tenant owns cannot be registered; it says no more, so as not to tell that it exists."""
+    return f"adapter name {name!r} is not available: choose another"
 
 
 @dataclass(frozen=True)
@@ -430,8 +435,10 @@ class Registry(AliasTable):
         adapter_dir = self.root / name
         state = self._state(name)
         owner = state.get("tenant")
-        if owner is not None and owner != manifest["tenant"] and self.versions(name):
-            raise Conflict(f"adapter {name!r} belongs to another tenant", "name")
+        # Owned until the whole adapter is deleted (as on object storage): a name whose versions were deleted one
+        # by one keeps its owner, and with it its aliases and rollout records, which no other tenant may inherit.
+        if owner is not None and owner != manifest["tenant"]:
+            raise Conflict(unavailable(name), "name")
         version = max([state.get("next_version", 1), *(v + 1 for v in self.versions(name))])
         write_json(staging / MANIFEST_FILE, {**manifest, "version": version, "created": time.time()})
         fsync_dir(staging)

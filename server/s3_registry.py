@@ -36,6 +36,7 @@ from .registry import (
     check_version,
     manifest_problems,
     stage,
+    unavailable,
 )
 from .validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 
@@ -232,7 +233,7 @@ class S3Registry(AliasTable):
             got = self.store.get(f"{name}/{stored[-1]}/{MANIFEST_FILE}") if stored else None
             owners = {state.get("tenant"), json.loads(got[0]).get("tenant") if got else None} - {None}
             if owners - {tenant}:
-                raise Conflict(f"adapter {name!r} belongs to another tenant", "name")
+                raise Conflict(unavailable(name), "name")
             state["tenant"] = tenant
 
         self._update_state(name, change)

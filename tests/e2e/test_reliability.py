@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.conftest import start_gateway
+from tests.e2e.conftest import ENGINE_AUTH, start_gateway
 from tests.helpers import wait_until
 from tests.helpers import series
 
@@ -15,11 +15,13 @@ LONG = {"prompt": "Ada and", "max_tokens": 900, "temperature": 0, "ignore_eos": 
 
 
 def running_in_engine(server) -> float:
-    return sum(series(httpx.get(f"{server.engine_url()}/metrics").text, "vllm:num_requests_running"))
+    return sum(series(httpx.get(f"{server.engine_url()}/metrics", headers=ENGINE_AUTH).text,
+                      "vllm:num_requests_running"))
 
 
 def generated_by_engine(server) -> float:
-    return sum(series(httpx.get(f"{server.engine_url()}/metrics").text, "vllm:generation_tokens_total"))
+    return sum(series(httpx.get(f"{server.engine_url()}/metrics", headers=ENGINE_AUTH).text,
+                      "vllm:generation_tokens_total"))
 
 
 @pytest.fixture

@@ -179,6 +179,26 @@ def test_the_engine_answers_only_gateways(server, client):
     assert ENGINE_AUTH["Authorization"] == f"Bearer {key.stdout.strip()}"
 
 
+def test_no_route_of_the_engine_answers_without_its_key_and_none_loads_adapters_by_path(server, client):
+    """Issue 25, item 1, on the real engine: the routes the review found open (the unit test calls every route)."""
+    engine = server.engine_url()
+    adapter = {"X-Amzn-SageMaker-Adapter-Identifier": "alpha@1"}
+    for method, path in (("GET", "/metrics"), ("POST", "/invocations"), ("POST", "/adapters"), ("GET", "/version"),
+                         ("POST", "/tokenize"), ("GET", "/openapi.json"), ("GET", "/load"),
+                         ("DELETE", "/adapters/alpha@1"), ("POST", "/scale_elastic_ep")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.request(method, f"{engine}{path}", headers={**headers, **adapter}, timeout=30)
+            assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
+    for path, body in (("/adapters", {"name": "alpha@1", "src": "/etc"}), ("/invocations", {"prompt": "Ada"}),
+                       ("/v1/load_lora_adapter", {"lora_name": "alpha@1", "lora_path": "/etc"})):
+        r = httpx.post(f"{engine}{path}", json=body, headers={**ENGINE_AUTH, **adapter}, timeout=30)
+        assert r.status_code == 403, (path, r.status_code, r.text[:200])
+    assert httpx.get(f"{engine}/health", timeout=30).status_code == 200
+    assert httpx.get(f"{engine}/metrics", headers=ENGINE_AUTH, timeout=30).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "Ada", "max_tokens": 2, "adapter": "alpha@1"}).status_code \
+        == 200
+
+
 def test_gateway_to_engine_traffic_can_use_tls(server, tmp_path):
     """Issue 16, item 6: a spawned vLLM engine serves HTTPS with a self-signed certificate, which the gateway
     verifies against LORAPLEX_ENGINE_CA; plain HTTP to the engine gets nowhere."""

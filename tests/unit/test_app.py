@@ -23,6 +23,18 @@ def test_cors_allows_only_configured_origins(tmp_path):
     assert "access-control-allow-origin" not in bad.headers
 
 
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE"])
+def test_a_preflight_to_admin_from_an_allowed_origin_passes_for_every_admin_method(tmp_path, method):
+    """A preflight carries no credentials: it must not meet the credentials check (it got 401, and PUT and DELETE
+    were not allowed at all)."""
+    c = TestClient(create_app(Settings(state_dir=tmp_path, cors_origins="https://ok.example", admin_token="t")))
+    r = c.options("/admin/adapters/acme/aliases/stable", headers={
+        "Origin": "https://ok.example", "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": "authorization"})
+    assert r.status_code == 200 and method in r.headers["access-control-allow-methods"]
+    assert r.headers["access-control-allow-origin"] == "https://ok.example"
+
+
 def test_admin_port_moves_admin_off_the_main_app(tmp_path):
     settings = Settings(state_dir=tmp_path, admin_port=9001)
     main = create_app(settings)

@@ -3,7 +3,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from server.audit import AuditLog, parse_since
+from server.audit import AuditLog, duration, parse_since
 
 
 def test_audit_log_appends_json_lines(tmp_path):
@@ -54,3 +54,7 @@ def test_since_takes_ages_and_iso_times(text, expected):
 def test_since_names_what_it_takes():
     with pytest.raises(ValueError, match="neither an ISO 8601 time nor an age"):
         parse_since("yesterday")
+    for unicode_digits in ("²m", "١٢h", "²"):  # digits to \\d or str.isdigit(), never to this parser
+        with pytest.raises(ValueError, match="neither an ISO 8601 time nor an age"):
+            parse_since(unicode_digits)
+    assert duration("²") is None and duration("12") == 12.0

@@ -60,3 +60,27 @@ def test_registry_commands_on_object_storage(base, adapter_factory, tmp_path, s3
     r = subprocess.run([LOADER, "registry", "check"], env={**env, "LORAPLEX_REGISTRY": "s3://"},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: LORAPLEX_REGISTRY:") and "bucket" in r.stderr
+
+
+def test_a_base_model_the_server_cannot_read_ends_serve_in_one_line(base, tmp_path):
+    """As root nothing is unreadable by mode, so a config.json that is a directory stands in for one that is."""
+    (base.path / "config.json").unlink()
+    (base.path / "config.json").mkdir()
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "LORAPLEX_BASE_MODEL": str(base.path),
+                            "LORAPLEX_STATE_DIR": str(tmp_path / "state"), "LORAPLEX_REGISTRY": str(tmp_path / "r")})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"error: base model {base.path}: cannot read {base.path / 'config.json'}: "
+                                             "Is a directory"]
+
+
+def test_the_demo_model_is_written_readable_by_every_user(tmp_path):
+    from server.demo_model import _save
+
+    class Writes:
+        def save_pretrained(self, directory, **_) -> None:
+            (directory / f"{type(self).__name__}.json").write_text("{}")
+
+    out = _save(Writes(), type("Tokenizer", (Writes,), {})(), tmp_path / "model")
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+    assert {oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == {"0o644"}

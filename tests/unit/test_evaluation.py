@@ -124,6 +124,8 @@ async def test_the_admin_api_refuses_bad_eval_requests_before_storing_anything(t
                                         json={"rows": [{"prompt": "Q", "completion": "A"}, {"messages": []}]})
             unknown = await client.post("/admin/adapters/bot/versions/1/eval", headers=admin,
                                         json={"rows": [{"prompt": "Q", "completion": "A"}], "max_seq_len": 4})
+            superscript = await client.post("/admin/adapters/bot/versions/1/eval", headers=admin,
+                                            json={"rows": [{"prompt": "Q", "completion": "A"}], "against": "²"})
     finally:
         await engine.stop()
     assert (no_data["status"], no_data["param"]) == (400, "promote")
@@ -133,3 +135,5 @@ async def test_the_admin_api_refuses_bad_eval_requests_before_storing_anything(t
     assert bad_row.status_code == 400 and bad_row.json()["error"]["param"] == "rows"
     assert bad_row.json()["error"]["message"] == "rows[1]: 'messages' must be a non-empty list"
     assert unknown.status_code == 400 and "max_seq_len" in str(unknown.json()["error"])
+    # "²" is a digit to str.isdigit() but no number to int(): it names no version, and answers as an unknown alias.
+    assert superscript.status_code == 404 and superscript.json()["error"]["param"] == "against"

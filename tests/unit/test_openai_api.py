@@ -15,7 +15,7 @@ from server.admission import Admission
 from server.engine_client import EngineClient
 from server.metrics import Metrics, RequestTimer
 from server.engine_process import free_port
-from server.openai_api import _relay, _relay_body, _send
+from server.openai_api import _relay, _relay_body, _send, _usage
 from server.protocol import APIError, CompletionRequest
 from server.routing import Backend, Router
 
@@ -67,6 +67,20 @@ async def test_relay_body_notes_usage_split_across_chunks(cuts):
     t = timer()
     assert await collect(_relay_body(chunked(body, cuts), t, limit=1 << 20)) == body
     assert t.m.prompt_tokens.labels("(base)")._value.get() == 3
+
+
+# A token spelled "usage" among a completion's top logprobs puts `"usage":` inside `choices`, before the real one.
+DECOY = json.dumps({"id": "x", "choices": [{"text": "usage", "logprobs": {"top_logprobs": [{"usage": -0.1, "x": -2}]}}],
+                    "usage": USAGE, "kv_transfer_params": None}).encode()
+
+
+@settings(max_examples=50, deadline=None)
+@given(cuts=st.lists(st.integers(1, len(DECOY) - 1), max_size=8))
+async def test_usage_is_the_answers_own_not_a_token_spelled_usage(cuts):
+    t = timer()
+    assert await collect(_relay_body(chunked(DECOY, cuts), t, limit=1 << 20)) == DECOY
+    assert t.m.prompt_tokens.labels("(base)")._value.get() == 3
+    assert _usage(DECOY) == USAGE
 
 
 @pytest.fixture

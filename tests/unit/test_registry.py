@@ -123,6 +123,22 @@ def test_invalid_alias(reg, tmp_path, base, adapter_factory):
             reg.set_alias("acme", alias, 1)
 
 
+def test_a_name_whose_versions_were_deleted_one_by_one_stays_its_owners(reg, base, adapter_factory):
+    """Issue 25, item 7: the same on both registries. The refusal says nothing of who owns the name (item 6)."""
+    register(reg, base, adapter_factory(seed=1), tenant="acme")
+    register(reg, base, adapter_factory(seed=2), tenant="acme")
+    reg.set_alias("acme", "stable", 1)
+    reg.delete_version("acme", 1)
+    reg.delete_version("acme", 2)
+    with pytest.raises(Conflict) as refused:
+        register(reg, base, adapter_factory(seed=3), tenant="globex")
+    assert str(refused.value) == "adapter name 'acme' is not available: choose another"
+    assert "tenant" not in str(refused.value) and refused.value.param == "name"
+    assert register(reg, base, adapter_factory(seed=3), tenant="acme").version == 3
+    reg.delete("acme")  # the whole adapter: now the name is free
+    assert register(reg, base, adapter_factory(seed=4), tenant="globex").version == 4
+
+
 def test_name_belongs_to_its_tenant(reg, tmp_path, base, adapter_factory):
     register(reg, base, adapter_factory(), tenant="acme")
     with pytest.raises(Conflict):
