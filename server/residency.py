@@ -139,21 +139,27 @@ class Residency:
         done, and when the load failed because the files were lost, fetches them again and retries once."""
 
         async def resolve_lora(models: Any, lora_name: str) -> Any:
-            result, handed, refused = await self._resolve_once(original, models, lora_name)
-            failed = _load_failed(result)
-            if failed and handed and await self._lost_files(handed):
-                LOAD_FAILURES.labels("files_lost").inc()
-                log.warning("loading %s failed on lost or damaged files: fetched again, loading once more", lora_name)
-                result, handed, refused = await self._resolve_once(original, models, lora_name)
-                failed = _load_failed(result)
-            if failed and handed and not any(isinstance(e, asyncio.CancelledError) for e in refused):
-                LOAD_FAILURES.labels("invalid").inc()
-                reason = "; ".join(f"{type(e).__name__}: {e}" for e in refused) or "the engine refused it"
-                log.warning("adapter %s is invalid: %s", lora_name, reason)
-                result.error.message = f"LoRA adapter '{lora_name}' is invalid: the engine could not load its files"
-            return result
+            # vLLM cancels a handler whose client leaves, and its resolve would then release the files while the
+            # engine's load still reads them: the resolve runs to its end whoever waits for it.
+            return await asyncio.shield(asyncio.ensure_future(self._resolve(original, models, lora_name)))
 
         return resolve_lora
+
+    async def _resolve(self, original: Callable, models: Any, lora_name: str) -> Any:
+        """vLLM's resolve, retried once when the load failed on lost files; an invalid version is said so."""
+        result, handed, refused = await self._resolve_once(original, models, lora_name)
+        failed = _load_failed(result)
+        if failed and handed and await self._lost_files(handed):
+            LOAD_FAILURES.labels("files_lost").inc()
+            log.warning("loading %s failed on lost or damaged files: fetched again, loading once more", lora_name)
+            result, handed, refused = await self._resolve_once(original, models, lora_name)
+            failed = _load_failed(result)
+        if failed and handed and not any(isinstance(e, asyncio.CancelledError) for e in refused):
+            LOAD_FAILURES.labels("invalid").inc()
+            reason = "; ".join(f"{type(e).__name__}: {e}" for e in refused) or "the engine refused it"
+            log.warning("adapter %s is invalid: %s", lora_name, reason)
+            result.error.message = f"LoRA adapter '{lora_name}' is invalid: the engine could not load its files"
+        return result
 
     async def _resolve_once(self, original: Callable, models: Any, lora_name: str) -> tuple[Any, list, list]:
         handed: list[tuple[Path, Version]] = []

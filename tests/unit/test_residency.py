@@ -181,6 +181,37 @@ async def test_a_trim_between_a_fetch_and_its_hand_out_cannot_take_the_files(tmp
     assert len(models.lora_requests) == 1 and len(cached(tmp_path)) == 1
 
 
+async def test_a_caller_leaving_during_the_engines_load_does_not_release_its_files(tmp_path, base, adapter_factory):
+    """vLLM cancels the handler of a client that left; the load it started goes on in the engine and must find its
+    files, and the adapter it loads must end up listed (else it would stay in the workers, unknown)."""
+    resolver, models, engine = stack(tmp_path, resident=1)
+    a, b = register_many(resolver.registry, base, adapter_factory, names=2, contents=2)
+    loading, finish = asyncio.Event(), asyncio.Event()
+    add_lora = engine.add_lora
+
+    async def slow(request) -> bool:
+        if request.lora_name == a:
+            loading.set()
+            await finish.wait()
+        return await add_lora(request)
+
+    engine.add_lora = resolver.residency.refusals(slow)
+    caller = asyncio.create_task(models.resolve_lora(a))
+    await loading.wait()
+    caller.cancel()  # the client left
+    assert not hasattr(await models.resolve_lora(b), "error")
+    await resolver.residency.settle()  # b listed, the bound one: a's files are still being loaded
+    finish.set()
+    for _ in range(1000):  # the load goes on without its caller
+        if a in models.lora_requests:
+            break
+        await asyncio.sleep(0)
+    assert a in models.lora_requests and engine.deaths == [] and set(engine.workers) >= {models.lora_requests[a].lora_int_id}
+    assert not resolver.residency.handing
+    await resolver.residency.settle()
+    assert len(models.lora_requests) == 1 and len(cached(tmp_path)) == 1
+
+
 async def test_files_stay_while_a_request_runs_on_an_evicted_or_unloaded_version(tmp_path, base, adapter_factory):
     resolver, models, engine = stack(tmp_path, resident=1, capacity=1)
     a, b = register_many(resolver.registry, base, adapter_factory, names=2, contents=2)
