@@ -41,6 +41,16 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _check_base_model(settings: Settings) -> None:
+    """The gateway reads the model again at start-up; here one it cannot read ends `serve` in one line."""
+    from . import basemodel
+
+    try:
+        basemodel.load(settings.base_model)
+    except basemodel.Unreadable as e:
+        fail(str(e))
+
+
 @app.command(epilog=_settings_help())
 def serve(
     host: str = typer.Option(None, help="Overrides LORAPLEX_HOST."),
@@ -49,15 +59,11 @@ def serve(
     """Start the gateway (and a local vLLM engine unless LORAPLEX_ENGINE_URLS is set)."""
     import uvicorn
 
-    from . import basemodel
     from .app import create_admin_app, create_app
     from .logs import configure
 
     settings = load_settings(host=host, port=port)
-    try:  # read again at start-up; here a model the server cannot read ends it in one line, not a traceback
-        basemodel.load(settings.base_model)
-    except basemodel.Unreadable as e:
-        fail(str(e))
+    _check_base_model(settings)
     configure(settings.log_level)
     app = create_app(settings)
     # The access log is the gateway's own (server/request_ids.py): uvicorn's cannot show the request id.
