@@ -256,6 +256,8 @@ class Residency:
                         len(self.table), self.max_resident, busy)
 
     async def _remove_dropped(self) -> None:
+        if not self.dropped:
+            return  # the usual settle, after a load: no scan of the engine's running requests
         busy = self.busy()
         for lora_id, request in list(self.dropped.items()):
             if request.lora_name not in busy and self.dropped.pop(lora_id, None) is not None:
