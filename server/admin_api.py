@@ -22,7 +22,8 @@ from pydantic import BaseModel, Field
 from .archive import Limits, unpack_isolated
 from .audit import parse_since
 from .auth import Caller, admin_caller
-from .evaluation import EvalOptions, EvalSet, table
+from .client_watch import ClientWatch, client_left
+from .evaluation import MAX_GENERAL_TEXT, MAX_ROWS, EvalOptions, EvalSet, table
 from .gateway import Gateway
 from .protocol import APIError
 from .registry import LATEST, MAX_VERSION, Conflict, InvalidReference, NotFound, RegistryError, Version, check_name
@@ -92,10 +93,11 @@ class RollbackBody(BaseModel):
 
 
 class EvalBody(EvalOptions):
-    rows: list[dict] = Field(min_length=1, max_length=10_000, description="Held-out rows, in any format the trainer "
-                                                                          "reads (chat, prompt/completion, Alpaca).")
-    general_text: str | None = Field(None, max_length=4_000_000, description="Plain text whose perplexity shows "
-                                                                             "forgetting.")
+    rows: list[dict] = Field(min_length=1, max_length=MAX_ROWS, description="Held-out rows, in any format the "
+                                                                         "trainer reads (chat, prompt/completion, "
+                                                                         "Alpaca).")
+    general_text: str | None = Field(None, max_length=MAX_GENERAL_TEXT, description="Plain text whose perplexity "
+                                                                                    "shows forgetting.")
     against: str = Field("base", max_length=100, description='"base", an alias, or a version number.')
 
 
@@ -241,6 +243,12 @@ def _register(gw: Gateway, unpacked: Path, name: str, tenant: str, public: bool,
 
 def _eval_set(rows: list, general_text: str | None, options: EvalOptions, where: str) -> EvalSet:
     """Rows parsed as the trainer parses them; a bad one is refused naming it (`where` and its index or line)."""
+    if len(rows) > MAX_ROWS:
+        raise APIError(400, f"{where}: {len(rows)} rows, more than the {MAX_ROWS} an evaluation may score",
+                       param=where, code="invalid_eval_data")
+    if general_text is not None and len(general_text) > MAX_GENERAL_TEXT:
+        raise APIError(400, f"general_text: more than the {MAX_GENERAL_TEXT} characters an evaluation may score",
+                       param="general_text", code="invalid_eval_data")
     try:
         examples = [parse_row(row, f"{where}[{i}]") for i, row in enumerate(rows)]
     except DataError as e:
@@ -266,7 +274,9 @@ async def _evaluate(request: Request, caller: Caller, name: str, version: int, e
                     tenant: str | None) -> dict:
     """Scores the version on an engine, keeps the summary beside it (the rollout gate reads it) and audits it."""
     gw = _gateway(request)
-    result = await gw.evaluate(name, version, evalset, against)
+    # Its engine calls are abandoned (and so aborted by vLLM) when the caller leaves.
+    async with ClientWatch(request.receive)(leaving=client_left):
+        result = await gw.evaluate(name, version, evalset, against, tenant)
     result["table"] = table(result)
     summary = {k: v for k, v in result.items() if k != "table"}
     summary["reference"], summary["candidate"] = (

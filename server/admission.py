@@ -21,20 +21,21 @@ class Admission:
                         headers={"Retry-After": str(self.retry_after)})
 
     @contextmanager
-    def admit(self, tenant: str | None, backend: "Backend") -> Iterator[None]:
-        """Counts the request against its tenant (when keys identify one) and its engine while it runs."""
-        if backend.in_flight >= self.per_engine:
+    def admit(self, tenant: str | None, backend: "Backend", slots: int = 1) -> Iterator[None]:
+        """Counts the request against its tenant (when keys identify one) and its engine while it runs; work that
+        sends several requests at once (an evaluation) holds that many slots."""
+        if backend.in_flight + slots > self.per_engine:
             raise self._refuse("engine")
-        if tenant is not None and self.tenants.get(tenant, 0) >= self.per_tenant:
+        if tenant is not None and self.tenants.get(tenant, 0) + slots > self.per_tenant:
             raise self._refuse("tenant")
-        backend.in_flight += 1
+        backend.in_flight += slots
         if tenant is not None:
-            self.tenants[tenant] = self.tenants.get(tenant, 0) + 1
+            self.tenants[tenant] = self.tenants.get(tenant, 0) + slots
         try:
             yield
         finally:
-            backend.in_flight -= 1
+            backend.in_flight -= slots
             if tenant is not None:
-                self.tenants[tenant] -= 1
+                self.tenants[tenant] -= slots
                 if not self.tenants[tenant]:
                     del self.tenants[tenant]

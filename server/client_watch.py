@@ -7,9 +7,16 @@ from types import TracebackType
 
 from starlette.types import Receive
 
+from .protocol import APIError
+
 
 class ClientLeft(Exception):
     """The client disconnected: what it asked for is no longer wanted."""
+
+
+def client_left() -> APIError:
+    """What a request whose client left answers (nobody reads it; the access log and metrics do)."""
+    return APIError(499, "client closed the request", code="client_closed_request")
 
 
 class ClientWatch:

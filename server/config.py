@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Log level of the gateway.")
     max_in_flight_per_engine: int = Field(256, description="Requests one engine may hold; past it, 429.")
     max_in_flight_per_tenant: int = Field(64, description="Requests one tenant (API key) may hold; past it, 429.")
+    eval_concurrency: int = Field(4, ge=1, le=64, description="Engine calls one evaluation makes at once; it holds as "
+                                                              "many of its tenant's and its engine's in-flight slots.")
     retry_after: int = Field(1, description="Seconds a 429 asks the client to wait (Retry-After).")
     metrics_max_adapters: int = Field(
         100, description="Adapters that get their own metrics label; the rest share the label 'other'."

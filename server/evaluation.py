@@ -3,6 +3,7 @@ logprobs, greedy answers (exact match, ROUGE-L) and general-text perplexity, bes
 another version) so that forgetting shows. The gateway (`/admin/.../eval`, uploads) and the trainer both use it."""
 
 import asyncio
+import json
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,13 +16,18 @@ from .trainer.data import Example
 Call = Callable[[str, dict], Awaitable[dict]]
 
 
+# An evaluation is work a tenant-admin asks of the engines: every dimension of it is bounded.
+MAX_ROWS = 10_000
+MAX_GENERAL_TEXT = 4_000_000  # characters
+
+
 class EvalOptions(BaseModel):
     """How a version is scored, and the gate it must pass."""
 
     model_config = ConfigDict(extra="forbid")
-    max_seq_len: int = Field(512, ge=16, description="Tokens of an example or general-text window scored")
-    generations: int = Field(32, ge=0, description="Held-out rows scored by greedy generation")
-    max_new_tokens: int = Field(64, ge=1)
+    max_seq_len: int = Field(512, ge=16, le=8192, description="Tokens of an example or general-text window scored")
+    generations: int = Field(32, ge=0, le=1000, description="Held-out rows scored by greedy generation")
+    max_new_tokens: int = Field(64, ge=1, le=1024)
     max_forgetting: float = Field(0.05, ge=0, description="Allowed relative rise of general-text perplexity")
 
 
@@ -30,6 +36,15 @@ class EvalSet:
     examples: list[Example]
     general_text: str | None
     options: EvalOptions
+
+    def token_bound(self) -> int:
+        """The most tokens scoring two models on it can cost: each row (its text's bytes bound its tokens) and
+        the general text read by both models, and the generations' answers."""
+        limit, generations = self.options.max_seq_len, self.options.generations
+        rows = [len(json.dumps(ex.conversation()).encode()) for ex in self.examples]
+        text = len(self.general_text.encode()) if self.general_text else 0
+        answers = sum(rows[:generations]) + len(rows[:generations]) * self.options.max_new_tokens  # prompts whole
+        return 2 * (sum(min(n, limit) for n in rows) + len(rows) + text + answers)
 
 
 @dataclass(frozen=True)
@@ -42,15 +57,26 @@ class _Tokens:
 
 
 class Scorer:
-    """The engine calls evaluation makes, at most `concurrency` at once so that vLLM batches them."""
+    """The engine calls evaluation makes, at most `concurrency` at once so that vLLM batches them, and the tokens they
+    cost: what the engine counted, plus the bound of each call cut short (vLLM counts nothing it aborts)."""
 
     def __init__(self, call: Call, concurrency: int = 16):
         self.call = call
         self.slots = asyncio.Semaphore(concurrency)
+        self.prompt_tokens = self.completion_tokens = 0
 
     async def post(self, path: str, body: dict) -> dict:
         async with self.slots:
-            return await self.call(path, body)
+            try:
+                answer = await self.call(path, body)
+            except asyncio.CancelledError:
+                if path == "/v1/completions":  # its prompt is token ids
+                    self.prompt_tokens += len(body["prompt"]) + body["max_tokens"]
+                raise
+        usage = answer.get("usage") or {}
+        self.prompt_tokens += usage.get("prompt_tokens") or 0
+        self.completion_tokens += usage.get("completion_tokens") or 0
+        return answer
 
     async def chat_tokens(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         """The chat template applied and tokenized by the engine, as the trainer's tokenizer does it."""
@@ -76,12 +102,25 @@ class Scorer:
 
 async def _tokenize(scorer: Scorer, evalset: EvalSet) -> _Tokens:
     examples, limit = evalset.examples, evalset.options.max_seq_len
-    prompts = asyncio.gather(*(scorer.chat_tokens(ex.messages(), True) for ex in examples))
-    fulls = asyncio.gather(*(scorer.chat_tokens(ex.conversation(), False) for ex in examples))
+    prompts = _together(*(scorer.chat_tokens(ex.messages(), True) for ex in examples))
+    fulls = _together(*(scorer.chat_tokens(ex.conversation(), False) for ex in examples))
     text = scorer.text_tokens(evalset.general_text) if evalset.general_text else _nothing()
-    prompt_ids, full_ids, text_ids = await asyncio.gather(prompts, fulls, text)
+    prompt_ids, full_ids, text_ids = await _together(prompts, fulls, text)
     windows = [text_ids[i:i + limit] for i in range(0, len(text_ids), limit)]
     return _Tokens(prompt_ids, [ids[:limit] for ids in full_ids], [w for w in windows if len(w) >= 2])
+
+
+async def _together(*work: Awaitable) -> list:
+    """The results of all; when one fails, the others are cancelled (and awaited) before the error goes on, so no
+    engine call outlives the evaluation that made it."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _nothing() -> list[int]:
@@ -109,11 +148,11 @@ async def measure(scorer: Scorer, model: str, evalset: EvalSet, tokens: _Tokens)
     """One model's metrics on the eval set."""
     options = evalset.options
     answered = [(p, f) for p, f in zip(tokens.prompts, tokens.fulls) if len(f) > max(len(p), 1)]
-    losses = asyncio.gather(*(scorer.nll(model, full, len(prompt)) for prompt, full in answered))
-    texts = asyncio.gather(*(scorer.nll(model, window, 1) for window in tokens.windows))
-    answers = asyncio.gather(*(scorer.greedy(model, p, options.max_new_tokens)
+    losses = _together(*(scorer.nll(model, full, len(prompt)) for prompt, full in answered))
+    texts = _together(*(scorer.nll(model, window, 1) for window in tokens.windows))
+    answers = _together(*(scorer.greedy(model, p, options.max_new_tokens)
                                for p in tokens.prompts[:options.generations]))
-    example_nll, text_nll, replies = await asyncio.gather(losses, texts, answers)
+    example_nll, text_nll, replies = await _together(losses, texts, answers)
     loss = mean_nll(example_nll)
     result = {"eval_loss": loss, "eval_perplexity": math.exp(loss),
               **generation_scores(evalset.examples[:options.generations], replies)}
@@ -122,11 +161,10 @@ async def measure(scorer: Scorer, model: str, evalset: EvalSet, tokens: _Tokens)
     return result
 
 
-async def compare(call: Call, candidate: str, reference: str, evalset: EvalSet) -> dict:
+async def compare(scorer: Scorer, candidate: str, reference: str, evalset: EvalSet) -> dict:
     """The candidate's metrics and the reference's, measured on one tokenization, and the rise in general perplexity."""
-    scorer = Scorer(call)
     tokens = await _tokenize(scorer, evalset)
-    ref, cand = await asyncio.gather(measure(scorer, reference, evalset, tokens),
+    ref, cand = await _together(measure(scorer, reference, evalset, tokens),
                                      measure(scorer, candidate, evalset, tokens))
     result = {"candidate_model": candidate, "reference_model": reference, "examples": len(evalset.examples),
               "reference": ref, "candidate": cand}

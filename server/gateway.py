@@ -14,7 +14,7 @@ from .auth import KeyStore
 from .basemodel import BaseModel
 from .config import Settings
 from .engine_client import EngineError, Unreachable
-from .evaluation import EvalSet, compare
+from .evaluation import EvalSet, Scorer, compare
 from .metrics import Metrics
 from .protocol import APIError
 from .registry import VERSION_RE, NotFound, Registry
@@ -73,21 +73,27 @@ class Gateway:
                 self.retire(gone)
             known = now
 
-    async def evaluate(self, name: str, version: int, evalset: EvalSet, against: str) -> dict:
+    async def evaluate(self, name: str, version: int, evalset: EvalSet, against: str, tenant: str | None) -> dict:
         """Scores NAME@version on an engine beside `against`: "base", an alias of the adapter (the version it points
-        at, not its canary) or a version number."""
+        at, not its canary) or a version number. Admitted and charged to `tenant` as its requests are."""
         candidate = (await asyncio.to_thread(self.registry.get, name, version)).key
         reference = self.settings.model_name if against == "base" else await asyncio.to_thread(
             self._reference, name, against)
         backend = self.router.choose(candidate)
         if backend is None:
             raise APIError(503, "no engine is ready", type="server_error", code="engine_unavailable")
+        held = self.usage.admit(tenant, await asyncio.to_thread(evalset.token_bound), whole=True)
+        concurrency = self.settings.eval_concurrency
+        scorer = Scorer(lambda path, body: backend.engine.call(path, body, candidate), concurrency)
         try:
-            return await compare(lambda path, body: backend.engine.call(path, body, candidate), candidate,
-                                 reference, evalset)
+            with self.admission.admit(tenant, backend, slots=concurrency):
+                return await compare(scorer, candidate, reference, evalset)
         except Unreachable:
             backend.unreachable()
             raise APIError(503, "engine unavailable", type="server_error", code="engine_unavailable") from None
+        finally:
+            if tenant is not None:
+                self.usage.add(tenant, scorer.prompt_tokens, scorer.completion_tokens, held)
 
     def _reference(self, name: str, against: str) -> str:
         if VERSION_RE.fullmatch(against):  # ASCII digits: "²" is a digit to str.isdigit, and no number to int

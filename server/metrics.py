@@ -49,8 +49,9 @@ class Metrics:
                               ["route", "adapter"], buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("loraplex_inter_token_latency_seconds", "Time between streamed chunks.",
                              ["route", "adapter"], buckets=INTER_TOKEN_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
-        self.completion_tokens = Counter("loraplex_completion_tokens", "Completion tokens generated.", ["adapter"],
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens charged (README: Usage).", ["adapter"],
+                                     registry=r)
+        self.completion_tokens = Counter("loraplex_completion_tokens", "Completion tokens charged.", ["adapter"],
                                          registry=r)
         self.tenant_requests = Counter("loraplex_tenant_requests", "Requests answered, by the caller's tenant.",
                                        ["tenant", "status"], registry=r)
@@ -94,17 +95,21 @@ class Metrics:
 
 
 # Where a completed request's tokens are counted for its tenant: (tenant, prompt tokens, completion tokens).
-UsageSink = Callable[[str, int, int], None]
+UsageSink = Callable[[str, int, int, int, int], None]  # tenant, prompt and completion tokens, held, requests
 
 
 class RequestTimer:
     """One request's bookkeeping from arrival to `done()`: in flight, end to end, first chunk, between chunks, and
-    the caller's tenant's requests and tokens."""
+    the caller's tenant's requests and the tokens charged to it (see `charged`)."""
 
     def __init__(self, metrics: Metrics, route: str, adapter: str = "(unresolved)", tenant: str | None = None,
                  usage_sink: UsageSink | None = None, span: "Span | None" = None):
         self.m, self.route, self.adapter = metrics, route, adapter
-        self.tenant, self.usage_sink, self.tokens, self.span = tenant, usage_sink, (0, 0), span
+        self.tenant, self.usage_sink, self.span = tenant, usage_sink, span
+        self.tokens: tuple[int, int] | None = None  # the engine's last count: None until it reports one
+        self.held = 0  # tokens the budget reserved for this request at admission
+        self.choices_per_prompt = 1
+        self._running: dict[int, tuple[int, int]] = {}  # a stream's running (prompt, completion) by choice index
         # A version under rollout: told each outcome (failed, seconds); the engine refusing the adapter is a failure.
         self.outcome_sink: Callable[[bool, float], None] | None = None
         self.load_failed = False
@@ -130,35 +135,49 @@ class RequestTimer:
             self.span.set_attribute(key, value)
 
     def usage(self, usage: dict | None) -> None:
+        """The engine's count for the whole request (a complete answer, or a stream's final usage event)."""
         if usage:
             self.tokens = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
-            self.m.prompt_tokens.labels(self.adapter).inc(self.tokens[0])
-            self.m.completion_tokens.labels(self.adapter).inc(self.tokens[1])
+
+    def running(self, choice: int, usage: dict) -> None:
+        """A stream event's running count of its choice; choices of one prompt share its prompt tokens."""
+        self._running[choice] = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+        prompts: dict[int, int] = {}
+        for index, (prompt, _) in self._running.items():
+            prompts[index // self.choices_per_prompt] = prompt
+        self.tokens = (sum(prompts.values()), sum(c for _, c in self._running.values()))
+
+    def charged(self, status: int) -> tuple[int, int]:
+        """What the request costs its tenant: the engine's last count; the reservation when the engine reported
+        none for a request it took on (200, or its caller left: vLLM counts nothing it aborts); else nothing."""
+        if self.tokens is not None:
+            return max(self.tokens[0], 0), max(self.tokens[1], 0)
+        return (self.held, 0) if status in (200, 499) else (0, 0)
 
     def done(self, status: int) -> None:
         if self._finished:
             return
         self._finished = True
+        tokens = self.charged(status)
+        if self.tenant and self.usage_sink:  # first: what the request reserved is released whatever follows
+            self.usage_sink(self.tenant, *tokens, self.held, int(status == 200 or any(tokens)))
         self.m.in_flight.labels(self.route).dec()
         elapsed = time.perf_counter() - self.start
         self.m.latency.labels(self.route, self.adapter).observe(elapsed)
         if self.outcome_sink is not None:
             self.outcome_sink(status >= 500 or self.load_failed, elapsed)
         self.m.requests.labels(self.route, self.adapter, str(status)).inc()
-        self._count_tenant(status)
+        self.m.prompt_tokens.labels(self.adapter).inc(tokens[0])
+        self.m.completion_tokens.labels(self.adapter).inc(tokens[1])
+        self._count_tenant(status, tokens)
         if self.span is not None:
             for key, value in (("http.response.status_code", status), ("loraplex.tenant", self.tenant or NO_TENANT),
-                               ("gen_ai.usage.input_tokens", self.tokens[0]),
-                               ("gen_ai.usage.output_tokens", self.tokens[1])):
+                               ("gen_ai.usage.input_tokens", tokens[0]), ("gen_ai.usage.output_tokens", tokens[1])):
                 self.span.set_attribute(key, value)
             self.span.end()
 
-    def _count_tenant(self, status: int) -> None:
+    def _count_tenant(self, status: int, tokens: tuple[int, int]) -> None:
         tenant = self.m.tenant_label(self.tenant) if self.tenant else NO_TENANT
         self.m.tenant_requests.labels(tenant, str(status)).inc()
-        if status != 200:
-            return
-        self.m.tenant_prompt_tokens.labels(tenant).inc(self.tokens[0])
-        self.m.tenant_completion_tokens.labels(tenant).inc(self.tokens[1])
-        if self.tenant and self.usage_sink:
-            self.usage_sink(self.tenant, *self.tokens)
+        self.m.tenant_prompt_tokens.labels(tenant).inc(tokens[0])
+        self.m.tenant_completion_tokens.labels(tenant).inc(tokens[1])

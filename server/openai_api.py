@@ -3,16 +3,18 @@
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from functools import partial
+from typing import NamedTuple
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .auth import bearer, caller_tenant, hash_key
-from .client_watch import ClientLeft, ClientWatch
+from .client_watch import ClientLeft, ClientWatch, client_left
 from .engine_client import EngineAnswer, Unreachable, refusal, too_large
 from .gateway import Gateway
 from .metrics import RequestTimer
@@ -50,7 +52,8 @@ def resolve_target(gw: Gateway, body: OpenAIRequest, tenant: str | None, sticky:
     """The adapter version a request names in `adapter`, or else in `model`; None for the base model. An alias
     under a canary answers with the version `sticky` falls on.
 
-    Another tenant's adapter is answered exactly like a missing one, so its existence does not leak."""
+    Another tenant's adapter is answered exactly like a missing one, after the same registry reads, so neither the
+    answer nor its time tells that it exists."""
     if body.adapter:
         ref, param = body.adapter, "adapter"
     elif body.model and body.model != gw.settings.model_name:
@@ -58,15 +61,13 @@ def resolve_target(gw: Gateway, body: OpenAIRequest, tenant: str | None, sticky:
     else:
         return None
     try:
-        version = gw.registry.resolve(ref, sticky)
+        version = gw.registry.resolve(ref, sticky, tenant)
     except InvalidReference as e:
         if param == "adapter":
             raise APIError(400, str(e), param=param, code="invalid_adapter") from None
         raise APIError(404, f"model {ref!r} not found", param=param, code="model_not_found") from None
     except NotFound:
-        version = None
-    if version is None or not visible(version.manifest, tenant):
-        raise APIError(404, f"adapter {ref!r} not found", param=param, code="adapter_not_found")
+        raise APIError(404, f"adapter {ref!r} not found", param=param, code="adapter_not_found") from None
     manifest = version.manifest
     if manifest.get("base_fingerprint") != gw.base.fingerprint:
         raise APIError(400, f"adapter {version.key} was registered for another base model "
@@ -88,6 +89,23 @@ def check_budget(gw: Gateway, body: OpenAIRequest) -> None:
                            param=param, code="invalid_value")
 
 
+def token_bound(gw: Gateway, body: OpenAIRequest, size: int) -> int:
+    """The most tokens a request can cost: n completions of its output limit per prompt, plus the request's size in
+    bytes, which bounds its prompts' tokens. Without a limit vLLM stops a completion at 16 tokens and a chat answer
+    at the context's end."""
+    if isinstance(body, ChatCompletionRequest):
+        most = body.max_completion_tokens or body.max_tokens or gw.settings.max_model_len or gw.base.context_len or 0
+        prompts = 1
+    else:
+        most = body.max_tokens or COMPLETION_DEFAULT_TOKENS
+        prompts = len(body.prompt) if isinstance(body.prompt, list) and not isinstance(body.prompt[0], int) else 1
+    return (body.n or 1) * prompts * most + size
+
+
+# vLLM's max_tokens for a /v1/completions request that sets none (OpenAI's default too).
+COMPLETION_DEFAULT_TOKENS = 16
+
+
 async def forward(gw: Gateway, body: OpenAIRequest, path: str, tenant: str | None, caller: Request) -> Response:
     """The request path: resolve the adapter, send it to an engine, relay the answer; the timer sees it all."""
     route = path.removeprefix("/v1/")
@@ -95,8 +113,9 @@ async def forward(gw: Gateway, body: OpenAIRequest, path: str, tenant: str | Non
                          span=gw.tracer.start(route) if gw.tracer else None)
     timer.trace("loraplex.request_id", caller.state.request_id)
     try:
-        gw.usage.check(tenant)
         check_budget(gw, body)
+        timer.held = gw.usage.admit(tenant, token_bound(gw, body, len(await caller.body())))
+        timer.choices_per_prompt = body.n or 1
         version = resolve_target(gw, body, tenant, sticky_key(caller, body))
         timer.adapter = gw.metrics.adapter_label(version.name if version else None)
         if version:
@@ -134,26 +153,37 @@ def shadow_of(gw: Gateway, body: OpenAIRequest, version: Version | None) -> tupl
         return None
 
 
+class Usage(NamedTuple):
+    """The usage events a streaming caller asked for: the final count, and a running count in every event."""
+
+    final: bool
+    running: bool
+
+
 def _payload(gw: Gateway, body: OpenAIRequest, version: Version | None) -> dict:
     payload = body.model_dump(exclude_unset=True, exclude={"adapter"})
     payload["model"] = version.key if version else gw.settings.model_name
     if body.stream:
-        # Token counts for metrics come from the engine's usage chunk, which is dropped again if not asked for.
-        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        # A stream is charged the engine's running count in each event, so that a caller who leaves pays what the
+        # engine did until then; the counts the caller did not ask for are taken out again.
+        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True,
+                                     "continuous_usage_stats": True}
     return payload
 
 
 async def _send(gw: Gateway, body: OpenAIRequest, path: str, version: Version | None, timer: RequestTimer,
                 tenant: str | None, caller: Request) -> Response:
     """Sends to the chosen engine; a request that could not reach it is sent once more, to another engine."""
-    wants_usage = bool(body.stream_options and body.stream_options.include_usage)
+    options = body.stream_options
+    wants = Usage(final=bool(options and options.include_usage),
+                  running=bool(options and options.include_usage and options.continuous_usage_stats))
     payload, tried = _payload(gw, body, version), ()
     while True:
         backend = gw.router.choose(version.key if version else None, exclude=tried)
         if backend is None:
             raise APIError(503, "no engine is ready", type="server_error", code="engine_unavailable")
         try:
-            return await _attempt(gw, backend, path, payload, version, timer, tenant, caller, wants_usage)
+            return await _attempt(gw, backend, path, payload, version, timer, tenant, caller, wants)
         except Unreachable as e:
             backend.unreachable()
             log.warning("engine %s unreachable (%s)%s", backend.engine.url, e, "" if tried else "; retrying")
@@ -163,7 +193,7 @@ async def _send(gw: Gateway, body: OpenAIRequest, path: str, version: Version | 
 
 
 async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, version: Version | None,
-                   timer: RequestTimer, tenant: str | None, caller: Request, wants_usage: bool) -> Response:
+                   timer: RequestTimer, tenant: str | None, caller: Request, wants: Usage) -> Response:
     """One engine's try: admission and the upstream request; the stream takes them over. The engine fetches and
     loads the adapter version itself (its resolver) if it does not hold it."""
     async with AsyncExitStack() as stack:
@@ -183,19 +213,16 @@ async def _attempt(gw: Gateway, backend: Backend, path: str, payload: dict, vers
                 raise await _refusal(gw, backend, upstream, timer, version, limit)
             if upstream.length is not None and upstream.length > limit:
                 raise too_large(limit)
-            stack.callback(timer.done, 200)
             headers = {"content-type": upstream.content_type}
             if not stream and upstream.length is not None and upstream.length <= WHOLE_BYTES:
-                content = await upstream.read(limit)
+                content = await upstream.read(limit)  # a read that fails answers with its own status, not 200
                 timer.usage(_usage(content))
+                stack.callback(timer.done, 200)
                 return Response(content, headers=headers)
+        stack.callback(timer.done, 200)
         chunks = upstream.chunks()
-        relay = _relay(chunks, timer, wants_usage, limit) if stream else _relay_body(chunks, timer, limit)
+        relay = _relay(chunks, timer, wants, limit) if stream else _relay_body(chunks, timer, limit)
         return EngineStream(relay, stack.pop_all(), watch, headers=headers)
-
-
-def client_left() -> APIError:
-    return APIError(499, "client closed the request", code="client_closed_request")
 
 
 async def _refusal(gw: Gateway, backend: Backend, upstream: EngineAnswer, timer: RequestTimer,
@@ -243,9 +270,9 @@ def _event_too_large(limit: int) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, keep_usage: bool,
+async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, wants: Usage,
                  limit: int) -> AsyncIterator[bytes]:
-    """Passes engine events through as they come, timing them and reading the usage event.
+    """Passes engine events through as they come, timing them and reading their usage.
 
     Each byte is searched for the event boundary once, so a large event costs time in proportion to its size."""
     pending = bytearray()
@@ -260,7 +287,7 @@ async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, keep_usage: 
             if end >= 0:
                 del pending[:end + 2]
         if complete is not None:
-            out, fits = _events(complete.split(b"\n\n"), timer, keep_usage, limit if len(complete) > limit else 0)
+            out, fits = _events(complete.split(b"\n\n"), timer, wants, limit if len(complete) > limit else 0)
             if out:
                 yield out
             if not fits:
@@ -273,19 +300,32 @@ async def _relay(chunks: AsyncIterator[bytes], timer: RequestTimer, keep_usage: 
         yield bytes(pending)
 
 
-def _events(events: list[bytes], timer: RequestTimer, keep_usage: bool, limit: int) -> tuple[bytes, bool]:
+# An event's own usage: vLLM writes it after `choices`, where no other key is followed by an object (a completion's
+# top_logprobs are keyed by token text, but their values are numbers, and quotes inside strings are escaped).
+EVENT_USAGE = re.compile(rb',"usage":(\{(?:[^{}]|\{[^{}]*\})*\})')
+CHOICE_INDEX = re.compile(rb'"choices":\[\{"index":(\d+)')
+
+
+def _events(events: list[bytes], timer: RequestTimer, wants: Usage, limit: int) -> tuple[bytes, bool]:
     """The events to pass on, and whether all of them were within `limit` (0: known to be) and so passed on."""
     out = []
     for event in events:
         if limit and len(event) > limit:
             return b"".join(out), False
         if event.startswith(b"data: {"):
-            if b'"usage":{' in event and b'"choices":[]' in event:
-                timer.usage(json.loads(event[6:]).get("usage"))
-                if not keep_usage:
+            found = EVENT_USAGE.search(event)
+            if b'"choices":[]' in event:  # the final usage event
+                if found:
+                    timer.usage(json.loads(found[1]))
+                if not wants.final:
                     continue
             else:
                 timer.chunk()
+                if found:
+                    index = CHOICE_INDEX.search(event)
+                    timer.running(int(index[1]) if index else 0, json.loads(found[1]))
+                    if not wants.running:
+                        event = event[:found.start()] + event[found.end():]
         out.append(event + b"\n\n")
     return b"".join(out), True
 

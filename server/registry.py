@@ -172,6 +172,26 @@ def sticky_share(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10_000 / 100
 
 
+def _table(versions: list[int], state: dict) -> tuple[dict[str, int], dict[str, dict]]:
+    """The aliases that point at a present version, `latest` among them, and the canaries on them."""
+    present = set(versions)
+    aliases = {a: v for a, v in state.get("aliases", {}).items() if v in present}
+    aliases[LATEST] = versions[-1]
+    canaries = {a: dict(c) for a, c in state.get("canary", {}).items() if c["version"] in present}
+    return aliases, canaries
+
+
+def _pick(ref: Ref, table: tuple[dict[str, int], dict[str, dict]], sticky: str | None) -> int | None:
+    """The version an alias reference falls on, or None when the alias does not exist."""
+    aliases, canaries = table
+    alias = ref.alias or LATEST
+    canary = canaries.get(alias)
+    if alias not in aliases or canary is None:
+        return aliases.get(alias)
+    share = sticky_share(f"{ref.name}@{alias}:{sticky}") if sticky else random.uniform(0, 100)
+    return canary["version"] if share < canary["weight"] else aliases[alias]
+
+
 class AliasTable:
     """Aliases, their history and their canaries, over a registry's `_update_state`, `_alias_state` (the stored
     state as reads see it), `_present` (versions that exist now), `versions` and `get`: one implementation for the
@@ -190,28 +210,35 @@ class AliasTable:
         versions = self.versions(name)
         if not versions:
             raise NotFound(f"adapter {name!r} not found")
-        present, state = set(versions), self._alias_state(name)
-        aliases = {a: v for a, v in state.get("aliases", {}).items() if v in present}
-        aliases[LATEST] = versions[-1]
-        canaries = {a: dict(c) for a, c in state.get("canary", {}).items() if c["version"] in present}
-        return aliases, canaries
+        return _table(versions, self._alias_state(name))
 
-    def resolve(self, ref: "Ref | str", sticky: str | None = None) -> Version:
+    def resolve(self, ref: "Ref | str", sticky: str | None = None, tenant: str | None = None) -> Version:
         """The version a reference names. An alias under a canary answers with the candidate for `weight`% of
-        callers: the same `sticky` key always gets the same side while the weight stays put; without one, chance."""
+        callers: the same `sticky` key always gets the same side while the weight stays put; without one, chance.
+
+        With `tenant`, a version of another tenant's adapter that is not public is not found, decided from the same
+        listing and state read as a name that does not exist, so that both answers take the same work."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        if ref.version is not None:
-            return self.get(ref.name, ref.version)
-        alias = ref.alias or LATEST
-        aliases, canaries = self.alias_table(ref.name)
-        version = aliases.get(alias)
-        if version is None:
-            raise NotFound(f"adapter {ref.name!r} has no alias {ref.alias!r}")
-        canary = canaries.get(alias)
-        if canary is not None:
-            share = sticky_share(f"{ref.name}@{alias}:{sticky}") if sticky else random.uniform(0, 100)
-            version = canary["version"] if share < canary["weight"] else version
+        present, state = self.versions(ref.name), self._alias_state(ref.name)
+        version = ref.version if ref.version is not None else _pick(ref, _table(present, state) if present else
+                                                                   ({}, {}), sticky)
+        if version not in present or not self._usable(ref.name, version, state, tenant):
+            raise NotFound(f"adapter {ref} not found")
         return self.get(ref.name, version)
+
+    def _usable(self, name: str, version: int, state: dict, tenant: str | None) -> bool:
+        if tenant is None or state.get("tenant") == tenant:
+            return True
+        if "public" not in state:  # a state from before it listed public versions, or not read yet: the manifest
+            manifest = self.get(name, version).manifest
+            return manifest.get("tenant") == tenant or bool(manifest.get("public"))
+        return version in state["public"]
+
+    def _public(self, name: str, state: dict, versions: list[int]) -> list[int]:
+        """The state's public versions; for a state from before it listed them, read off the manifests."""
+        if "public" in state:
+            return state["public"]
+        return [v for v in versions if self.get(name, v).manifest.get("public")]
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         """Points `alias` at `version`, remembering where it pointed so that rollback can return there; a canary on
@@ -396,7 +423,7 @@ class Registry(AliasTable):
     def _state(self, name: str) -> dict:
         try:
             return json.loads((self.root / name / STATE_FILE).read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return {"aliases": {}, "next_version": 1}
 
     def get(self, name: str, version: int) -> Version:
@@ -444,7 +471,8 @@ class Registry(AliasTable):
         fsync_dir(staging)
         os.rename(staging, adapter_dir / str(version))
         fsync_dir(adapter_dir)
-        state.update(next_version=version + 1, tenant=manifest["tenant"])
+        public = {*self._public(name, state, self.versions(name)), *([version] if manifest.get("public") else [])}
+        state.update(next_version=version + 1, tenant=manifest["tenant"], public=sorted(public))
         write_json(adapter_dir / STATE_FILE, state)
         return version
 

@@ -36,5 +36,5 @@ def copy_registry(source: "Registry | S3Registry", dest: "Registry | S3Registry"
             copied += 1
             log(f"copied {version.key}")
         state = source.state(name)
-        dest.set_state(name, {k: state[k] for k in ("tenant", "aliases", "alias_history") if k in state})
+        dest.set_state(name, {k: state[k] for k in ("tenant", "aliases", "alias_history", "public") if k in state})
     return copied, skipped

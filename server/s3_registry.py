@@ -235,6 +235,7 @@ class S3Registry(AliasTable):
             if owners - {tenant}:
                 raise Conflict(unavailable(name), "name")
             state["tenant"] = tenant
+            state["public"] = self._public(name, state, stored)
 
         self._update_state(name, change)
 
@@ -262,6 +263,8 @@ class S3Registry(AliasTable):
             self._claim_owner(name, tenant)
             version = self._claim_version(name)
             self._publish(name, version, Path(staging), {**manifest, "version": version, "created": time.time()})
+        if public:  # listed after the manifest: until then, other tenants do not find it (never the reverse)
+            self._update_state(name, lambda state: state.update(public=sorted({*state.get("public", []), version})))
         return self.get(name, version)
 
     def _publish(self, name: str, version: int, files: Path, manifest: dict) -> None:

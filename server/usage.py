@@ -97,30 +97,47 @@ class UsageLedger:
         self.record, self.budgets = record, budgets
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage")
         self._tokens: dict[str, dict[int, int]] = defaultdict(dict)  # budgeted tenant -> minute -> tokens, today
+        self._held: dict[str, int] = defaultdict(int)  # budgeted tenant -> tokens reserved by requests in flight
 
-    def add(self, tenant: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Counts one completed request; written by the ledger's thread, counted against budgets at once."""
+    def admit(self, tenant: str | None, bound: int, whole: bool = False) -> int:
+        """Admits a request that may use up to `bound` tokens, or refuses it (429) when its tenant's tokens used and
+        reserved have reached a budget, or with `whole` (an evaluation, whose bound can be millions) when the bound
+        does not fit in what is left; returns the tokens reserved (0 for a tenant without a budget)."""
+        if tenant is None or tenant not in self.budgets:
+            return 0
+        self.check(tenant, bound if whole else 0)
+        self._held[tenant] += bound
+        return bound
+
+    def add(self, tenant: str, prompt_tokens: int, completion_tokens: int, held: int = 0, requests: int = 1) -> None:
+        """Counts finished requests (0: one refused, which releases only what it reserved) and their tokens;
+        written by the ledger's thread, counted against budgets at once."""
         minute = minute_of(time.time())
         if tenant in self.budgets:
             tokens = self._tokens[tenant]
             tokens[minute] = tokens.get(minute, 0) + prompt_tokens + completion_tokens
-        self._writer.submit(self.record.add, tenant, minute, (1, prompt_tokens, completion_tokens))
+            self._held[tenant] -= held
+        if requests or prompt_tokens or completion_tokens:
+            self._writer.submit(self.record.add, tenant, minute, (requests, prompt_tokens, completion_tokens))
 
-    def check(self, tenant: str | None) -> None:
-        """Refuses a request of a tenant whose tokens in this minute or day have reached its budget: 429."""
+    def check(self, tenant: str | None, more: int = 0) -> None:
+        """Refuses a request of a tenant whose tokens used in this minute or day, with those reserved by its
+        requests in flight, have reached its budget, or would pass it by `more`: 429."""
         budget = self.budgets.get(tenant) if tenant else None
         if budget is None:
             return
         now = time.time()
-        tokens = self._tokens[tenant]
+        tokens, held = self._tokens[tenant], self._held[tenant]
         day_start = minute_of(now - now % 86400)
         windows = ((budget.tokens_per_minute, minute_of(now), 60 - now % 60, "minute"),
                    (budget.tokens_per_day, day_start, 86400 - now % 86400, "day"))
         for limit, first, wait, what in windows:
-            if limit is not None and sum(n for m, n in tokens.items() if m >= first) >= limit:
+            spent = held + sum(n for m, n in tokens.items() if m >= first)
+            if limit is not None and (spent >= limit or spent + more > limit):
                 retry = max(1, int(wait + 0.999))
-                raise APIError(429, f"tenant {tenant!r} has used its budget of {limit} tokens per {what}; "
-                                    f"retry after {retry} s", type="rate_limit_error", code="token_budget_exceeded",
+                why = f"up to {more} more tokens would pass" if more else "has used or reserved"
+                raise APIError(429, f"tenant {tenant!r} {why} its budget of {limit} tokens per {what}; retry after "
+                                    f"{retry} s", type="rate_limit_error", code="token_budget_exceeded",
                                headers={"Retry-After": str(retry)})
 
     async def arefresh(self) -> None:

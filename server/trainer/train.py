@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .. import basemodel
 from ..config import Settings
 from ..engine_process import private_engine
-from ..evaluation import EvalOptions, EvalSet, compare, table
+from ..evaluation import EvalOptions, EvalSet, Scorer, compare, table
 from ..registry import Version, open_registry
 from ..validation import WEIGHTS_FILE
 from . import data as datamod
@@ -161,7 +161,7 @@ def evaluate(job: Job, adapter_dir: Path, data: datamod.Dataset, settings: Setti
     async def run_eval() -> dict:
         async with private_engine(local, job.base_model, {candidate: adapter_dir},
                                   job.output_dir / "eval-engine.log") as engine:
-            return await compare(engine.call, candidate, settings.model_name, evalset)
+            return await compare(Scorer(engine.call), candidate, settings.model_name, evalset)
 
     log(f"evaluating through vLLM (its log: {job.output_dir / 'eval-engine.log'})")
     metrics = asyncio.run(run_eval())

@@ -4,6 +4,7 @@ load, metrics credentials, keys that fail closed, and what tenants may see."""
 import asyncio
 import gzip
 import json
+import re
 import socket
 import ssl
 import statistics
@@ -18,7 +19,7 @@ import pytest
 
 from loadtest.servers import Gateway
 from tests.e2e.conftest import ADMIN_TOKEN, ENGINE_AUTH, LOADER, start_gateway
-from tests.helpers import self_signed
+from tests.helpers import self_signed, wait_for
 from tests.unit.test_archive import negative_base256, octal, tar_header
 
 METRICS_TOKEN = "e2e-metrics-token"
@@ -218,3 +219,72 @@ def test_gateway_to_engine_traffic_can_use_tls(server, tmp_path):
             httpx.get(engine.replace("https://", "http://") + "/health")
     finally:
         gateway.stop()
+
+
+@pytest.fixture
+def budgeted(server, tmp_path):
+    """A gateway on the session's engine whose tenant acme has a daily budget, and acme's key."""
+
+    def start(tokens_per_day: int) -> tuple[str, str]:
+        env = {**server.env, "LORAPLEX_STATE_DIR": str(tmp_path / "state")}
+        key = subprocess.run([*LOADER, "keys", "create", "--tenant", "acme"], env=env, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()[-1]
+        proc, url = start_gateway(server, tmp_path, LORAPLEX_TENANT_BUDGETS=json.dumps(
+            {"acme": {"tokens_per_day": tokens_per_day}}))
+        procs.append(proc)
+        return url, key
+
+    procs = []
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def charged(url: str) -> dict:
+    return httpx.get(f"{url}/admin/usage", params={"tenant": "acme"},
+                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+
+
+def engine_prompt_tokens(server) -> float:
+    text = httpx.get(f"{server.engine_url()}/metrics", headers=ENGINE_AUTH, timeout=30).text
+    return sum(float(v) for v in re.findall(r"^vllm:prompt_tokens_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def test_a_stream_left_after_its_first_event_is_charged_what_the_engine_did(server, budgeted):
+    """Issue 25, item 2: the running count of each event is what a caller who leaves pays, so a stream closed after
+    its first event is charged its whole prompt (on 9ae7b22: 0 tokens)."""
+    url, key = budgeted(10 ** 9)
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"prompt": "The history of the lighthouse keeper " * 40, "max_tokens": 200, "ignore_eos": True}
+    whole = httpx.post(f"{url}/v1/completions", json=body, headers=auth, timeout=120).json()["usage"]
+    engine_before, before = engine_prompt_tokens(server), charged(url)
+    for _ in range(5):
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=auth,
+                          timeout=120) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert "usage" not in json.loads(first[6:])  # the running counts the caller did not ask for are not sent
+    assert asyncio.run(wait_for(lambda: charged(url)["requests"] == before["requests"] + 5, 30))
+    after = charged(url)
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 5 * whole["prompt_tokens"] \
+        == engine_prompt_tokens(server) - engine_before
+    assert 5 <= after["completion_tokens"] - before["completion_tokens"] < 5 * 200
+
+
+def test_a_burst_at_the_budgets_start_is_held_to_one_request_by_its_reservation(server, budgeted):
+    """Issue 25, item 5: 8 concurrent n=8, max_tokens=300 requests against a 200-token budget (on 9ae7b22 all 8 were
+    admitted): the first reserves 8 x 300 tokens plus its size, the other 7 are refused; it settles to its count."""
+    url, key = budgeted(200)
+    body = {"prompt": "Ada", "max_tokens": 300, "n": 8, "ignore_eos": True}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=300, headers={"Authorization": f"Bearer {key}"}) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(8)))
+
+    answers = asyncio.run(burst())
+    assert sorted(r.status_code for r in answers) == [200] + [429] * 7
+    usage = next(r.json()["usage"] for r in answers if r.status_code == 200)
+    assert usage["completion_tokens"] == 8 * 300
+    assert asyncio.run(wait_for(lambda: charged(url)["requests"] == 1, 30))  # the refused ones cost nothing
+    total = charged(url)
+    assert (total["prompt_tokens"], total["completion_tokens"]) == (usage["prompt_tokens"], 8 * 300)

@@ -15,7 +15,7 @@ from server.admission import Admission
 from server.engine_client import EngineClient
 from server.metrics import Metrics, RequestTimer
 from server.engine_process import free_port
-from server.openai_api import _relay, _relay_body, _send, _usage
+from server.openai_api import Usage, _relay, _relay_body, _send, _usage
 from server.protocol import APIError, CompletionRequest
 from server.routing import Backend, Router
 
@@ -46,15 +46,49 @@ async def collect(gen) -> bytes:
 @given(cuts=st.lists(st.integers(1, len(STREAM) - 1), max_size=12), keep=st.booleans())
 async def test_relay_passes_events_through_whatever_the_chunking(cuts, keep):
     t = timer()
-    out = await collect(_relay(chunked(STREAM, cuts), t, keep_usage=keep, limit=1 << 20))
+    out = await collect(_relay(chunked(STREAM, cuts), t, Usage(final=keep, running=False), limit=1 << 20))
     expected = STREAM if keep else STREAM.replace(EVENTS[2] + b"\n\n", b"")
     assert out == expected
-    assert t.m.completion_tokens.labels("(base)")._value.get() == 2 and not t.first
+    assert t.tokens == (3, 2) and not t.first
+
+
+def running(text: str, index: int, prompt: int, completion: int) -> bytes:
+    usage = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
+    event = {"id": "x", "choices": [{"index": index, "text": text, "logprobs": {"top_logprobs": [{"usage": -1.0}]}}],
+             "usage": usage}
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode()
+
+
+# Two choices of one 7-token prompt; vLLM counts each choice's tokens in its own events.
+RUNNING = [running("a", 0, 7, 1), running("b", 1, 7, 1), running("c", 0, 7, 2)]
+
+
+@pytest.mark.parametrize("wants", [Usage(False, False), Usage(True, True)])
+async def test_a_stream_left_early_is_charged_the_engines_running_count(wants):
+    t = timer()
+    t.choices_per_prompt = 2
+    out = await collect(_relay(chunked(b"".join(e + b"\n\n" for e in RUNNING), [5, 90]), t, wants, limit=1 << 20))
+    assert t.tokens == (7, 3)  # the prompt once, each choice's completion tokens: what the engine did so far
+    assert t.charged(200) == (7, 3)
+    events = [json.loads(e[6:]) for e in out.split(b"\n\n") if e]
+    assert [("usage" in e) for e in events] == [wants.running] * 3  # asked for or taken out again
+    assert [e["choices"][0]["text"] for e in events] == ["a", "b", "c"]  # the rest of each event untouched
+    assert events[0]["choices"][0]["logprobs"] == {"top_logprobs": [{"usage": -1.0}]}
+
+
+def test_charged_without_a_count_is_the_reservation_when_the_engine_took_the_request():
+    t = timer()
+    t.held = 500
+    assert t.charged(499) == (500, 0) and t.charged(200) == (500, 0)  # vLLM counts nothing it aborts
+    assert t.charged(400) == (0, 0) and t.charged(503) == (0, 0)  # refused, or never reached an engine
+    t.usage(USAGE)
+    assert t.charged(499) == (3, 2)
 
 
 async def test_relay_refuses_an_event_over_the_limit_with_an_error_event():
     big = b'data: {"choices":[{"text":"' + b"x" * 5000 + b'"}]}\n\n'
-    out = await collect(_relay(chunked(EVENTS[0] + b"\n\n" + big, [10, 100, 3000]), timer(), True, limit=4096))
+    out = await collect(_relay(chunked(EVENTS[0] + b"\n\n" + big, [10, 100, 3000]), timer(), Usage(True, False),
+                              limit=4096))
     assert out.startswith(EVENTS[0] + b"\n\n") and b'"code": "response_too_large"' in out
     assert out.endswith(b"data: [DONE]\n\n") and len(out) < 1024
 
@@ -66,7 +100,7 @@ async def test_relay_body_notes_usage_split_across_chunks(cuts):
                        "kv_transfer_params": None}).encode()
     t = timer()
     assert await collect(_relay_body(chunked(body, cuts), t, limit=1 << 20)) == body
-    assert t.m.prompt_tokens.labels("(base)")._value.get() == 3
+    assert t.tokens == (3, 2)
 
 
 # A token spelled "usage" among a completion's top logprobs puts `"usage":` inside `choices`, before the real one.
@@ -79,7 +113,7 @@ DECOY = json.dumps({"id": "x", "choices": [{"text": "usage", "logprobs": {"top_l
 async def test_usage_is_the_answers_own_not_a_token_spelled_usage(cuts):
     t = timer()
     assert await collect(_relay_body(chunked(DECOY, cuts), t, limit=1 << 20)) == DECOY
-    assert t.m.prompt_tokens.labels("(base)")._value.get() == 3
+    assert t.tokens == (3, 2)
     assert _usage(DECOY) == USAGE
 
 
@@ -227,3 +261,16 @@ async def test_a_client_leaving_a_stream_ends_it_and_the_engine_request(engines)
     assert sent[1]["body"] == EVENTS[0] + b"\n\n" and gw.router.backends[0].in_flight == 0
     assert t.m.requests.labels("completions", "(base)", "200")._value.get() == 1
     assert not asyncio.current_task().cancelling()
+
+
+def test_the_reservation_reads_only_the_fields_of_the_requests_own_kind():
+    """A completions request carrying a chat field (passed through as an extra) cannot make its bound negative."""
+    from server.openai_api import token_bound
+    from server.protocol import ChatCompletionRequest
+
+    gw = SimpleNamespace(settings=SimpleNamespace(max_model_len=None), base=SimpleNamespace(context_len=1024))
+    sneaky = CompletionRequest(prompt=["a", "b"], n=2, max_completion_tokens=-10 ** 15)
+    assert token_bound(gw, sneaky, 100) == 2 * 2 * 16 + 100  # vLLM's default of 16 tokens per completion
+    assert token_bound(gw, CompletionRequest(prompt=[1, 2, 3], max_tokens=5), 30) == 5 + 30
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=3)
+    assert token_bound(gw, chat, 50) == 3 * 1024 + 50  # no limit: the context
