@@ -51,6 +51,11 @@ def _check_base_model(settings: Settings) -> None:
         fail(str(e))
 
 
+# Idle client connections stay open longer than clients keep them (httpx and the openai client 5 s, aiohttp 15 s) and
+# than load balancers do (60 s): with uvicorn's 5 s, a request sent as the server closes the connection was lost.
+KEEP_ALIVE_S = 75
+
+
 @app.command(epilog=_settings_help())
 def serve(
     host: str = typer.Option(None, help="Overrides LORAPLEX_HOST."),
@@ -68,12 +73,13 @@ def serve(
     app = create_app(settings)
     # The access log is the gateway's own (server/request_ids.py): uvicorn's cannot show the request id.
     main = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                         timeout_graceful_shutdown=30, access_log=False))
+                                         timeout_graceful_shutdown=30, access_log=False,
+                                         timeout_keep_alive=KEEP_ALIVE_S))
     if settings.admin_port is None:
         return main.run()
     admin = uvicorn.Server(uvicorn.Config(create_admin_app(settings, app), host=settings.admin_host or settings.host,
                                           port=settings.admin_port, log_level=settings.log_level, lifespan="off",
-                                          access_log=False))
+                                          access_log=False, timeout_keep_alive=KEEP_ALIVE_S))
 
     async def both() -> None:
         async def admin_once_started() -> None:

@@ -1,6 +1,8 @@
 import asyncio
 import json
 import shutil
+import socket
+import time
 
 import httpx
 import pytest
@@ -237,3 +239,17 @@ def test_a_request_id_names_the_engines_request(client):
                     headers={"x-request-id": "e2e-trace-7"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "e2e-trace-7"
     assert "e2e-trace-7" in r.json()["id"]
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(server):
+    """A pooled connection idle as long as httpx and the openai client keep one (5 s) still takes a request: with
+    uvicorn's 5 s keep-alive the server closed it just as a client sent on it (the residency test lost a request
+    so, as httpx.ReadError)."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(request)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(6)  # the idle time is what is tested
+        conn.sendall(request)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
