@@ -94,8 +94,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-# Where a completed request's tokens are counted for its tenant: (tenant, prompt tokens, completion tokens).
-UsageSink = Callable[[str, int, int, int, int], None]  # tenant, prompt and completion tokens, held, requests
+# Where a finished request is counted for its tenant: (tenant, prompt tokens, completion tokens, tokens its budget
+# held, requests: 0 for one refused).
+UsageSink = Callable[[str, int, int, int, int], None]
 
 
 class RequestTimer:
@@ -106,8 +107,9 @@ class RequestTimer:
                  usage_sink: UsageSink | None = None, span: "Span | None" = None):
         self.m, self.route, self.adapter = metrics, route, adapter
         self.tenant, self.usage_sink, self.span = tenant, usage_sink, span
-        self.tokens: tuple[int, int] | None = None  # the engine's last count: None until it reports one
-        self.held = 0  # tokens the budget reserved for this request at admission
+        self._final: tuple[int, int] | None = None  # the engine's count for the whole request
+        self.bound = 0  # the most the request can cost (what it is charged when the engine counted nothing)
+        self.held = 0  # tokens its tenant's budget reserved at admission: the bound, or 0 without a budget
         self.choices_per_prompt = 1
         self._running: dict[int, tuple[int, int]] = {}  # a stream's running (prompt, completion) by choice index
         # A version under rollout: told each outcome (failed, seconds); the engine refusing the adapter is a failure.
@@ -137,22 +139,28 @@ class RequestTimer:
     def usage(self, usage: dict | None) -> None:
         """The engine's count for the whole request (a complete answer, or a stream's final usage event)."""
         if usage:
-            self.tokens = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+            self._final = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
 
     def running(self, choice: int, usage: dict) -> None:
-        """A stream event's running count of its choice; choices of one prompt share its prompt tokens."""
+        """A stream event's running count of its choice (summed only when asked for: this runs for every event)."""
         self._running[choice] = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
-        prompts: dict[int, int] = {}
-        for index, (prompt, _) in self._running.items():
-            prompts[index // self.choices_per_prompt] = prompt
-        self.tokens = (sum(prompts.values()), sum(c for _, c in self._running.values()))
+
+    @property
+    def tokens(self) -> tuple[int, int] | None:
+        """The engine's last count: its whole-request count, else the running counts summed (choices of one prompt
+        share its prompt tokens); None until it reports one."""
+        if self._final is not None or not self._running:
+            return self._final
+        prompts = {index // self.choices_per_prompt: prompt for index, (prompt, _) in self._running.items()}
+        return sum(prompts.values()), sum(c for _, c in self._running.values())
 
     def charged(self, status: int) -> tuple[int, int]:
         """What the request costs its tenant: the engine's last count; the reservation when the engine reported
         none for a request it took on (200, or its caller left: vLLM counts nothing it aborts); else nothing."""
-        if self.tokens is not None:
-            return max(self.tokens[0], 0), max(self.tokens[1], 0)
-        return (self.held, 0) if status in (200, 499) else (0, 0)
+        tokens = self.tokens
+        if tokens is not None:
+            return max(tokens[0], 0), max(tokens[1], 0)
+        return (self.bound, 0) if status in (200, 499) else (0, 0)
 
     def done(self, status: int) -> None:
         if self._finished:

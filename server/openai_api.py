@@ -114,7 +114,8 @@ async def forward(gw: Gateway, body: OpenAIRequest, path: str, tenant: str | Non
     timer.trace("loraplex.request_id", caller.state.request_id)
     try:
         check_budget(gw, body)
-        timer.held = gw.usage.admit(tenant, token_bound(gw, body, len(await caller.body())))
+        timer.bound = token_bound(gw, body, len(await caller.body()))
+        timer.held = gw.usage.admit(tenant, timer.bound)
         timer.choices_per_prompt = body.n or 1
         version = resolve_target(gw, body, tenant, sticky_key(caller, body))
         timer.adapter = gw.metrics.adapter_label(version.name if version else None)

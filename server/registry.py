@@ -176,7 +176,8 @@ def _table(versions: list[int], state: dict) -> tuple[dict[str, int], dict[str, 
     """The aliases that point at a present version, `latest` among them, and the canaries on them."""
     present = set(versions)
     aliases = {a: v for a, v in state.get("aliases", {}).items() if v in present}
-    aliases[LATEST] = versions[-1]
+    if versions:
+        aliases[LATEST] = versions[-1]
     canaries = {a: dict(c) for a, c in state.get("canary", {}).items() if c["version"] in present}
     return aliases, canaries
 
@@ -220,8 +221,7 @@ class AliasTable:
         listing and state read as a name that does not exist, so that both answers take the same work."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         present, state = self.versions(ref.name), self._alias_state(ref.name)
-        version = ref.version if ref.version is not None else _pick(ref, _table(present, state) if present else
-                                                                   ({}, {}), sticky)
+        version = ref.version if ref.version is not None else _pick(ref, _table(present, state), sticky)
         if version not in present or not self._usable(ref.name, version, state, tenant):
             raise NotFound(f"adapter {ref} not found")
         return self.get(ref.name, version)

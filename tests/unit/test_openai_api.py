@@ -78,7 +78,7 @@ async def test_a_stream_left_early_is_charged_the_engines_running_count(wants):
 
 def test_charged_without_a_count_is_the_reservation_when_the_engine_took_the_request():
     t = timer()
-    t.held = 500
+    t.bound = 500  # its tenant has no budget (nothing held): the bound is charged all the same
     assert t.charged(499) == (500, 0) and t.charged(200) == (500, 0)  # vLLM counts nothing it aborts
     assert t.charged(400) == (0, 0) and t.charged(503) == (0, 0)  # refused, or never reached an engine
     t.usage(USAGE)
