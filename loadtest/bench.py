@@ -30,12 +30,12 @@ import psutil
 from loadtest import routing_bench
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from loadtest.servers import LOADER, BareRelay, Gateway, ObjectStore, wait_ready
-from server import basemodel
-from server.archive import pack_archive
-from server.auth import engine_key
-from server.config import Settings
-from server.engine_process import free_port
-from server.registry import Registry
+from server.core import base_model as basemodel
+from server.registry.archive import pack_archive
+from server.tenancy.keys import engine_key
+from server.core.config import Settings
+from server.engine.process import free_port
+from server.registry.directory import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"

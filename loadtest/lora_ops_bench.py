@@ -8,7 +8,7 @@ import time
 import torch
 from vllm.lora.ops import torch_ops as vllm_ops
 
-from server import lora_ops
+from server.vllm_plugins import lora_ops
 
 SLOTS, RANK, HIDDEN, OUT = 32, 16, 512, 1408
 # (sequences in the step, tokens each of those still in prefill, sequences in prefill, distinct adapters)

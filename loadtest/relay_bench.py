@@ -17,7 +17,7 @@ import aiohttp
 import psutil
 
 from loadtest.servers import Gateway
-from server.engine_process import free_port
+from server.engine.process import free_port
 
 TOKENS = 32  # events per answer, as `python -m loadtest.stub_engine` streams by default
 

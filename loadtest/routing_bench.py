@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.routing import Backend, Router
+from server.engine.routing import Backend, Router
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from server.engine_process import free_port
+from server.engine.process import free_port
 
 LOADER = str(Path(sys.executable).parent / "loraplex")
 

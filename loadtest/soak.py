@@ -26,9 +26,9 @@ import httpx
 
 from loadtest.adapters import AdapterFactory
 from loadtest.servers import LOADER, Gateway
-from server import basemodel
-from server.registry import Registry
-from server.archive import pack_archive
+from server.core import base_model as basemodel
+from server.registry.directory import Registry
+from server.registry.archive import pack_archive
 
 ADMIN_TOKEN = "soak-admin-token"
 IN_FLIGHT_LIMIT = 8

@@ -4,7 +4,7 @@ measurements before they moved to the engine, one example and one window at a ti
 import math
 from typing import TYPE_CHECKING
 
-from server.evaluation import generation_scores
+from server.rollout.evaluation import generation_scores
 from server.trainer.data import Example
 
 if TYPE_CHECKING:

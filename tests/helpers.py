@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import httpx
 import yaml
 
-from server.app import create_app
-from server.config import Settings
+from server.gateway.app import create_app
+from server.core.config import Settings
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Output

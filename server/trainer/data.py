@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..registry import sha256_file
+from server.registry.directory import sha256_file
 
 _ROLES = {"system", "user", "assistant"}
 

@@ -7,14 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import basemodel
-from ..config import Settings
-from ..engine_process import private_engine
-from ..evaluation import EvalOptions, EvalSet, Scorer, compare, table
-from ..registry import Version, open_registry
-from ..validation import WEIGHTS_FILE
-from . import data as datamod
-from .job import Job
+from server.core import base_model as basemodel
+from server.core.config import Settings
+from server.engine.process import private_engine
+from server.rollout.evaluation import EvalOptions, EvalSet, Scorer, compare, table
+from server.registry.directory import Version, open_registry
+from server.registry.validation import WEIGHTS_FILE
+from server.trainer import data as datamod
+from server.trainer.job import Job
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

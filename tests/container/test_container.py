@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
-from server.engine_process import free_port
+from server.engine.process import free_port
 from tests.helpers import archive, upload, wait_until
 
 IMAGE = "loraplex:latest"

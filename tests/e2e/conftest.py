@@ -12,9 +12,9 @@ import pytest
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from loadtest.servers import LOADER as LOADER_PATH
 from loadtest.servers import Gateway
-from server.auth import engine_key
-from server.config import Settings
-from server.demo_model import build
+from server.tenancy.keys import engine_key
+from server.core.config import Settings
+from server.trainer.demo_model import build
 from tests.helpers import write_job
 
 # Different ranks and target modules; seeds are drawn per run so the tests cannot know the weights in advance.

@@ -17,8 +17,8 @@ import pytest
 
 from loadtest.adapters import AdapterFactory
 from loadtest.servers import LOADER, Engine, Gateway
-from server.adapter_cache import digest
-from server.routing import rank
+from server.vllm_plugins.adapter_cache import digest
+from server.engine.routing import rank
 from tests.conftest import BUCKET
 from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN, ENGINE_AUTH
 from tests.helpers import MAX_TOKENS, PROMPTS, archive, complete, same, series, upload, wait_until

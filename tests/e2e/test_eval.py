@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
-from server.evaluation import verdict
+from server.rollout.evaluation import verdict
 from server.trainer.data import in_eval, read_rows
 from tests import eval_reference
 from tests.helpers import DEMO_DATA, archive, upload

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.engine_process import free_port
+from server.engine.process import free_port
 from tests.e2e.conftest import ADMIN_TOKEN, LOADER, start_gateway
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")

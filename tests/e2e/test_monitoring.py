@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from server.engine_process import free_port
+from server.engine.process import free_port
 from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN
 from tests.helpers import complete, series, streamed_text, wait_until
 

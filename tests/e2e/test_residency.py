@@ -13,8 +13,8 @@ import pytest
 
 from loadtest.adapters import AdapterFactory
 from loadtest.servers import Gateway
-from server import basemodel
-from server.registry import Registry
+from server.core import base_model as basemodel
+from server.registry.directory import Registry
 from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN
 from tests.helpers import archive, complete, same, series
 

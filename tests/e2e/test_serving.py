@@ -99,7 +99,7 @@ def test_adapter_added_while_running_is_served(client, server, reference):
 
 
 def test_alias_resolves(client, server):
-    from server.registry import Registry
+    from server.registry.directory import Registry
 
     Registry(server.env["LORAPLEX_REGISTRY"]).set_alias("beta", "stable", 1)
     assert complete(client, PROMPTS[0], adapter="beta@stable")["model"] == "beta@1"
@@ -219,7 +219,7 @@ def test_rank_above_engine_limit_is_refused(server, workdir, base_model):
 
 
 def test_adapter_for_another_base_is_refused(client, server):
-    from server.registry import Registry
+    from server.registry.directory import Registry
 
     reg = Registry(server.env["LORAPLEX_REGISTRY"])
     src = reg.resolve("alpha@1").path

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from server.adapter_cache import AdapterCache, CorruptAdapter
-from server.registry import Registry
+from server.vllm_plugins.adapter_cache import AdapterCache, CorruptAdapter
+from server.registry.directory import Registry
 
 
 def register(reg, base, src, name="acme"):

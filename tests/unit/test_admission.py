@@ -1,8 +1,8 @@
 import pytest
 
-from server.admission import Admission
-from server.protocol import APIError
-from server.routing import Backend
+from server.tenancy.admission import Admission
+from server.core.protocol import APIError
+from server.engine.routing import Backend
 from tests.helpers import FakeEngine
 
 

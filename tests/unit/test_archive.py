@@ -6,8 +6,8 @@ import zipfile
 
 import pytest
 
-from server.archive import unpack_archive
-from server.validation import InvalidAdapter
+from server.registry.archive import unpack_archive
+from server.registry.validation import InvalidAdapter
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 4}).encode()
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.archive import OK, REFUSED
+from server.registry.archive import OK, REFUSED
 from tests.unit.test_archive import negative_base256, octal, tar_header
 
 MEMORY = 100 << 20
@@ -79,7 +79,7 @@ def run_child(archive: bytes, tmp_path) -> tuple[int, float, str]:
     src.write_bytes(archive)
     start = time.monotonic()
     with open(src, "rb") as stdin:
-        r = subprocess.run([sys.executable, "-m", "server.archive", str(dest), "16", str(MAX_BYTES), str(MEMORY)],
+        r = subprocess.run([sys.executable, "-m", "server.registry.archive", str(dest), "16", str(MAX_BYTES), str(MEMORY)],
                            stdin=stdin, capture_output=True, text=True, timeout=30)
     return r.returncode, time.monotonic() - start, r.stdout + r.stderr
 
@@ -102,6 +102,6 @@ def test_generated_archives_are_answered_in_bounded_time_and_memory(archives, tm
 
 def test_the_memory_limit_is_enforced(tmp_path):
     """The limit the fuzz relies on is real: a child that allocates past it fails rather than growing."""
-    r = subprocess.run([sys.executable, "-c", "from server.archive import limit_memory; limit_memory(100 << 20); "
+    r = subprocess.run([sys.executable, "-c", "from server.registry.archive import limit_memory; limit_memory(100 << 20); "
                         "b = bytearray(200 << 20)"], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "MemoryError" in r.stderr

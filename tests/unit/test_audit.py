@@ -3,7 +3,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from server.audit import AuditLog, duration, parse_since
+from server.observability.audit import AuditLog, duration, parse_since
 
 
 def test_audit_log_appends_json_lines(tmp_path):

@@ -2,9 +2,9 @@ import stat
 
 import pytest
 
-from server.auth import ADMIN_TOKEN_CALLER, KEYS_FILE, Caller, KeyStore, admin_token, hash_key, identify, same_secret
-from server.documents import FileDocument, StoreDocument
-from server.config import Settings
+from server.tenancy.keys import ADMIN_TOKEN_CALLER, KEYS_FILE, Caller, KeyStore, admin_token, hash_key, identify, same_secret
+from server.store.documents import FileDocument, StoreDocument
+from server.core.config import Settings
 
 
 def tenant_of(store: KeyStore, key: str) -> str | None:

@@ -75,7 +75,7 @@ def test_a_base_model_the_server_cannot_read_ends_serve_in_one_line(base, tmp_pa
 
 
 def test_the_demo_model_is_written_readable_by_every_user(tmp_path):
-    from server.demo_model import _save
+    from server.trainer.demo_model import _save
 
     class Writes:
         def save_pretrained(self, directory, **_) -> None:

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from server.client_watch import ClientLeft, ClientWatch
+from server.gateway.client_watch import ClientLeft, ClientWatch
 
 
 def receiver(gone: asyncio.Event):

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from server.config import Settings
+from server.core.config import Settings
 
 
 def test_defaults_and_env(monkeypatch):

@@ -4,12 +4,12 @@ import subprocess
 import sys
 import time
 
-from server.registry import Registry
+from server.registry.directory import Registry
 
 WRITER = """
 import sys
-from server import basemodel
-from server.registry import Registry
+from server.core import base_model as basemodel
+from server.registry.directory import Registry
 base = basemodel.load(sys.argv[1])
 reg = Registry(sys.argv[2])
 first = True

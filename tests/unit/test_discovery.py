@@ -1,5 +1,5 @@
-from server.discovery import Discovery
-from server.routing import Backend, Router
+from server.engine.discovery import Discovery
+from server.engine.routing import Backend, Router
 from loadtest.stub_engine import StubEngine
 from tests.helpers import FakeEngine, gateway_over, ready, wait_for
 

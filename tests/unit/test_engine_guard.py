@@ -7,9 +7,9 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
-from server.config import Settings
-from server.engine_guard import OPEN, REFUSED
-from server.engine_process import engine_command
+from server.core.config import Settings
+from server.vllm_plugins.engine_guard import OPEN, REFUSED
+from server.engine.process import engine_command
 
 KEY = "engine-key-for-tests"
 GUARDS = "adapters are loaded only by loraplex's resolver"  # the guard's own refusal, told from vLLM's answers

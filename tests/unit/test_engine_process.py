@@ -2,8 +2,8 @@ import sys
 
 import psutil
 
-from server.config import Settings
-from server.engine_process import EngineProcess, engine_command
+from server.core.config import Settings
+from server.engine.process import EngineProcess, engine_command
 from tests.helpers import wait_until
 
 # A stand-in for the API server that leaves a child behind when it dies, as vLLM's EngineCore does.

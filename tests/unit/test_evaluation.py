@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from server.evaluation import EvalOptions, EvalSet, Scorer, compare, table, verdict
+from server.rollout.evaluation import EvalOptions, EvalSet, Scorer, compare, table, verdict
 from server.trainer.data import Example
 
 GEN_PROMPT = 1  # the token the scripted chat template appends for add_generation_prompt
@@ -167,10 +167,10 @@ def _gateway(tmp_path, engine: Held, budget: int):
     """What Gateway.evaluate uses of a gateway: one engine, admission, a ledger with acme's budget."""
     from types import SimpleNamespace
 
-    from server.admission import Admission
-    from server.config import Budget
-    from server.routing import Backend, Router
-    from server.usage import usage_ledger
+    from server.tenancy.admission import Admission
+    from server.core.config import Budget
+    from server.engine.routing import Backend, Router
+    from server.tenancy.usage import usage_ledger
 
     call = lambda path, body, adapter: engine(path, body)  # noqa: E731
     backend = Backend(SimpleNamespace(url="http://engine", call=call), up=True)
@@ -187,8 +187,8 @@ EVALSET = EvalSet([_example(f"question {i}", "yes") for i in range(12)], "some g
 
 async def test_an_evaluation_is_admitted_charged_and_bounded_like_the_tenants_requests(tmp_path):
     """Issue 25, item 4 (on 9ae7b22 evaluation sent 16 calls at once, outside admission and budgets)."""
-    from server.gateway import Gateway
-    from server.protocol import APIError
+    from server.gateway.parts import Gateway
+    from server.core.protocol import APIError
 
     engine = Held()
     engine.go.set()
@@ -210,7 +210,7 @@ async def test_an_evaluation_is_admitted_charged_and_bounded_like_the_tenants_re
 
 
 async def test_an_evaluation_left_by_its_caller_stops_and_is_charged_what_it_started(tmp_path):
-    from server.gateway import Gateway
+    from server.gateway.parts import Gateway
 
     engine = Held()
     gw = _gateway(tmp_path, engine, budget=10 ** 9)
@@ -240,7 +240,7 @@ def test_every_dimension_of_an_evaluation_is_bounded():
 
 async def test_an_evaluation_that_fails_leaves_no_engine_call_running(tmp_path):
     """One call failing (a row longer than the context, say) cancels the others before the error is answered."""
-    from server.gateway import Gateway
+    from server.gateway.parts import Gateway
 
     class Failing(Held):
         """Holds the first two completions and fails the third."""

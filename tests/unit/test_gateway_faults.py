@@ -3,7 +3,7 @@
 import asyncio
 import time
 
-from server.engine_process import free_port
+from server.engine.process import free_port
 from loadtest.stub_engine import StubEngine
 from tests.helpers import gateway_over, ready, self_signed, wait_for
 
@@ -107,7 +107,7 @@ async def test_non_finite_numbers_and_odd_versions_are_400s_naming_the_field(bas
 
 async def test_an_engine_load_error_names_no_server_path(base, tmp_path, adapter_factory):
     """Finding 5: the engine's load error, with the registry's absolute path, went to the tenant as it was."""
-    from server.registry import Registry
+    from server.registry.directory import Registry
 
     Registry(tmp_path / "registry").register("acme", adapter_factory(), base=base, max_rank=16)
     engine = await StubEngine().start()

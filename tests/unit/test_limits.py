@@ -4,7 +4,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from server.limits import BodyLimit
+from server.gateway.body_limit import BodyLimit
 
 
 async def echo(request: Request):

@@ -11,13 +11,13 @@ from fastapi.responses import Response
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.admission import Admission
-from server.engine_client import EngineClient
-from server.metrics import Metrics, RequestTimer
-from server.engine_process import free_port
-from server.openai_api import Usage, _relay, _relay_body, _send, _usage
-from server.protocol import APIError, CompletionRequest
-from server.routing import Backend, Router
+from server.tenancy.admission import Admission
+from server.engine.client import EngineClient
+from server.observability.metrics import Metrics, RequestTimer
+from server.engine.process import free_port
+from server.gateway.openai_routes import Usage, _relay, _relay_body, _send, _usage
+from server.core.protocol import APIError, CompletionRequest
+from server.engine.routing import Backend, Router
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 EVENTS = [b'data: {"choices":[{"text":"a"}]}', b'data: {"choices":[{"text":"b"}]}',
@@ -265,8 +265,8 @@ async def test_a_client_leaving_a_stream_ends_it_and_the_engine_request(engines)
 
 def test_the_reservation_reads_only_the_fields_of_the_requests_own_kind():
     """A completions request carrying a chat field (passed through as an extra) cannot make its bound negative."""
-    from server.openai_api import token_bound
-    from server.protocol import ChatCompletionRequest
+    from server.gateway.openai_routes import token_bound
+    from server.core.protocol import ChatCompletionRequest
 
     gw = SimpleNamespace(settings=SimpleNamespace(max_model_len=None), base=SimpleNamespace(context_len=1024))
     sneaky = CompletionRequest(prompt=["a", "b"], n=2, max_completion_tokens=-10 ** 15)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.protocol import MAX_MESSAGES, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOPS, MAX_TEXT_CHARS
+from server.core.protocol import MAX_MESSAGES, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOPS, MAX_TEXT_CHARS
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from server.registry import Conflict, InvalidReference, NotFound, Ref, Registry, parse_ref
-from server.s3_registry import S3Registry
-from server.validation import InvalidAdapter
+from server.registry.directory import Conflict, InvalidReference, NotFound, Ref, Registry, parse_ref
+from server.registry.s3 import S3Registry
+from server.registry.validation import InvalidAdapter
 
 
 @pytest.mark.parametrize("text,ref", [
@@ -209,7 +209,7 @@ def test_whole_delete_and_register_of_one_name_are_serialized(tmp_path, base, ad
     delete lets go of the adapter's lock with a version trashed, and giving it time to finish if nothing holds it."""
     import threading
 
-    import server.registry as registry_module
+    import server.registry.directory as registry_module
 
     reg = Registry(tmp_path / "reg")
     register(reg, base, adapter_factory(seed=1), tenant="t1")
@@ -305,7 +305,7 @@ def test_s3_a_second_tenant_cannot_take_a_name(s3_url, base, adapter_factory):
 
 @pytest.mark.parametrize("direction", ["directory to s3", "s3 to directory"])
 def test_registry_copy_keeps_numbers_aliases_and_owners(direction, s3_url, tmp_path, base, adapter_factory):
-    from server.registry_copy import copy_registry
+    from server.registry.copy import copy_registry
 
     directory, s3 = Registry(tmp_path / "reg"), S3Registry(s3_url)
     source, dest = (directory, s3) if direction == "directory to s3" else (s3, directory)

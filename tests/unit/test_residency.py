@@ -17,10 +17,10 @@ from vllm.entrypoints.serve.engine.serving import BaseServing
 from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 from vllm.exceptions import LoRAAdapterNotFoundError, VLLMNotFoundError
 
-from server import residency as residency_module
-from server.config import Settings
-from server.registry import NotFound, Registry, sha256_file
-from server.resolver import RegistryResolver, install, pinned
+from server.vllm_plugins import residency as residency_module
+from server.core.config import Settings
+from server.registry.directory import NotFound, Registry, sha256_file
+from server.vllm_plugins.resolver import RegistryResolver, install, pinned
 
 CONFIG = "adapter_config.json"
 
@@ -358,7 +358,7 @@ def test_vllm_still_has_what_residency_hooks():
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.output_processor import OutputProcessor, RequestState
 
-    from server.resolver import HANDLERS
+    from server.vllm_plugins.resolver import HANDLERS
 
     for module, cls, method in HANDLERS:  # the handlers that pin their adapter
         assert inspect.iscoroutinefunction(getattr(getattr(importlib.import_module(module), cls), method))

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from loadtest.stub_engine import StubEngine
-from server.rollout import Counts, judge
+from server.rollout.rollouts import Counts, judge
 from tests.helpers import archive, gateway_over, ready, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-token"}
@@ -133,10 +133,10 @@ def test_judgement_waits_for_enough_requests_and_the_interval_then_holds_the_bou
 def test_replicas_share_a_rollout_in_the_store_and_a_lapsed_lease_passes_on(s3_url, tmp_path, base, adapter_factory):
     """Two gateways' parts over SeaweedFS: neither sees enough requests alone, their published counts together do;
     the leader stops ticking (dies), and the other takes the lease and decides."""
-    from server.audit import AuditLog
-    from server.documents import StoreDocument
-    from server.registry import open_registry
-    from server.rollout import LEASE_SECONDS, ROLLOUTS_FILE, Rollouts, RolloutSpec
+    from server.observability.audit import AuditLog
+    from server.store.documents import StoreDocument
+    from server.registry.directory import open_registry
+    from server.rollout.rollouts import LEASE_SECONDS, ROLLOUTS_FILE, Rollouts, RolloutSpec
 
     now = [1000.0]
     registry = open_registry(s3_url, max_age=0)
@@ -168,10 +168,10 @@ def test_replicas_share_a_rollout_in_the_store_and_a_lapsed_lease_passes_on(s3_u
 
 def test_the_evaluation_gate_refuses_a_failed_candidate_and_rolls_back_one_that_fails_midway(tmp_path, base,
                                                                                            adapter_factory):
-    from server.audit import AuditLog
-    from server.documents import FileDocument
-    from server.registry import Conflict, open_registry
-    from server.rollout import ROLLOUTS_FILE, Rollouts, RolloutSpec
+    from server.observability.audit import AuditLog
+    from server.store.documents import FileDocument
+    from server.registry.directory import Conflict, open_registry
+    from server.rollout.rollouts import ROLLOUTS_FILE, Rollouts, RolloutSpec
 
     registry = open_registry(tmp_path / "registry")
     for seed in range(3):

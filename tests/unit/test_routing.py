@@ -1,6 +1,6 @@
 from collections import Counter
 
-from server.routing import Backend, Router, rank
+from server.engine.routing import Backend, Router, rank
 from tests.helpers import FakeEngine
 
 KEYS = [f"tenant{i}@{i % 7 + 1}" for i in range(2000)]

@@ -1,8 +1,8 @@
 import asyncio
 
-from server.metrics import Metrics
-from server.routing import Backend
-from server.supervisor import Supervisor
+from server.observability.metrics import Metrics
+from server.engine.routing import Backend
+from server.engine.supervisor import Supervisor
 from tests.helpers import FakeEngine
 
 

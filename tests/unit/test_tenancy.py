@@ -7,8 +7,8 @@ import math
 import pytest
 
 from loadtest.stub_engine import USAGE, StubEngine
-from server.auth import KEYS_FILE, KeyStore
-from server.documents import FileDocument
+from server.tenancy.keys import KEYS_FILE, KeyStore
+from server.store.documents import FileDocument
 from tests.helpers import archive, gateway_over, ready, wait_for
 
 

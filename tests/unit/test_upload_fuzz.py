@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from server.validation import InvalidAdapter, check_adapter
+from server.registry.validation import InvalidAdapter, check_adapter
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from server.config import Budget
-from server.protocol import APIError
-from server.usage import usage_ledger
+from server.core.config import Budget
+from server.core.protocol import APIError
+from server.tenancy.usage import usage_ledger
 
 
 async def test_replicas_share_usage_and_budgets_through_the_store(s3_url, tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from server.validation import InvalidAdapter, check_adapter
+from server.registry.validation import InvalidAdapter, check_adapter
 
 Q = "model.layers.0.self_attn.q_proj"
 UP = "model.layers.0.mlp.up_proj"
@@ -52,7 +52,7 @@ def test_missing_and_corrupt_files(base, adapter_factory):
 def test_fingerprint_tracks_weights(tmp_path, base):
     from safetensors.torch import save_file
 
-    from server import basemodel
+    from server.core import base_model as basemodel
 
     again = basemodel.load(str(base.path))
     assert again.fingerprint == base.fingerprint
@@ -69,7 +69,7 @@ def test_declared_base_may_be_hub_id_or_path(base, adapter_factory):
 def test_exported_manifest_must_carry_the_served_fingerprint(base, adapter_factory):
     import json
 
-    from server.validation import check_exported_manifest
+    from server.registry.validation import check_exported_manifest
 
     d = adapter_factory()
     check_exported_manifest(d, base)  # no manifest: nothing to compare

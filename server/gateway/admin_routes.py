@@ -1,0 +1,470 @@
+"""The /admin routes: upload, list, alias, roll back and delete adapters. Every change and every refusal is audited
+(refused tokens by the Credentials middleware, refused requests by AuditedRoute), under the caller's name.
+
+Operators act on every adapter; a tenant-admin key on its own tenant's only, and another tenant's adapter answers
+exactly as a missing one does."""
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
+
+from server.registry.archive import Limits, unpack_isolated
+from server.observability.audit import parse_since
+from server.tenancy.keys import Caller, admin_caller
+from server.gateway.client_watch import ClientWatch, client_left
+from server.rollout.evaluation import MAX_GENERAL_TEXT, MAX_ROWS, EvalOptions, EvalSet, table
+from server.gateway.parts import Gateway
+from server.core.protocol import APIError
+from server.registry.directory import LATEST, MAX_VERSION, Conflict, InvalidReference, NotFound, RegistryError, Version, check_name
+from server.rollout.rollouts import RolloutSpec
+from server.trainer.data import DataError, parse_row
+from server.registry.validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+class AuditedRoute(APIRoute):
+    """An admin route whose refusals (4xx) are audited as well as its changes."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def audited(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (APIError, RegistryError, RequestValidationError) as e:
+                error = registry_error(e) if isinstance(e, RegistryError) else e
+                status = error.status if isinstance(error, APIError) else 400
+                message = error.message if isinstance(error, APIError) else str(error.errors()[:1])
+                caller: Caller = request.state.caller
+                adapter = request.path_params.get("name") or getattr(request.state, "adapter", None)
+                await _gateway(request).audit.arecord(caller.actor, self.name, adapter and str(adapter)[:200],
+                                                      result=f"refused: {status} {message}"[:1000],
+                                                      tenant=caller.tenant, reason=request.query_params.get("reason"))
+                raise
+
+        return audited
+
+
+router = APIRouter(prefix="/admin", route_class=AuditedRoute)
+VersionParam = PathParam(ge=1, le=MAX_VERSION)
+Reason = Query(None, max_length=1000, description="Why, for the audit log.")
+
+
+def _owned(gw: Gateway, caller: Caller, name: str) -> str | None:
+    """The adapter's tenant; for a tenant-admin, another tenant's adapter is refused exactly as a missing one."""
+    owner = gw.registry.tenant(check_name(name))
+    if caller.tenant is not None and owner != caller.tenant:
+        raise NotFound(f"adapter {name!r} not found")
+    return owner
+
+
+async def _audit(request: Request, caller: Caller, action: str, name: str, version: int | None = None,
+                 sha256: str | None = None, **detail) -> None:
+    """One audit line for a change, under the caller's name, with its reason if it gave one."""
+    await _gateway(request).audit.arecord(caller.actor, action, name, version, sha256,
+                                          reason=request.query_params.get("reason"), **detail)
+
+
+class AliasBody(BaseModel):
+    version: int = Field(ge=1, le=MAX_VERSION)
+
+
+class ShadowBody(BaseModel):
+    version: int = Field(ge=1, le=MAX_VERSION)
+    percent: float = Field(gt=0, le=100, description="Percent of the alias's non-streamed requests copied.")
+
+
+class RollbackBody(BaseModel):
+    alias: str = "stable"
+
+
+class EvalBody(EvalOptions):
+    rows: list[dict] = Field(min_length=1, max_length=MAX_ROWS, description="Held-out rows, in any format the "
+                                                                         "trainer reads (chat, prompt/completion, "
+                                                                         "Alpaca).")
+    general_text: str | None = Field(None, max_length=MAX_GENERAL_TEXT, description="Plain text whose perplexity "
+                                                                                    "shows forgetting.")
+    against: str = Field("base", max_length=100, description='"base", an alias, or a version number.')
+
+
+class CanaryBody(BaseModel):
+    version: int = Field(ge=1, le=MAX_VERSION)
+    weight: float = Field(gt=0, lt=100, description="Percent of the alias's callers sent to `version`.")
+
+
+def registry_error(e: RegistryError) -> APIError:
+    """The one mapping of the registry's errors to answers, registered as the app's handler for them."""
+    if isinstance(e, NotFound):
+        return APIError(404, str(e), type="not_found_error", param=e.param, code="adapter_not_found")
+    if isinstance(e, Conflict):
+        return APIError(409, str(e), param=e.param, code="adapter_conflict")
+    return APIError(400, str(e), param=e.param, code="invalid_reference")
+
+
+def _sha(gw: Gateway, name: str, version: int) -> str | None:
+    try:
+        return gw.registry.get(name, version).manifest["files"][WEIGHTS_FILE]["sha256"]
+    except (NotFound, InvalidReference, KeyError):
+        return None
+
+
+def _summary(gw: Gateway, name: str) -> dict:
+    aliases = gw.registry.aliases(name)
+    return {"name": name, "tenant": gw.registry.tenant(name), "versions": gw.registry.versions(name),
+            "aliases": aliases, "latest": gw.registry.get(name, aliases[LATEST]).manifest}
+
+
+@router.post("/adapters", status_code=201)
+async def upload(
+    request: Request,
+    name: str = Form(...),
+    tenant: str | None = Form(None, description="Required of operators; a tenant-admin key's own by default."),
+    alias: str | None = Form(None),
+    public: bool = Form(False),
+    file: UploadFile = File(...),
+    eval_data: UploadFile | None = File(None, description="JSONL held-out rows: the version is evaluated against "
+                                                          "the base on arrival."),
+    general_text: UploadFile | None = File(None, description="Plain text for the forgetting measure."),
+    promote: Literal["never", "auto"] = Form("never", description='"auto": point `stable` at the version if its '
+                                                                  "evaluation passes."),
+    max_forgetting: float = Form(0.05, ge=0),
+    reason: str | None = Reason,
+    caller: Caller = Depends(admin_caller),
+) -> dict:
+    gw = _gateway(request)
+    request.state.adapter = name[:200]
+    check_name(name)
+    tenant = _upload_tenant(caller, tenant)
+    # Eval data is checked before anything is stored, so that a bad file registers nothing.
+    evalset = await _arrival_eval_set(eval_data, general_text, promote, max_forgetting)
+    work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-upload-"))
+    try:
+        unpacked = await _unpack(gw, file, work)
+        version = await asyncio.to_thread(_register, gw, unpacked, name, tenant, public, file.filename)
+    except InvalidAdapter as e:
+        raise APIError(400, str(e), param="file", code="invalid_adapter") from None
+    finally:
+        await asyncio.to_thread(shutil.rmtree, work, True)
+    sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
+    await _audit(request, caller, "upload", name, version.version, sha, tenant=tenant)
+    if alias:
+        await _alias_upload(request, caller, version, alias, sha, tenant)
+    if evalset is None:
+        return version.manifest
+    return {**version.manifest, "evaluation": await _evaluate_arrival(request, caller, version, evalset, promote)}
+
+
+async def _alias_upload(request: Request, caller: Caller, version: Version, alias: str, sha: str,
+                        tenant: str | None) -> None:
+    """Points `alias` at the version just uploaded; a refused alias leaves the version registered, and says so."""
+    try:
+        await asyncio.to_thread(_gateway(request).registry.set_alias, version.name, alias, version.version)
+    except InvalidReference as e:
+        raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
+    await _audit(request, caller, "alias", version.name, version.version, sha, tenant=tenant, alias=alias)
+
+
+async def _evaluate_arrival(request: Request, caller: Caller, version: Version, evalset: EvalSet,
+                            promote: str) -> dict:
+    """An upload's evaluation against the base; with `promote: auto`, `stable` moves to it only if it passes."""
+    name, tenant = version.name, version.manifest["tenant"]
+    evaluation = await _evaluate(request, caller, name, version.version, evalset, "base", tenant)
+    if promote == "auto":
+        if evaluation["passed"]:
+            await asyncio.to_thread(_gateway(request).registry.set_alias, name, "stable", version.version)
+        await _audit(request, caller, "promote_auto", name, version.version,
+                     version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant, alias="stable",
+                     result="ok" if evaluation["passed"] else f"refused: {evaluation['verdict']}")
+    return evaluation
+
+
+MAX_EVAL_UPLOAD = 16 * 2**20
+
+
+async def _arrival_eval_set(eval_data: UploadFile | None, general_text: UploadFile | None, promote: str,
+                            max_forgetting: float) -> EvalSet | None:
+    """The eval set an upload names, read and parsed; None when it names none."""
+    if eval_data is None:
+        if promote == "auto":
+            raise APIError(400, "promote: auto needs eval_data, the held-out rows the version must pass",
+                           param="promote", code="missing_required_parameter")
+        return None
+    content = await eval_data.read(MAX_EVAL_UPLOAD + 1)
+    text = (await general_text.read(MAX_EVAL_UPLOAD + 1)) if general_text is not None else None
+    if len(content) > MAX_EVAL_UPLOAD or (text is not None and len(text) > MAX_EVAL_UPLOAD):
+        raise APIError(413, f"eval_data and general_text: at most {MAX_EVAL_UPLOAD} bytes each",
+                       param="eval_data", code="eval_data_too_large")
+    rows = _jsonl_rows(content, "eval_data")
+    general = text.decode("utf-8", errors="replace") if text is not None else None
+    return _eval_set(rows, general, EvalOptions(max_forgetting=max_forgetting), "eval_data")
+
+
+def _upload_tenant(caller: Caller, tenant: str | None) -> str:
+    if caller.tenant is not None and tenant not in (None, caller.tenant):
+        raise APIError(403, "tenant: a tenant-admin key registers adapters for its own tenant only",
+                       type="permission_error", param="tenant", code="other_tenant")
+    tenant = tenant or caller.tenant
+    if tenant is None:
+        raise APIError(400, "tenant: required (the tenant that owns the adapter)", param="tenant",
+                       code="missing_required_parameter")
+    return check_name(tenant, "tenant")
+
+
+async def _unpack(gw: Gateway, file: UploadFile, work: Path) -> Path:
+    """Unpacks the upload in a child process of its own, a few at a time, bounded in time and memory."""
+    s = gw.settings
+    unpacked = work / "adapter"
+    unpacked.mkdir()
+    async with gw.archive_slots:
+        await unpack_isolated(file.file, unpacked, Limits(s.max_archive_members, s.max_unpacked_bytes),
+                              s.archive_timeout, s.archive_memory)
+    return unpacked
+
+
+def _register(gw: Gateway, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
+    check_exported_manifest(unpacked, gw.base)
+    return gw.registry.register(name, unpacked, base=gw.base, max_rank=gw.settings.max_lora_rank, tenant=tenant,
+                                public=public, origin=f"upload:{(filename or '')[:200]}")
+
+
+def _eval_set(rows: list, general_text: str | None, options: EvalOptions, where: str) -> EvalSet:
+    """Rows parsed as the trainer parses them; a bad one is refused naming it (`where` and its index or line)."""
+    if len(rows) > MAX_ROWS:
+        raise APIError(400, f"{where}: {len(rows)} rows, more than the {MAX_ROWS} an evaluation may score",
+                       param=where, code="invalid_eval_data")
+    if general_text is not None and len(general_text) > MAX_GENERAL_TEXT:
+        raise APIError(400, f"general_text: more than the {MAX_GENERAL_TEXT} characters an evaluation may score",
+                       param="general_text", code="invalid_eval_data")
+    try:
+        examples = [parse_row(row, f"{where}[{i}]") for i, row in enumerate(rows)]
+    except DataError as e:
+        raise APIError(400, str(e), param=where, code="invalid_eval_data") from None
+    return EvalSet(examples, general_text, options)
+
+
+def _jsonl_rows(content: bytes, where: str) -> list:
+    rows = []
+    for n, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise APIError(400, f"{where}:{n}: not valid JSON ({e.msg})", param=where,
+                               code="invalid_eval_data") from None
+    if not rows:
+        raise APIError(400, f"{where}: no rows", param=where, code="invalid_eval_data")
+    return rows
+
+
+async def _evaluate(request: Request, caller: Caller, name: str, version: int, evalset: EvalSet, against: str,
+                    tenant: str | None) -> dict:
+    """Scores the version on an engine, keeps the summary beside it (the rollout gate reads it) and audits it."""
+    gw = _gateway(request)
+    # Its engine calls are abandoned (and so aborted by vLLM) when the caller leaves.
+    async with ClientWatch(request.receive)(leaving=client_left):
+        result = await gw.evaluate(name, version, evalset, against, tenant)
+    result["table"] = table(result)
+    summary = {k: v for k, v in result.items() if k != "table"}
+    summary["reference"], summary["candidate"] = (
+        {k: v for k, v in summary[side].items() if k != "samples"} for side in ("reference", "candidate"))
+    summary["time"] = time.time()
+    await asyncio.to_thread(gw.registry.record_evaluation, name, version, summary)
+    await _audit(request, caller, "eval", name, version, await asyncio.to_thread(_sha, gw, name, version),
+                 tenant=tenant, against=result["reference_model"], passed=result["passed"],
+                 verdict=result["verdict"])
+    return result
+
+
+@router.post("/adapters/{name}/versions/{version}/eval")
+async def evaluate(name: str, body: EvalBody, request: Request, version: int = VersionParam,
+                   reason: str | None = Reason, caller: Caller = Depends(admin_caller)) -> dict:
+    """Scores a version through the engine (held-out loss, exact match, ROUGE-L, forgetting) beside `against`."""
+    owner = await asyncio.to_thread(_owned, _gateway(request), caller, name)
+    options = EvalOptions(**body.model_dump(include=set(EvalOptions.model_fields)))
+    evalset = _eval_set(body.rows, body.general_text, options, "rows")
+    return await _evaluate(request, caller, name, version, evalset, body.against, owner)
+
+
+@router.get("/adapters")
+async def list_adapters(request: Request, tenant: str | None = Query(None),
+                        caller: Caller = Depends(admin_caller)) -> dict:
+    """Every adapter, or one tenant's; a tenant-admin sees its own tenant's only."""
+    if caller.tenant is not None and tenant not in (None, caller.tenant):
+        return {"object": "list", "data": []}
+    return await asyncio.to_thread(_list, _gateway(request), caller.tenant or tenant)
+
+
+def _list(gw: Gateway, tenant: str | None) -> dict:
+    data = []
+    for name in gw.registry.names():
+        try:
+            summary = _summary(gw, name)
+        except NotFound:
+            continue  # deleted while listing
+        if tenant is None or summary["tenant"] == tenant:
+            data.append(summary)
+    return {"object": "list", "data": data}
+
+
+@router.get("/adapters/{name}")
+async def show_adapter(name: str, request: Request, caller: Caller = Depends(admin_caller)) -> dict:
+    gw = _gateway(request)
+
+    def show() -> dict:
+        owner = _owned(gw, caller, name)
+        aliases, canaries = gw.registry.alias_table(name)
+        present = gw.registry.versions(name)
+        versions = [gw.registry.get(name, v).manifest for v in present]
+        shadows = {a: s for a, s in gw.registry.shadows(name).items() if s["version"] in present}
+        evaluations = {v: e for v, e in gw.registry.evaluations(name).items() if v in present}
+        return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries, "shadows": shadows,
+                "rollouts": gw.rollouts.of(name), "evaluations": evaluations, "versions": versions}
+
+    return await asyncio.to_thread(show)
+
+
+async def _change(request: Request, caller: Caller, action: str, name: str, apply: Callable[[], int | None],
+                  version: int | None = None, **detail) -> int | None:
+    """One alias change: the caller's scope checked, `apply` run off the event loop, then audited with the version
+    it names (`version`, else what `apply` returned) and that version's sha256; returns what `apply` returned."""
+    gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
+    result = await asyncio.to_thread(apply)
+    named = version if version is not None else result
+    sha = await asyncio.to_thread(_sha, gw, name, named) if named is not None else None
+    await _audit(request, caller, action, name, named, sha, tenant=owner, **detail)
+    return result
+
+
+@router.put("/adapters/{name}/aliases/{alias}")
+async def set_alias(name: str, alias: str, body: AliasBody, request: Request, reason: str | None = Reason,
+                    caller: Caller = Depends(admin_caller)) -> dict:
+    registry = _gateway(request).registry
+    await _change(request, caller, "alias", name, lambda: registry.set_alias(name, alias, body.version),
+                  body.version, alias=alias)
+    return {"name": name, "alias": alias, "version": body.version}
+
+
+@router.put("/adapters/{name}/aliases/{alias}/canary")
+async def set_canary(name: str, alias: str, body: CanaryBody, request: Request, reason: str | None = Reason,
+                     caller: Caller = Depends(admin_caller)) -> dict:
+    """Sends `weight`% of the alias's callers (the same ones while the weight stays) to `version`."""
+    registry = _gateway(request).registry
+    await _change(request, caller, "canary", name, lambda: registry.set_canary(name, alias, body.version, body.weight),
+                  body.version, alias=alias, weight=body.weight)
+    return {"name": name, "alias": alias, "canary": {"version": body.version, "weight": body.weight}}
+
+
+@router.post("/adapters/{name}/aliases/{alias}/promote")
+async def promote(name: str, alias: str, request: Request, reason: str | None = Reason,
+                  caller: Caller = Depends(admin_caller)) -> dict:
+    """Points the alias at its canary's version, for every caller."""
+    registry = _gateway(request).registry
+    version = await _change(request, caller, "promote", name, lambda: registry.promote(name, alias), alias=alias)
+    return {"name": name, "alias": alias, "version": version}
+
+
+@router.post("/adapters/{name}/aliases/{alias}/rollout", status_code=201)
+async def start_rollout(name: str, alias: str, body: RolloutSpec, request: Request, reason: str | None = Reason,
+                        caller: Caller = Depends(admin_caller)) -> dict:
+    """Rolls `to` out step by step while it keeps within bounds of the alias's version; rolls back when not."""
+    rollouts, started = _gateway(request).rollouts, {}
+    await _change(request, caller, "rollout_start", name,
+                  lambda: started.update(rollouts.start(name, alias, body, caller.actor)), body.to, alias=alias,
+                  weight=body.steps[0], steps=body.steps, interval=body.interval)
+    return started
+
+
+@router.put("/adapters/{name}/aliases/{alias}/shadow")
+async def set_shadow(name: str, alias: str, body: ShadowBody, request: Request, reason: str | None = Reason,
+                     caller: Caller = Depends(admin_caller)) -> dict:
+    """Sends a copy of `percent`% of the alias's non-streamed requests to `version`: compared, timed, not served."""
+    registry = _gateway(request).registry
+    await _change(request, caller, "shadow", name,
+                  lambda: registry.set_shadow(name, alias, body.version, body.percent), body.version, alias=alias,
+                  percent=body.percent)
+    return {"name": name, "alias": alias, "shadow": {"version": body.version, "percent": body.percent}}
+
+
+@router.delete("/adapters/{name}/aliases/{alias}/shadow")
+async def end_shadow(name: str, alias: str, request: Request, reason: str | None = Reason,
+                     caller: Caller = Depends(admin_caller)) -> dict:
+    registry = _gateway(request).registry
+    await _change(request, caller, "shadow_end", name, lambda: registry.end_shadow(name, alias), alias=alias)
+    return {"name": name, "alias": alias, "shadow": None}
+
+
+@router.post("/adapters/{name}/aliases/{alias}/abort")
+async def abort(name: str, alias: str, request: Request, reason: str | None = Reason,
+                caller: Caller = Depends(admin_caller)) -> dict:
+    """Ends the alias's canary: every caller gets the version the alias points at."""
+    registry = _gateway(request).registry
+    version = await _change(request, caller, "abort", name, lambda: registry.abort(name, alias), alias=alias)
+    return {"name": name, "alias": alias, "version": version}
+
+
+@router.post("/adapters/{name}/rollback")
+async def rollback(name: str, request: Request, body: RollbackBody | None = None, reason: str | None = Reason,
+                   caller: Caller = Depends(admin_caller)) -> dict:
+    registry, alias = _gateway(request).registry, (body or RollbackBody()).alias
+    version = await _change(request, caller, "rollback", name, lambda: registry.rollback(name, alias), alias=alias)
+    return {"name": name, "alias": alias, "version": version}
+
+
+@router.delete("/adapters/{name}/versions/{version}")
+async def delete_version(name: str, request: Request, version: int = VersionParam, reason: str | None = Reason,
+                         caller: Caller = Depends(admin_caller)) -> dict:
+    gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
+    sha = await asyncio.to_thread(_sha, gw, name, version)
+    await asyncio.to_thread(gw.registry.delete_version, name, version)
+    gw.retire([f"{name}@{version}"])
+    await _audit(request, caller, "delete_version", name, version, sha, tenant=owner)
+    return {"name": name, "version": version, "deleted": True}
+
+
+@router.delete("/adapters/{name}")
+async def delete_adapter(name: str, request: Request, reason: str | None = Reason,
+                         caller: Caller = Depends(admin_caller)) -> dict:
+    gw = _gateway(request)
+    owner = await asyncio.to_thread(_owned, gw, caller, name)
+    versions = await asyncio.to_thread(gw.registry.delete, name)
+    gw.retire([f"{name}@{v}" for v in versions])
+    await _audit(request, caller, "delete", name, tenant=owner, versions=versions)
+    return {"name": name, "versions": versions, "deleted": True}
+
+
+@router.get("/usage")
+async def usage(request: Request, tenant: str | None = Query(None, description="Required of operators."),
+                since: str | None = Query(None, description="ISO 8601 time or an age such as 30m or 7d; default: "
+                                                            "all time."),
+                until: str | None = Query(None, description="ISO 8601 time or an age; default: now."),
+                caller: Caller = Depends(admin_caller)) -> dict:
+    """A tenant's completed requests and tokens in a window (whole minutes); a tenant-admin sees its own only."""
+    if caller.tenant is not None and tenant not in (None, caller.tenant):
+        raise APIError(403, "tenant: a tenant-admin key sees its own tenant's usage only", type="permission_error",
+                       param="tenant", code="other_tenant")
+    tenant = tenant or caller.tenant
+    if tenant is None:
+        raise APIError(400, "tenant: required", param="tenant", code="missing_required_parameter")
+    window = []
+    for param, text, default in (("since", since, 0.0), ("until", until, time.time())):
+        try:
+            window.append(parse_since(text) if text else default)
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
+    return await _gateway(request).usage.totals(check_name(tenant, "tenant"), *window)

@@ -1,0 +1,95 @@
+"""JSON documents that several processes change safely, kept beside the registry: a file under a lock for a directory
+registry (in STATE_DIR), an object written with If-Match in the store for an object-store registry, so that every
+gateway replica sees the same document."""
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from filelock import FileLock
+
+from server.core.atomic import write_json
+
+SHARED = "_loraplex"  # the store's folder for state beside the registry; "_" starts no adapter name
+
+
+class Document(Protocol):
+    def tag(self) -> object:
+        """What changes whenever the document does; None while it does not exist."""
+
+    def read(self) -> dict | None: ...
+
+    def update(self, change: Callable[[dict], None]) -> None:
+        """Applies `change` to the current content (an empty dict if none) and writes it, without losing a
+        concurrent writer's change."""
+
+
+class FileDocument:
+    def __init__(self, path: Path, mode: int = 0o600):
+        self.path, self.mode = Path(path), mode
+
+    def tag(self) -> object:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def update(self, change: Callable[[dict], None]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock"):
+            data = self.read() or {}
+            change(data)
+            write_json(self.path, data, mode=self.mode)
+
+
+class StoreDocument:
+    """An object in the registry's bucket; `update` retries while another writer wins the If-Match race."""
+
+    def __init__(self, registry_url: str, name: str):
+        from server.registry.s3 import Bucket
+
+        self.store, self.key = Bucket(registry_url), f"{SHARED}/{name}"
+
+    def tag(self) -> object:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.store.s3.head_object(Bucket=self.store.bucket, Key=self.store.prefix + self.key)["ETag"]
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def read(self) -> dict | None:
+        got = self.store.get(self.key)
+        return json.loads(got[0]) if got else None
+
+    def update(self, change: Callable[[dict], None]) -> None:
+        from server.registry.s3 import MAX_RACES, Precondition
+
+        for _ in range(MAX_RACES):
+            got = self.store.get(self.key)
+            data, etag = (json.loads(got[0]), got[1]) if got else ({}, None)
+            change(data)
+            try:
+                self.store.put(self.key, json.dumps(data, sort_keys=True).encode(), if_match=etag, create=etag is None)
+                return
+            except Precondition:
+                time.sleep(0.01)
+        raise RuntimeError(f"{self.key} kept changing under this write; try again")
+
+
+def shared_document(registry: str, state_dir: Path, name: str) -> Document:
+    """The document `name` for this registry: in its store if it is one, else in STATE_DIR."""
+    if registry.startswith("s3://"):
+        return StoreDocument(registry, name)
+    return FileDocument(Path(state_dir) / name)
