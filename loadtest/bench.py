@@ -35,7 +35,7 @@ from server.registry.archive import pack_archive
 from server.tenancy.keys import engine_key
 from server.core.config import Settings
 from server.engine.process import free_port
-from server.registry.directory import Registry
+from server.registry.directory import DirectoryRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
@@ -148,7 +148,7 @@ class Bench:
         info = basemodel.load(str(self.base))
         self.factory = AdapterFactory(self.base, rank=8, targets=ALL_LINEAR)
         self.registry_dir = self.work / "registry"
-        registry = Registry(self.registry_dir)
+        registry = DirectoryRegistry(self.registry_dir)
         count = max(self.args.sweep)
         t = time.monotonic()
         self.sources = []

@@ -170,16 +170,16 @@ def _free_port_below(limit: int) -> int:
 
 class Engine:
     """`loraplex engine` (vLLM with loraplex's resolver) on a port of its own, in its own process group; `ready()`
-    waits for its /health."""
+    waits for its /health. vLLM runs as `python -m`, so `cwd` comes first on its import path."""
 
-    def __init__(self, env: dict[str, str], log: Path, host: str = "127.0.0.1"):
+    def __init__(self, env: dict[str, str], log: Path, host: str = "127.0.0.1", cwd: Path | None = None):
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen([LOADER, "engine", "--host", host, "--port", str(self.port)],
                                          env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, cwd=cwd)
 
     def ready(self, timeout: float = 300) -> "Engine":
         deadline = time.monotonic() + timeout

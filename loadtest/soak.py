@@ -27,7 +27,7 @@ import httpx
 from loadtest.adapters import AdapterFactory
 from loadtest.servers import LOADER, Gateway
 from server.core import base_model as basemodel
-from server.registry.directory import Registry
+from server.registry.directory import DirectoryRegistry
 from server.registry.archive import pack_archive
 
 ADMIN_TOKEN = "soak-admin-token"
@@ -174,7 +174,7 @@ def prepare(args, work: Path) -> tuple[AdapterFactory, Path]:
     base_dir = Path(args.base_model)
     base = basemodel.load(str(base_dir))
     factory = AdapterFactory(base_dir, rank=8, targets=["q_proj", "v_proj", "o_proj"])
-    registry = Registry(work / "registry")
+    registry = DirectoryRegistry(work / "registry")
     for i in range(args.adapters):
         src = factory.write(work / "src" / f"soak-{i}", seed=i)
         version = registry.register(f"soak-{i}", src, base=base, max_rank=64,

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from loadtest.servers import ObjectStore
-
-BUCKET = "loraplex"
+from tests.helpers.object_store import BUCKET
 
 
 @pytest.fixture(scope="session")

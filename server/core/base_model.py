@@ -12,7 +12,7 @@ _SAMPLED_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class BaseModelInfo:
     name: str
     path: Path
     fingerprint: str
@@ -60,7 +60,7 @@ class Unreadable(ValueError):
     """The base model's files cannot be read (permissions, a missing file): one line naming the path and why."""
 
 
-def load(base_model: str) -> BaseModel:
+def load(base_model: str) -> BaseModelInfo:
     """Reads config, tokenizer and safetensors headers; hashes them with a sample of the weights."""
     path = local_dir(base_model)
     try:
@@ -69,7 +69,7 @@ def load(base_model: str) -> BaseModel:
         raise Unreadable(f"base model {path}: cannot read {e.filename or path}: {e.strerror or e}") from None
 
 
-def _load(base_model: str, path: Path) -> BaseModel:
+def _load(base_model: str, path: Path) -> BaseModelInfo:
     h = hashlib.sha256()
     config = json.loads((path / "config.json").read_text())
     h.update(json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS},
@@ -86,5 +86,5 @@ def _load(base_model: str, path: Path) -> BaseModel:
             f.seek(start)
             h.update(f.read(_SAMPLED_BYTES))
         shapes.update({name: tuple(t["shape"]) for name, t in header.items()})
-    return BaseModel(name=base_model, path=path, fingerprint=h.hexdigest(), weight_shapes=shapes,
+    return BaseModelInfo(name=base_model, path=path, fingerprint=h.hexdigest(), weight_shapes=shapes,
                      context_len=config.get("max_position_embeddings"))

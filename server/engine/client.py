@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from server.core.protocol import MAX_MESSAGE_CHARS, APIError, non_finite_field
+from server.core.errors import MAX_MESSAGE_CHARS, APIError
+from server.core.protocol import non_finite_field
 
 log = logging.getLogger("loraplex.engine")
 

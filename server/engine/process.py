@@ -19,6 +19,7 @@ import aiohttp
 
 from server.core.config import LORA_OPS_ENV, Settings
 from server.engine.client import EngineClient
+from server.store.location import is_object_store
 
 log = logging.getLogger("loraplex.engine_process")
 # Every route of the engine behind its key (server/engine_guard.py).
@@ -80,7 +81,7 @@ def engine_environment(settings: Settings, api_key: str, port: int) -> dict[str,
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # so that vLLM asks its resolvers for adapters it lacks
     if settings.otlp_endpoint:
         env.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")  # vLLM's default is gRPC
-    local = not settings.registry.startswith("s3://")
+    local = not is_object_store(settings.registry)
     env["LORAPLEX_REGISTRY"] = str(Path(settings.registry).resolve()) if local else settings.registry
     cache = settings.adapter_cache or settings.state_dir / "adapter-cache" / str(port)
     env["LORAPLEX_ADAPTER_CACHE"] = str(cache.resolve())

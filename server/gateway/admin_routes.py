@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -19,21 +20,48 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from server.core.base_model import BaseModelInfo
+from server.core.config import Settings
+from server.engine.retirement import Retirement
+from server.gateway.evaluations import Evaluator
+from server.observability.audit import AuditLog
+from server.registry import Registry
+from server.registry.view import RegistryView
+from server.rollout.rollouts import Rollouts
+from server.tenancy.usage import UsageLedger
+
 from server.registry.archive import Limits, unpack_isolated
-from server.observability.audit import parse_since
-from server.tenancy.keys import Caller, admin_caller
+from server.core.durations import parse_since
+from server.gateway.auth import admin_caller
+from server.tenancy.keys import Caller
 from server.gateway.client_watch import ClientWatch, client_left
 from server.rollout.evaluation import MAX_GENERAL_TEXT, MAX_ROWS, EvalOptions, EvalSet, table
-from server.gateway.parts import Gateway
-from server.core.protocol import APIError
-from server.registry.directory import LATEST, MAX_VERSION, Conflict, InvalidReference, NotFound, RegistryError, Version, check_name
+from server.core.errors import APIError
+from server.gateway.errors import registry_error
+from server.registry import Conflict, InvalidReference, LATEST, MAX_VERSION, NotFound, RegistryError, Version, check_name
 from server.rollout.rollouts import RolloutSpec
-from server.trainer.data import DataError, parse_row
+from server.core.examples import DataError, parse_row
 from server.registry.validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest
 
 
-def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+@dataclass(kw_only=True)
+class Admin:
+    """The parts /admin reads and changes."""
+
+    settings: Settings
+    base: BaseModelInfo
+    registry: Registry
+    view: RegistryView
+    audit: AuditLog
+    rollouts: Rollouts
+    usage: UsageLedger
+    evaluator: Evaluator
+    retire: Retirement
+    archive_slots: asyncio.Semaphore  # LORAPLEX_ARCHIVE_WORKERS uploads unpacked at once
+
+
+def _gateway(request: Request) -> Admin:
+    return request.app.state.admin
 
 
 class AuditedRoute(APIRoute):
@@ -64,7 +92,7 @@ VersionParam = PathParam(ge=1, le=MAX_VERSION)
 Reason = Query(None, max_length=1000, description="Why, for the audit log.")
 
 
-def _owned(gw: Gateway, caller: Caller, name: str) -> str | None:
+def _owned(gw: Admin, caller: Caller, name: str) -> str | None:
     """The adapter's tenant; for a tenant-admin, another tenant's adapter is refused exactly as a missing one."""
     owner = gw.registry.tenant(check_name(name))
     if caller.tenant is not None and owner != caller.tenant:
@@ -106,23 +134,14 @@ class CanaryBody(BaseModel):
     weight: float = Field(gt=0, lt=100, description="Percent of the alias's callers sent to `version`.")
 
 
-def registry_error(e: RegistryError) -> APIError:
-    """The one mapping of the registry's errors to answers, registered as the app's handler for them."""
-    if isinstance(e, NotFound):
-        return APIError(404, str(e), type="not_found_error", param=e.param, code="adapter_not_found")
-    if isinstance(e, Conflict):
-        return APIError(409, str(e), param=e.param, code="adapter_conflict")
-    return APIError(400, str(e), param=e.param, code="invalid_reference")
-
-
-def _sha(gw: Gateway, name: str, version: int) -> str | None:
+def _sha(gw: Admin, name: str, version: int) -> str | None:
     try:
         return gw.registry.get(name, version).manifest["files"][WEIGHTS_FILE]["sha256"]
     except (NotFound, InvalidReference, KeyError):
         return None
 
 
-def _summary(gw: Gateway, name: str) -> dict:
+def _summary(gw: Admin, name: str) -> dict:
     aliases = gw.registry.aliases(name)
     return {"name": name, "tenant": gw.registry.tenant(name), "versions": gw.registry.versions(name),
             "aliases": aliases, "latest": gw.registry.get(name, aliases[LATEST]).manifest}
@@ -155,6 +174,7 @@ async def upload(
     try:
         unpacked = await _unpack(gw, file, work)
         version = await asyncio.to_thread(_register, gw, unpacked, name, tenant, public, file.filename)
+        await gw.view.areload(name)
     except InvalidAdapter as e:
         raise APIError(400, str(e), param="file", code="invalid_adapter") from None
     finally:
@@ -173,6 +193,7 @@ async def _alias_upload(request: Request, caller: Caller, version: Version, alia
     """Points `alias` at the version just uploaded; a refused alias leaves the version registered, and says so."""
     try:
         await asyncio.to_thread(_gateway(request).registry.set_alias, version.name, alias, version.version)
+        await _gateway(request).view.areload(version.name)
     except InvalidReference as e:
         raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
     await _audit(request, caller, "alias", version.name, version.version, sha, tenant=tenant, alias=alias)
@@ -213,18 +234,27 @@ async def _arrival_eval_set(eval_data: UploadFile | None, general_text: UploadFi
     return _eval_set(rows, general, EvalOptions(max_forgetting=max_forgetting), "eval_data")
 
 
-def _upload_tenant(caller: Caller, tenant: str | None) -> str:
-    if caller.tenant is not None and tenant not in (None, caller.tenant):
-        raise APIError(403, "tenant: a tenant-admin key registers adapters for its own tenant only",
-                       type="permission_error", param="tenant", code="other_tenant")
+def _in_scope(caller: Caller, tenant: str | None) -> bool:
+    """Whether the caller may act for `tenant` (None: whichever its key allows)."""
+    return caller.tenant is None or tenant in (None, caller.tenant)
+
+
+def _acting_tenant(caller: Caller, tenant: str | None, refused: str, required: str) -> str:
+    """The tenant a request acts for: the one it names, else a tenant-admin key's own; another one is refused."""
+    if not _in_scope(caller, tenant):
+        raise APIError(403, f"tenant: {refused}", type="permission_error", param="tenant", code="other_tenant")
     tenant = tenant or caller.tenant
     if tenant is None:
-        raise APIError(400, "tenant: required (the tenant that owns the adapter)", param="tenant",
-                       code="missing_required_parameter")
-    return check_name(tenant, "tenant")
+        raise APIError(400, f"tenant: {required}", param="tenant", code="missing_required_parameter")
+    return tenant
 
 
-async def _unpack(gw: Gateway, file: UploadFile, work: Path) -> Path:
+def _upload_tenant(caller: Caller, tenant: str | None) -> str:
+    return check_name(_acting_tenant(caller, tenant, "a tenant-admin key registers adapters for its own tenant only",
+                                     "required (the tenant that owns the adapter)"), "tenant")
+
+
+async def _unpack(gw: Admin, file: UploadFile, work: Path) -> Path:
     """Unpacks the upload in a child process of its own, a few at a time, bounded in time and memory."""
     s = gw.settings
     unpacked = work / "adapter"
@@ -235,7 +265,7 @@ async def _unpack(gw: Gateway, file: UploadFile, work: Path) -> Path:
     return unpacked
 
 
-def _register(gw: Gateway, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
+def _register(gw: Admin, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
     check_exported_manifest(unpacked, gw.base)
     return gw.registry.register(name, unpacked, base=gw.base, max_rank=gw.settings.max_lora_rank, tenant=tenant,
                                 public=public, origin=f"upload:{(filename or '')[:200]}")
@@ -276,7 +306,7 @@ async def _evaluate(request: Request, caller: Caller, name: str, version: int, e
     gw = _gateway(request)
     # Its engine calls are abandoned (and so aborted by vLLM) when the caller leaves.
     async with ClientWatch(request.receive)(leaving=client_left):
-        result = await gw.evaluate(name, version, evalset, against, tenant)
+        result = await gw.evaluator.evaluate(name, version, evalset, against, tenant)
     result["table"] = table(result)
     summary = {k: v for k, v in result.items() if k != "table"}
     summary["reference"], summary["candidate"] = (
@@ -303,12 +333,12 @@ async def evaluate(name: str, body: EvalBody, request: Request, version: int = V
 async def list_adapters(request: Request, tenant: str | None = Query(None),
                         caller: Caller = Depends(admin_caller)) -> dict:
     """Every adapter, or one tenant's; a tenant-admin sees its own tenant's only."""
-    if caller.tenant is not None and tenant not in (None, caller.tenant):
+    if not _in_scope(caller, tenant):
         return {"object": "list", "data": []}
     return await asyncio.to_thread(_list, _gateway(request), caller.tenant or tenant)
 
 
-def _list(gw: Gateway, tenant: str | None) -> dict:
+def _list(gw: Admin, tenant: str | None) -> dict:
     data = []
     for name in gw.registry.names():
         try:
@@ -344,6 +374,7 @@ async def _change(request: Request, caller: Caller, action: str, name: str, appl
     gw = _gateway(request)
     owner = await asyncio.to_thread(_owned, gw, caller, name)
     result = await asyncio.to_thread(apply)
+    await gw.view.areload(name)  # this gateway serves the change at once; the others on their next reading
     named = version if version is not None else result
     sha = await asyncio.to_thread(_sha, gw, name, named) if named is not None else None
     await _audit(request, caller, action, name, named, sha, tenant=owner, **detail)
@@ -432,6 +463,7 @@ async def delete_version(name: str, request: Request, version: int = VersionPara
     owner = await asyncio.to_thread(_owned, gw, caller, name)
     sha = await asyncio.to_thread(_sha, gw, name, version)
     await asyncio.to_thread(gw.registry.delete_version, name, version)
+    await asyncio.to_thread(gw.view.reload, name)
     gw.retire([f"{name}@{version}"])
     await _audit(request, caller, "delete_version", name, version, sha, tenant=owner)
     return {"name": name, "version": version, "deleted": True}
@@ -443,6 +475,7 @@ async def delete_adapter(name: str, request: Request, reason: str | None = Reaso
     gw = _gateway(request)
     owner = await asyncio.to_thread(_owned, gw, caller, name)
     versions = await asyncio.to_thread(gw.registry.delete, name)
+    await asyncio.to_thread(gw.view.reload, name)
     gw.retire([f"{name}@{v}" for v in versions])
     await _audit(request, caller, "delete", name, tenant=owner, versions=versions)
     return {"name": name, "versions": versions, "deleted": True}
@@ -455,12 +488,7 @@ async def usage(request: Request, tenant: str | None = Query(None, description="
                 until: str | None = Query(None, description="ISO 8601 time or an age; default: now."),
                 caller: Caller = Depends(admin_caller)) -> dict:
     """A tenant's completed requests and tokens in a window (whole minutes); a tenant-admin sees its own only."""
-    if caller.tenant is not None and tenant not in (None, caller.tenant):
-        raise APIError(403, "tenant: a tenant-admin key sees its own tenant's usage only", type="permission_error",
-                       param="tenant", code="other_tenant")
-    tenant = tenant or caller.tenant
-    if tenant is None:
-        raise APIError(400, "tenant: required", param="tenant", code="missing_required_parameter")
+    tenant = _acting_tenant(caller, tenant, "a tenant-admin key sees its own tenant's usage only", "required")
     window = []
     for param, text, default in (("since", since, 0.0), ("until", until, time.time())):
         try:

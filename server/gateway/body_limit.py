@@ -2,7 +2,7 @@
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.core.protocol import error_response
+from server.core.errors import error_response
 
 
 class BodyLimit:

@@ -7,7 +7,7 @@ from types import TracebackType
 
 from starlette.types import Receive
 
-from server.core.protocol import APIError
+from server.core.errors import APIError
 
 
 class ClientLeft(Exception):

@@ -3,11 +3,8 @@ aside (audit.log.NANOSECONDS) once past ROTATE_BYTES; beside an object-store reg
 gateway (or CLI) process. Either way every part is read back, merged by time."""
 
 import asyncio
-import datetime
 import json
 import os
-import re
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,46 +12,23 @@ from pathlib import Path
 from filelock import FileLock
 
 from server.store.documents import SHARED
+from server.store.location import is_object_store
+from server.store.streams import stream_id
 from server.observability.request_ids import REQUEST_ID
 
 AUDIT_PREFIX = f"{SHARED}/audit/"
 ROTATE_BYTES = 16 * 2**20
-# ASCII digits only: \d and str.isdigit() also take "²" and "١", which float() refuses or reads.
-_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
-_AGE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd])$")
-
-
-def duration(text: str) -> float | None:
-    """Seconds in a duration such as 45s, 30m, 12h or 7d (a bare number is seconds); None if it is none."""
-    text = text.strip()
-    if _NUMBER.fullmatch(text):
-        return float(text)
-    age = _AGE.match(text)
-    return float(age[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age[2]] if age else None
-
-
-def parse_since(text: str, now: float | None = None) -> float:
-    """A start time from an ISO 8601 time (UTC unless it names a zone) or an age such as 30m, 12h or 7d."""
-    if _AGE.match(text.strip()):
-        return (time.time() if now is None else now) - duration(text)
-    try:
-        when = datetime.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is neither an ISO 8601 time nor an age such as 30m, 12h or 7d") from None
-    return (when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)).timestamp()
-
-
 class AuditLog:
     def __init__(self, state_dir: Path, registry: str = "", rotate_bytes: int = ROTATE_BYTES):
         self.path = Path(state_dir) / "audit.log"
         self.rotate_bytes = rotate_bytes
         self.store = None
-        if registry.startswith("s3://"):
-            from server.registry.s3 import Bucket
+        if is_object_store(registry):
+            from server.store.bucket import Bucket  # imports boto3, which a directory registry never needs
 
             self.store = Bucket(registry)
         # Each process its own stream: writers never contend, and no object is ever rewritten.
-        self.stream = f"{AUDIT_PREFIX}{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}/"
+        self.stream = f"{AUDIT_PREFIX}{stream_id()}/"
         # One writer thread of its own: an fsync (or a put) per line must neither block the event loop nor take the
         # default pool's threads when refusals arrive in a flood.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")

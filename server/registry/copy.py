@@ -3,15 +3,11 @@
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from server.registry.directory import Conflict, Registry
-
-if TYPE_CHECKING:
-    from server.registry.s3 import S3Registry
+from server.registry import Conflict, Registry
 
 
-def copy_registry(source: "Registry | S3Registry", dest: "Registry | S3Registry",
+def copy_registry(source: Registry, dest: Registry,
                   log: Callable[[str], None] = print) -> tuple[int, int]:
     """Copies every version (same number, same manifest) and then each adapter's owner and aliases.
 

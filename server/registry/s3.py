@@ -14,103 +14,40 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from server.core.base_model import BaseModel
-from server.registry.directory import (
+from server.core.base_model import BaseModelInfo
+from server.registry.manifest import manifest_problems, stage
+from server.registry.refs import (
     NAME_RE,
     STATE_FILE,
     VERSION_RE,
-    AliasTable,
     Conflict,
     NotFound,
     RegistryError,
     Version,
     check_name,
     check_version,
-    manifest_problems,
-    stage,
     unavailable,
 )
+from server.registry.serving_state import Entry, ServingState
 from server.registry.validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+from server.store.bucket import MAX_RACES, Bucket, Precondition
 
 CLAIMS = "claims"
-# Conditional writes that lose a race are retried; this many losses in a row means something else is wrong.
-MAX_RACES = 64
 
 
-class Precondition(Exception):
-    """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
+def _no_state() -> dict:
+    """The state of a name that has none yet."""
+    return {"aliases": {}}
 
 
-def split_url(url: str) -> tuple[str, str]:
-    """("BUCKET", "PREFIX/") of s3://BUCKET/PREFIX."""
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise ValueError(f"registry URL {url!r} names no bucket: expected s3://BUCKET[/PREFIX]")
-    prefix = prefix.strip("/")
-    return bucket, f"{prefix}/" if prefix else ""
-
-
-class Bucket:
-    """The few object operations the registry needs, on one bucket and prefix, with boto3's standard configuration."""
-
-    def __init__(self, url: str, client: Any = None):
-        self.bucket, self.prefix = split_url(url)
-        self.url = url.rstrip("/")
-        self.s3 = client or boto3.client("s3", config=Config(retries={"mode": "standard"}))
-
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        try:
-            answer = self.s3.get_object(Bucket=self.bucket, Key=self.prefix + key)
-        except ClientError as e:
-            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                return None
-            raise
-        return answer["Body"].read(), answer["ETag"]
-
-    def put(self, key: str, body: bytes, *, if_match: str | None = None, create: bool = False) -> str:
-        """Writes `key`; with `create` only if absent, with `if_match` only if its ETag is still that."""
-        conditions = {"IfNoneMatch": "*"} if create else {"IfMatch": if_match} if if_match else {}
-        try:
-            return self.s3.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=body, **conditions)["ETag"]
-        except ClientError as e:
-            if e.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
-                raise Precondition(key) from None
-            raise
-
-    def upload(self, path: Path, key: str) -> None:
-        self.s3.upload_file(str(path), self.bucket, self.prefix + key)
-
-    def download(self, key: str, path: Path) -> None:
-        self.s3.download_file(self.bucket, self.prefix + key, str(path))
-
-    def delete(self, key: str) -> None:
-        self.s3.delete_object(Bucket=self.bucket, Key=self.prefix + key)
-
-    def keys(self, under: str = "") -> Iterator[tuple[str, int]]:
-        """(key, size) of every object under `under`, relative to the prefix."""
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + under)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                yield obj["Key"][len(self.prefix):], obj["Size"]
-
-    def ensure(self) -> None:
-        """Creates the bucket if it does not exist (a fresh store, a test)."""
-        try:
-            self.s3.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self.s3.create_bucket(Bucket=self.bucket)
-
-
-class S3Registry(AliasTable):
-    """Same interface and guarantees as `registry.Registry`. Reads see a snapshot at most `max_age` seconds old; a
+class S3Registry(ServingState):
+    """Same interface and guarantees as `DirectoryRegistry`. Reads see a snapshot at most `max_age` seconds old; a
     gateway keeps it fresh with `refresh()` in the background so its request path never waits on the store."""
 
     def __init__(self, url: str, client: Any = None, max_age: float = 1.0):
@@ -197,23 +134,37 @@ class S3Registry(AliasTable):
     def _read_state(self, name: str) -> tuple[dict, str | None]:
         got = self.store.get(f"{name}/{STATE_FILE}")
         if got is None:
-            return {"aliases": {}}, None
+            return _no_state(), None
         return json.loads(got[0]), got[1]
 
     def _update_state(self, name: str, change: Callable[[dict], None]) -> dict:
         """Applies `change(state)` and writes it only if nobody wrote the state meanwhile; retries if somebody did."""
-        for _ in range(MAX_RACES):
-            state, etag = self._read_state(name)
-            change(state)
-            try:
-                self.store.put(f"{name}/{STATE_FILE}", json.dumps(state, sort_keys=True).encode(),
-                               if_match=etag, create=etag is None)
-            except Precondition:
-                continue
-            with self._lock:
-                self._states[name] = state
-            return state
-        raise RegistryError(f"the state of adapter {name!r} kept changing; try again")
+        state = self.store.update_json(f"{name}/{STATE_FILE}", change, absent=_no_state)
+        if state is None:
+            raise RegistryError(f"the state of adapter {name!r} kept changing; try again")
+        with self._lock:
+            self._states[name] = state
+        return state
+
+    def read_all(self) -> dict[str, Entry]:
+        """Every adapter with a version, from a new reading of the store."""
+        self.refresh()
+        with self._lock:
+            return {name: Entry(self._states.get(name, {}), {v: Version(name, v, None, self._manifests[(name, v)])
+                                                             for v in numbers if (name, v) in self._manifests})
+                    for name, numbers in self._snapshot.items()}
+
+    def entry(self, name: str) -> Entry:
+        """The adapter as the store holds it now: a listing, its state, and the manifests not read before."""
+        versions = {}
+        for number in self._stored_versions(check_name(name)):
+            manifest = self._manifests.get((name, number))
+            if manifest is None:
+                got = self.store.get(f"{name}/{number}/{MANIFEST_FILE}")
+                manifest = json.loads(got[0]) if got else None
+            if manifest is not None:
+                versions[number] = Version(name, number, None, manifest)
+        return Entry(self._read_state(name)[0], versions)
 
     def _stored_versions(self, name: str) -> list[int]:
         """Versions with a manifest in the store now (not the snapshot)."""
@@ -251,7 +202,7 @@ class S3Registry(AliasTable):
                 version += 1
         raise RegistryError(f"could not allocate a version of {name!r}; try again")
 
-    def register(self, name: str, source: Path, *, base: BaseModel, max_rank: int, tenant: str = "default",
+    def register(self, name: str, source: Path, *, base: BaseModelInfo, max_rank: int, tenant: str = "default",
                  origin: str = "cli", public: bool = False, extra: dict | None = None) -> Version:
         """Validates `source`, then claims the owner and the next version, uploads the files and, last, the
         manifest that makes the version exist."""

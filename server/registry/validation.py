@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.core.base_model import BaseModel
+from server.core.base_model import BaseModelInfo
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -114,7 +114,7 @@ def _check_finite(path: Path, meta: dict[str, dict]) -> None:
             raise InvalidAdapter(f"{WEIGHTS_FILE}: tensor {shown(name)} has NaN or infinite values")
 
 
-def _module_rank(module: str, pair: dict[str, dict], base: BaseModel, config: dict) -> int:
+def _module_rank(module: str, pair: dict[str, dict], base: BaseModelInfo, config: dict) -> int:
     """The rank of one module's lora_A/lora_B pair, once its shapes fit the base weight and its dtypes are floats."""
     if set(pair) != {"A", "B"}:
         raise InvalidAdapter(f"{WEIGHTS_FILE}: {module} lacks lora_A or lora_B")
@@ -136,7 +136,7 @@ def _module_rank(module: str, pair: dict[str, dict], base: BaseModel, config: di
     return r
 
 
-def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInfo:
+def check_adapter(directory: Path, base: BaseModelInfo, max_rank: int) -> AdapterInfo:
     """Validates config and tensors against the base model's linear shapes and the engine's rank limit."""
     directory = Path(directory)
     config = _read_config(directory)
@@ -163,7 +163,7 @@ def check_adapter(directory: Path, base: BaseModel, max_rank: int) -> AdapterInf
 
 
 MANIFEST_FILE = "manifest.json"
-def check_exported_manifest(directory: Path, base: BaseModel) -> None:
+def check_exported_manifest(directory: Path, base: BaseModelInfo) -> None:
     """An archive exported from a registry carries its manifest: its base fingerprint must be the served one."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.trainer.data import Example
+from server.core.examples import Example
 
 # POSTs a JSON body to an engine path and returns its JSON answer.
 Call = Callable[[str, dict], Awaitable[dict]]

@@ -6,19 +6,20 @@ Everything lives in one document beside the registry (`rollouts.json`: in the st
 directory registry), so a rollout survives restarts and every replica sees it: each gateway publishes its per-version
 counts there, and one gateway at a time decides, under a lease it takes in the same conditional write."""
 
+import asyncio
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field, field_validator
 
+from server.core.periodic import every
 from server.observability.audit import AuditLog
 from server.store.documents import Document
-from server.registry.directory import Conflict, InvalidReference, RegistryError
+from server.store.streams import stream_id
+from server.registry import Conflict, InvalidReference, RegistryError
 
 log = logging.getLogger("loraplex.rollout")
 
@@ -111,7 +112,7 @@ class Rollouts:
 
     def __init__(self, document: Document, registry, audit: AuditLog, clock: Callable[[], float] = time.time):
         self.document, self.registry, self.audit, self.clock = document, registry, audit, clock
-        self.id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+        self.id = stream_id()
         self.watch: dict[tuple[str, int], str] = {}  # (name, version) under a running rollout -> its key
         self._windows: dict[str, float] = {}  # key -> the window being counted (its step's start)
         self._counts: dict[str, dict[int, Counts]] = {}
@@ -155,6 +156,10 @@ class Rollouts:
         window = self._windows.get(key)
         if window is not None:
             self._counts.setdefault(key, {}).setdefault(version, Counts()).add(failed, seconds)
+
+    async def keep_current(self, poll: float) -> None:
+        """Runs `tick` every `poll` seconds, on a thread."""
+        await every(poll, lambda: asyncio.to_thread(self.tick), "a rollout step")
 
     def tick(self) -> None:
         """Publishes this gateway's counts, takes or renews the lease of each running rollout it can, and decides

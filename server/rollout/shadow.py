@@ -14,8 +14,8 @@ import time
 
 from server.engine.client import EngineError, Unreachable
 from server.observability.metrics import Metrics
-from server.core.protocol import APIError
-from server.registry.directory import Version
+from server.core.errors import APIError
+from server.registry import Version
 from server.engine.routing import Router
 
 log = logging.getLogger("loraplex.shadow")

@@ -3,7 +3,6 @@ registry (in STATE_DIR), an object written with If-Match in the store for an obj
 gateway replica sees the same document."""
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -11,6 +10,7 @@ from typing import Protocol
 from filelock import FileLock
 
 from server.core.atomic import write_json
+from server.store.location import is_object_store
 
 SHARED = "_loraplex"  # the store's folder for state beside the registry; "_" starts no adapter name
 
@@ -55,41 +55,24 @@ class StoreDocument:
     """An object in the registry's bucket; `update` retries while another writer wins the If-Match race."""
 
     def __init__(self, registry_url: str, name: str):
-        from server.registry.s3 import Bucket
+        from server.store.bucket import Bucket  # imports boto3, which a directory registry's commands never need
 
         self.store, self.key = Bucket(registry_url), f"{SHARED}/{name}"
 
     def tag(self) -> object:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.store.s3.head_object(Bucket=self.store.bucket, Key=self.store.prefix + self.key)["ETag"]
-        except ClientError as e:
-            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+        return self.store.etag(self.key)
 
     def read(self) -> dict | None:
         got = self.store.get(self.key)
         return json.loads(got[0]) if got else None
 
     def update(self, change: Callable[[dict], None]) -> None:
-        from server.registry.s3 import MAX_RACES, Precondition
-
-        for _ in range(MAX_RACES):
-            got = self.store.get(self.key)
-            data, etag = (json.loads(got[0]), got[1]) if got else ({}, None)
-            change(data)
-            try:
-                self.store.put(self.key, json.dumps(data, sort_keys=True).encode(), if_match=etag, create=etag is None)
-                return
-            except Precondition:
-                time.sleep(0.01)
-        raise RuntimeError(f"{self.key} kept changing under this write; try again")
+        if self.store.update_json(self.key, change, pause=0.01) is None:
+            raise RuntimeError(f"{self.key} kept changing under this write; try again")
 
 
 def shared_document(registry: str, state_dir: Path, name: str) -> Document:
     """The document `name` for this registry: in its store if it is one, else in STATE_DIR."""
-    if registry.startswith("s3://"):
+    if is_object_store(registry):
         return StoreDocument(registry, name)
     return FileDocument(Path(state_dir) / name)

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from server.core.protocol import APIError
+from server.core.errors import APIError
 
 if TYPE_CHECKING:
     from server.engine.routing import Backend

@@ -1,5 +1,6 @@
 """Who is calling: the admin token, and API keys with a role (stored hashed, shared by every gateway replica)."""
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -8,12 +9,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from fastapi import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
-
 from server.core.config import Settings
+from server.core.periodic import every
 from server.store.documents import Document, shared_document
-from server.core.protocol import APIError, error_response
+from server.store.location import is_object_store
 
 log = logging.getLogger("loraplex.auth")
 
@@ -100,6 +99,10 @@ class KeyStore:
                              for key_id, k in keys.items()}
             self._tag = tag
 
+    async def keep_current(self, poll: float) -> None:
+        """Reads the shared keys every `poll` seconds, so a key made or revoked on another replica counts here."""
+        await every(poll, lambda: asyncio.to_thread(self.refresh), "reading the keys")
+
     def enabled(self) -> bool:
         """Whether /v1 callers need a key."""
         if self.mode != "auto":
@@ -159,14 +162,9 @@ class KeyStore:
 
 def key_store(settings: Settings, follow: bool = False) -> KeyStore:
     """The keys of this deployment: beside an object-store registry (shared by every replica), else in STATE_DIR."""
-    shared = settings.registry.startswith("s3://")
+    shared = is_object_store(settings.registry)
     return KeyStore(shared_document(settings.registry, settings.state_dir, KEYS_FILE), settings.auth,
                     follow=follow and shared)
-
-
-def bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 def identify(token: str | None, admin: str, keys: KeyStore) -> Caller | None:
@@ -176,71 +174,3 @@ def identify(token: str | None, admin: str, keys: KeyStore) -> Caller | None:
     if same_secret(token, admin):
         return ADMIN_TOKEN_CALLER
     return keys.caller_for(token)
-
-
-def admin_caller(request: Request) -> Caller:
-    """FastAPI dependency: the /admin caller, which the Credentials middleware identified and let through."""
-    return request.state.caller
-
-
-async def caller_tenant(request: Request) -> str | None:
-    """FastAPI dependency: the tenant a /v1 caller acts for; None (sees everything) when no keys exist or for
-    an operator. Async, so it runs on the event loop rather than costing every request a thread hop."""
-    gw = request.app.state.gateway
-    if not gw.keys.enabled():
-        return None
-    token = bearer(request)
-    if token is None:
-        raise APIError(401, "an API key is required (Authorization: Bearer <key>)",
-                       type="authentication_error", code="missing_api_key")
-    caller = identify(token, gw.admin_token, gw.keys)
-    if caller is None:
-        raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
-    return caller.tenant
-
-
-class Credentials:
-    """ASGI middleware: a bearer check on /admin and /metrics before the app reads a byte of the body.
-
-    A FastAPI dependency runs only after the body is parsed, and for an upload that means spooled to disk."""
-
-    def __init__(self, app: ASGIApp, guard_admin: bool):
-        self.app, self.guard_admin = app, guard_admin
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        admin = self.guard_admin and (path == "/admin" or path.startswith("/admin/"))
-        if not admin and not (path == "/metrics" or path.startswith("/metrics/")):
-            return await self.app(scope, receive, send)
-        gw = scope["app"].state.gateway
-        token = _bearer_of(scope)
-        caller = identify(token, gw.admin_token, gw.keys)
-        if not admin:
-            if (caller is not None and caller.role == "admin") or (gw.metrics_token
-                                                                     and same_secret(token, gw.metrics_token)):
-                return await self.app(scope, receive, send)
-            response = error_response(401, "the admin or metrics token is required (Authorization: Bearer <token>)",
-                                      type="authentication_error", code="invalid_metrics_token")
-            return await response(scope, receive, send)
-        if caller is not None and caller.role != "inference":
-            scope.setdefault("state", {})["caller"] = caller
-            return await self.app(scope, receive, send)
-        client = scope.get("client") or ("unknown",)
-        if caller is None:
-            actor, result = f"anonymous@{client[0]}", "refused: invalid admin token"
-            response = error_response(401, "an admin token or key is required (Authorization: Bearer <token>)",
-                                      type="authentication_error", code="invalid_admin_token")
-        else:
-            actor, result = caller.actor, "refused: an inference key"
-            response = error_response(403, "this key may only call /v1 (its role is inference)",
-                                      type="permission_error", code="insufficient_role")
-        await gw.audit.arecord(actor, f"{scope['method']} {path[:200]}", result=result, tenant=caller and caller.tenant)
-        await response(scope, receive, send)
-
-
-def _bearer_of(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return None

@@ -7,17 +7,18 @@ REGISTRY_POLL seconds brings up to what every replica wrote."""
 
 import asyncio
 import json
-import os
-import socket
 import sqlite3
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from server.core.periodic import every
 from server.core.config import Budget
 from server.store.documents import SHARED
-from server.core.protocol import APIError
+from server.store.location import is_object_store
+from server.store.streams import stream_id
+from server.core.errors import APIError
 
 USAGE_PREFIX = f"{SHARED}/usage/"
 FIELDS = ("requests", "prompt_tokens", "completion_tokens")
@@ -57,10 +58,10 @@ class StoreRecord:
     (`_loraplex/usage/TENANT/MINUTE/STREAM.json`), rewritten as the minute goes on; no two writers share a key."""
 
     def __init__(self, registry: str):
-        from server.registry.s3 import Bucket
+        from server.store.bucket import Bucket  # imports boto3, which a directory registry never needs
 
         self.store = Bucket(registry)
-        self.stream = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.stream = stream_id()
         self._mine: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0])
         self._dirty: set[tuple[str, int]] = set()
 
@@ -140,6 +141,10 @@ class UsageLedger:
                                     f"{retry} s", type="rate_limit_error", code="token_budget_exceeded",
                                headers={"Retry-After": str(retry)})
 
+    async def keep_current(self, poll: float) -> None:
+        """Brings the budgeted tenants' counts up to every replica's every `poll` seconds."""
+        await every(poll, self.arefresh, "reading the usage record")
+
     async def arefresh(self) -> None:
         """Brings the budgeted tenants' counts for today up to what every replica wrote, on the ledger's thread."""
         await asyncio.get_running_loop().run_in_executor(self._writer, self._refresh)
@@ -166,5 +171,5 @@ class UsageLedger:
 
 
 def usage_ledger(registry: str, state_dir: Path, budgets: dict[str, Budget]) -> UsageLedger:
-    shared = registry.startswith("s3://")
+    shared = is_object_store(registry)
     return UsageLedger(StoreRecord(registry) if shared else SqliteRecord(Path(state_dir) / "usage.db"), budgets)

@@ -6,7 +6,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from server.registry.directory import NAME_PATTERN
+from server.registry import NAME_PATTERN
 
 
 class JobError(ValueError):

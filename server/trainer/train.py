@@ -11,8 +11,9 @@ from server.core import base_model as basemodel
 from server.core.config import Settings
 from server.engine.process import private_engine
 from server.rollout.evaluation import EvalOptions, EvalSet, Scorer, compare, table
-from server.registry.directory import Version, open_registry
+from server.registry import Version, open_registry
 from server.registry.validation import WEIGHTS_FILE
+from server.core.examples import Example
 from server.trainer import data as datamod
 from server.trainer.job import Job
 
@@ -41,7 +42,7 @@ def _versions() -> dict[str, str]:
 
 def count_tokens(tokenizer: "PreTrainedTokenizerBase") -> datamod.TokenCounter:
     """Token length of a row as it is trained: chat template applied, answer included."""
-    def count(example: datamod.Example) -> int:
+    def count(example: Example) -> int:
         return len(tokenizer.apply_chat_template(example.conversation(), tokenize=True, return_dict=False))
 
     return count
@@ -100,7 +101,7 @@ def sft_config(job: Job) -> "SFTConfig":
     )
 
 
-def sft_rows(examples: list[datamod.Example]) -> list[dict]:
+def sft_rows(examples: list[Example]) -> list[dict]:
     """Conversational prompt/completion rows: TRL applies the base's chat template and trains the answer only."""
     return [{"prompt": e.messages(), "completion": [{"role": "assistant", "content": e.completion}]}
             for e in examples]

@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client import Counter as Metric
 
 from server.vllm_plugins.adapter_cache import AdapterCache, Source, matches
-from server.registry.directory import Version
+from server.registry import Version
 
 log = logging.getLogger("vllm.loraplex.residency")
 # On the engine's own /metrics (vLLM serves prometheus_client's default registry), which the gateway proxies.

@@ -21,7 +21,7 @@ from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
 from server.vllm_plugins.adapter_cache import AdapterCache
 from server.core.config import Settings
-from server.registry.directory import InvalidReference, NotFound, open_registry, parse_ref
+from server.registry import InvalidReference, NotFound, open_registry, parse_ref
 from server.vllm_plugins.residency import Residency
 
 # Under vLLM's logger, whose handlers are the only ones an engine process has.

@@ -14,7 +14,9 @@ import pytest
 
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from server.engine.process import free_port
-from tests.helpers import archive, upload, wait_until
+from tests.helpers.archives import archive
+from tests.helpers.calls import upload
+from tests.helpers.polling import wait_until
 
 IMAGE = "loraplex:latest"
 TOKEN = "container-test-admin-token"

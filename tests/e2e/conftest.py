@@ -3,19 +3,17 @@
 import os
 import random
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
-from loadtest.servers import LOADER as LOADER_PATH
 from loadtest.servers import Gateway
-from server.tenancy.keys import engine_key
-from server.core.config import Settings
 from server.trainer.demo_model import build
-from tests.helpers import write_job
+from tests.helpers.calls import Output
+from tests.helpers.e2e import ADMIN_TOKEN, LOADER, Server
+from tests.helpers.training import write_job
 
 # Different ranks and target modules; seeds are drawn per run so the tests cannot know the weights in advance.
 ADAPTERS = {
@@ -23,43 +21,6 @@ ADAPTERS = {
     "beta": (16, ALL_LINEAR),
     "gamma": (32, ["o_proj", "up_proj", "down_proj"]),
 }
-ADMIN_TOKEN = "e2e-admin-token"
-# /metrics needs the admin or metrics token.
-ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-# The engines demand the key their gateways derive from the admin token.
-ENGINE_AUTH = {"Authorization": f"Bearer {engine_key(Settings(), ADMIN_TOKEN)}"}
-# The console script `make serve` runs.
-LOADER = [LOADER_PATH]
-
-
-@dataclass
-class Server:
-    """The session's gateway (loadtest.servers.Gateway, the one way tests and benchmarks start one) and its inputs."""
-
-    gateway: Gateway
-    adapter_dirs: dict[str, Path]
-
-    @property
-    def url(self) -> str:
-        return self.gateway.url
-
-    @property
-    def env(self) -> dict:
-        return self.gateway.env
-
-    @property
-    def log(self) -> Path:
-        return self.gateway.log
-
-    @property
-    def startup(self) -> list[tuple[int, int]]:
-        return self.gateway.startup
-
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([*LOADER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def engine_url(self) -> str:
-        return self.gateway.engine_url()
 
 
 @pytest.fixture(scope="session")
@@ -116,16 +77,6 @@ def trained(server, workdir, base_model) -> subprocess.CompletedProcess:
     return r
 
 
-@dataclass(frozen=True)
-class Output:
-    token_ids: list[int]
-    text: str
-
-    def matches(self, token_ids: list[int], text: str) -> bool:
-        """Token for token; the text too, unless it ends in a partial UTF-8 character the engine holds back."""
-        return token_ids == self.token_ids and (text == self.text or self.text.endswith("\ufffd"))
-
-
 class Reference:
     """Greedy generations of PEFT + transformers in float32, the outputs the engine must reproduce."""
 
@@ -168,15 +119,6 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(base_model) -> Reference:
     return Reference(base_model)
-
-
-
-def start_gateway(server: Server, tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
-    """Another gateway in front of the session's engine, with its own state dir and any settings given."""
-    env = {**server.env, "LORAPLEX_PORT": "", "LORAPLEX_ENGINE_URLS": server.engine_url(),
-           "LORAPLEX_STATE_DIR": str(tmp_path / "state"), **env}
-    gateway = Gateway(env, tmp_path / "gateway.log", timeout=120)
-    return gateway.proc, gateway.url
 
 
 @pytest.fixture

@@ -9,8 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loadtest.adapters import AdapterFactory
-from tests.e2e.conftest import ENGINE_AUTH
-from tests.helpers import MAX_TOKENS, PROMPTS, archive, complete, same, upload, wait_until
+from tests.helpers.archives import archive
+from tests.helpers.calls import MAX_TOKENS, PROMPTS, complete, same, upload
+from tests.helpers.e2e import ENGINE_AUTH
+from tests.helpers.polling import wait_until
 
 
 def listing(admin) -> list:

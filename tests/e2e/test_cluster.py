@@ -19,9 +19,11 @@ from loadtest.adapters import AdapterFactory
 from loadtest.servers import LOADER, Engine, Gateway
 from server.vllm_plugins.adapter_cache import digest
 from server.engine.routing import rank
-from tests.conftest import BUCKET
-from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN, ENGINE_AUTH
-from tests.helpers import MAX_TOKENS, PROMPTS, archive, complete, same, series, upload, wait_until
+from tests.helpers.archives import archive
+from tests.helpers.calls import MAX_TOKENS, PROMPTS, complete, same, series, upload
+from tests.helpers.e2e import ADMIN_AUTH, ADMIN_TOKEN, ENGINE_AUTH
+from tests.helpers.object_store import BUCKET
+from tests.helpers.polling import wait_until
 
 
 @dataclass

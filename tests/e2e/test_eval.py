@@ -8,9 +8,12 @@ import pytest
 
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from server.rollout.evaluation import verdict
-from server.trainer.data import in_eval, read_rows
-from tests import eval_reference
-from tests.helpers import DEMO_DATA, archive, upload
+from server.core.examples import read_rows
+from server.trainer.data import in_eval
+from tests.helpers import eval_reference
+from tests.helpers.archives import archive
+from tests.helpers.calls import upload
+from tests.helpers.training import DEMO_DATA
 
 GENERAL = DEMO_DATA / "general.txt"
 GENERATIONS = 8

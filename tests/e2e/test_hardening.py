@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from server.engine.process import free_port
-from tests.e2e.conftest import ADMIN_TOKEN, LOADER, start_gateway
+from tests.helpers.e2e import ADMIN_TOKEN, LOADER, start_gateway
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
 

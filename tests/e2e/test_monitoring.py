@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from server.engine.process import free_port
-from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN
-from tests.helpers import complete, series, streamed_text, wait_until
+from tests.helpers.calls import complete, series, streamed_text
+from tests.helpers.e2e import ADMIN_AUTH, ADMIN_TOKEN
+from tests.helpers.polling import wait_until
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 ADAPTERS = ["alpha@1", "beta@1", "mon-third"]

@@ -7,9 +7,8 @@ import time
 
 import httpx
 
-from tests.e2e.conftest import ADMIN_AUTH
-from tests.helpers import series
-from tests.helpers import PROMPTS, complete
+from tests.helpers.calls import PROMPTS, complete, series
+from tests.helpers.e2e import ADMIN_AUTH
 
 
 def test_engine_crash_is_survived(server, client):

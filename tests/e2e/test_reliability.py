@@ -7,9 +7,9 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.conftest import ENGINE_AUTH, start_gateway
-from tests.helpers import wait_until
-from tests.helpers import series
+from tests.helpers.calls import series
+from tests.helpers.e2e import ENGINE_AUTH, start_gateway
+from tests.helpers.polling import wait_until
 
 LONG = {"prompt": "Ada and", "max_tokens": 900, "temperature": 0, "ignore_eos": True}
 

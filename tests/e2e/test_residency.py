@@ -14,9 +14,10 @@ import pytest
 from loadtest.adapters import AdapterFactory
 from loadtest.servers import Gateway
 from server.core import base_model as basemodel
-from server.registry.directory import Registry
-from tests.e2e.conftest import ADMIN_AUTH, ADMIN_TOKEN
-from tests.helpers import archive, complete, same, series
+from server.registry.directory import DirectoryRegistry
+from tests.helpers.archives import archive
+from tests.helpers.calls import complete, same, series
+from tests.helpers.e2e import ADMIN_AUTH, ADMIN_TOKEN
 
 ADAPTERS, CLIENTS, CHURNED = 96, 32, 8
 SECONDS = float(os.environ.get("LORAPLEX_RESIDENCY_SECONDS", "180"))
@@ -27,7 +28,7 @@ PROMPTS = ["How do I reset my password?", "Where is my order?", "Can I change th
 def crowded(workdir, base_model, tmp_path_factory):
     """A gateway and engine holding far fewer adapters than are asked for; the adapters' sources by name."""
     work = tmp_path_factory.mktemp("residency")
-    info, registry = basemodel.load(str(base_model)), Registry(work / "registry")
+    info, registry = basemodel.load(str(base_model)), DirectoryRegistry(work / "registry")
     factory, sources = AdapterFactory(base_model, rank=8, targets=["q_proj", "v_proj"]), {}
     for i in range(ADAPTERS):
         sources[f"r{i}"] = factory.write(work / "src" / f"r{i}", seed=1000 + i)

@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from loadtest.adapters import AdapterFactory
-from tests.e2e.conftest import ADMIN_AUTH
-from tests.helpers import archive, series, upload, wait_until
+from tests.helpers.archives import archive
+from tests.helpers.calls import series, upload
+from tests.helpers.e2e import ADMIN_AUTH
+from tests.helpers.polling import wait_until
 
 
 def test_a_canary_splits_callers_by_user_and_keeps_each_user_on_one_version(admin, server, workdir, base_model):

@@ -18,9 +18,10 @@ import psutil
 import pytest
 
 from loadtest.servers import Gateway
-from tests.e2e.conftest import ADMIN_TOKEN, ENGINE_AUTH, LOADER, start_gateway
-from tests.helpers import self_signed, wait_for
-from tests.unit.test_archive import negative_base256, octal, tar_header
+from tests.helpers.archives import negative_base256, octal, tar_header
+from tests.helpers.e2e import ADMIN_TOKEN, ENGINE_AUTH, LOADER, start_gateway
+from tests.helpers.polling import wait_for
+from tests.helpers.tls import self_signed
 
 METRICS_TOKEN = "e2e-metrics-token"
 

@@ -7,8 +7,9 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import ENGINE_AUTH
-from tests.helpers import CHATS, MAX_TOKENS, PROMPTS, chat, complete, same, streamed_text, wait_until
+from tests.helpers.calls import CHATS, MAX_TOKENS, PROMPTS, chat, complete, same, streamed_text
+from tests.helpers.e2e import ENGINE_AUTH
+from tests.helpers.polling import wait_until
 
 def test_health_answers_before_ready(server):
     assert server.startup[0][0] == 200
@@ -99,9 +100,9 @@ def test_adapter_added_while_running_is_served(client, server, reference):
 
 
 def test_alias_resolves(client, server):
-    from server.registry.directory import Registry
+    from server.registry.directory import DirectoryRegistry
 
-    Registry(server.env["LORAPLEX_REGISTRY"]).set_alias("beta", "stable", 1)
+    DirectoryRegistry(server.env["LORAPLEX_REGISTRY"]).set_alias("beta", "stable", 1)
     assert complete(client, PROMPTS[0], adapter="beta@stable")["model"] == "beta@1"
     r = client.post("/v1/completions", json={"prompt": "x", "adapter": "beta@canary"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
@@ -219,9 +220,9 @@ def test_rank_above_engine_limit_is_refused(server, workdir, base_model):
 
 
 def test_adapter_for_another_base_is_refused(client, server):
-    from server.registry.directory import Registry
+    from server.registry.directory import DirectoryRegistry
 
-    reg = Registry(server.env["LORAPLEX_REGISTRY"])
+    reg = DirectoryRegistry(server.env["LORAPLEX_REGISTRY"])
     src = reg.resolve("alpha@1").path
     foreign = reg.root / "foreign" / "1"
     shutil.copytree(src, foreign)

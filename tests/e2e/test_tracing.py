@@ -4,7 +4,8 @@
 import httpx
 
 from loadtest.servers import Gateway
-from tests.helpers import OtlpReceiver, wait_until
+from tests.helpers.otlp import OtlpReceiver
+from tests.helpers.polling import wait_until
 
 
 def test_the_engine_continues_the_gateways_trace(server, tmp_path):

@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
-from tests.helpers import DEMO_DATA, complete, same, write_job
+from tests.helpers.calls import complete, same
+from tests.helpers.training import write_job
+
 
 def test_bad_rows_stop_the_job_before_training(server, tmp_path, base_model):
     data = tmp_path / "bad.jsonl"

@@ -24,7 +24,7 @@ LINEARS = {
 
 
 @pytest.fixture
-def base(tmp_path: Path) -> basemodel.BaseModel:
+def base(tmp_path: Path) -> basemodel.BaseModelInfo:
     d = tmp_path / "base"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": HIDDEN}))
@@ -66,5 +66,5 @@ def client(tmp_path: Path) -> TestClient:
     # No `with`: the lifespan (and so the engine) never starts; validation answers before any handler runs,
     # and only the key check, which runs first, needs part of the gateway.
     app = create_app(Settings(state_dir=tmp_path, registry=tmp_path / "r"))
-    app.state.gateway = SimpleNamespace(keys=KeyStore(FileDocument(tmp_path / KEYS_FILE)))
+    app.state.access = SimpleNamespace(keys=KeyStore(FileDocument(tmp_path / KEYS_FILE)))
     return TestClient(app)
