@@ -1,4 +1,4 @@
-"""vLLM's CPU SGMV ops (a weight copy per token) against loraplex's grouped ops (server/lora_ops.py), side by side.
+"""vLLM's CPU SGMV ops (a weight copy per token) against loraplex's grouped ops (server/vllm_plugins/lora_ops.py), side by side.
 
     python -m loadtest.lora_ops_bench
 """

@@ -1,4 +1,4 @@
-"""Routing quality at a scale this machine cannot run as real engines: loraplex's own Router (server/routing.py)
+"""Routing quality at a scale this machine cannot run as real engines: loraplex's own Router (server/engine/routing.py)
 choosing among simulated engines that model vLLM's LoRA tiers, against least-loaded and random routing and an
 oracle's static placement.
 

@@ -22,7 +22,7 @@ from server.engine.client import EngineClient
 from server.store.location import is_object_store
 
 log = logging.getLogger("loraplex.engine_process")
-# Every route of the engine behind its key (server/engine_guard.py).
+# Every route of the engine behind its key (server/vllm_plugins/engine_guard.py).
 GUARD = "server.vllm_plugins.engine_guard.EngineGuard"
 
 

@@ -50,15 +50,20 @@ class DirectoryRegistry(ServingState):
         entries = {name: self.entry(name) for name in self.refresh()}
         return {name: entry for name, entry in entries.items() if entry.versions}
 
+    def listing(self, name: str) -> tuple[list[int], dict]:
+        """The adapter's versions and state as the directory holds them now."""
+        return self.versions(name), self._state(check_name(name))
+
     def entry(self, name: str) -> Entry:
         """The adapter as the directory holds it now."""
+        numbers, state = self.listing(name)
         versions = {}
-        for number in self.versions(name):
+        for number in numbers:
             try:
                 versions[number] = self.get(name, number)
             except NotFound:  # deleted while listing
                 continue
-        return Entry(self._state(name), versions)
+        return Entry(state, versions)
 
     def fetch(self, version: Version, dest: Path) -> None:
         """Copies the version's adapter files into the directory `dest`; NotFound if it was deleted meanwhile."""

@@ -154,17 +154,22 @@ class S3Registry(ServingState):
                                                              for v in numbers if (name, v) in self._manifests})
                     for name, numbers in self._snapshot.items()}
 
+    def listing(self, name: str) -> tuple[list[int], dict]:
+        """The adapter's versions and state as the store holds them now."""
+        return self._stored_versions(check_name(name)), self._read_state(name)[0]
+
     def entry(self, name: str) -> Entry:
         """The adapter as the store holds it now: a listing, its state, and the manifests not read before."""
+        numbers, state = self.listing(name)
         versions = {}
-        for number in self._stored_versions(check_name(name)):
+        for number in numbers:
             manifest = self._manifests.get((name, number))
             if manifest is None:
                 got = self.store.get(f"{name}/{number}/{MANIFEST_FILE}")
                 manifest = json.loads(got[0]) if got else None
             if manifest is not None:
                 versions[number] = Version(name, number, None, manifest)
-        return Entry(self._read_state(name)[0], versions)
+        return Entry(state, versions)
 
     def _stored_versions(self, name: str) -> list[int]:
         """Versions with a manifest in the store now (not the snapshot)."""

@@ -100,13 +100,22 @@ class RegistryView:
         ref = parse_ref(text)
         entry = self.entries.get(ref.name)
         target = decide(ref, entry, sticky, tenant) if entry is not None else None
-        if target is None:
+        if target is None and await asyncio.to_thread(self._may_use, ref.name, tenant):
             await self.areload(ref.name)
             entry = self.entries.get(ref.name)
             target = decide(ref, entry, sticky, tenant) if entry is not None else None
         if target is None:
             raise NotFound(f"adapter {ref} not found")
         return target
+
+    def _may_use(self, name: str, tenant: str | None) -> bool:
+        """Whether the adapter, as stored now, has a version `tenant` may use: decided from its listing and state
+        alone, the same reads whether the name is missing or another tenant's, so neither answer tells which."""
+        versions, state = self.registry.listing(name)
+        if not versions:
+            return False
+        # A state from before it listed public versions: the manifests (read by the reload) say.
+        return tenant is None or state.get("tenant") == tenant or bool(state.get("public", True))
 
     async def keep_current(self) -> None:
         """Renews the view every `poll` seconds, so that changes made through other gateways or the CLI take effect

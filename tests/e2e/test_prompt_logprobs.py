@@ -1,5 +1,5 @@
 """Prompt logprobs with adapters, batched: vLLM's CPU worker raised on them and took the engine down (any caller could
-send them); with server/prompt_logprobs.py each request's tokens are scored with its own adapter."""
+send them); with server/vllm_plugins/prompt_logprobs.py each request's tokens are scored with its own adapter."""
 
 import asyncio
 import math

@@ -34,14 +34,6 @@ def register(reg, base, src, name="acme", **kw):
     return reg.register(name, src, base=base, max_rank=64, **kw)
 
 
-@pytest.fixture(params=["directory", "s3"])
-def reg(request, tmp_path):
-    """The registry on each backend: every test taking it holds for a directory and for object storage."""
-    if request.param == "directory":
-        return DirectoryRegistry(tmp_path / "reg")
-    return S3Registry(request.getfixturevalue("s3_url"))
-
-
 def stored(reg, tmp_path, version) -> dict[str, bytes]:
     """The adapter files of `version` as the registry hands them out."""
     dest = tmp_path / f"fetched-{version.key}"

@@ -5,6 +5,7 @@ killed the engine (issue 24); here it is recorded as a death."""
 
 import asyncio
 import dataclasses
+import logging
 import random
 from collections import OrderedDict
 from pathlib import Path
@@ -235,6 +236,8 @@ async def test_files_stay_while_a_request_runs_on_an_evicted_or_unloaded_version
 
 
 async def test_the_bound_is_soft_while_requests_hold_adapters(tmp_path, base, adapter_factory, caplog):
+    # An earlier test that builds vLLM's API server leaves the root logger at ERROR, which would hide the warning.
+    caplog.set_level(logging.WARNING, logger="vllm.loraplex.residency")
     resolver, models, engine = stack(tmp_path, resident=2)
     names = register_many(resolver.registry, base, adapter_factory, names=4, contents=4)
     releases = [resolver.residency.pin(n) for n in names]

@@ -1,0 +1,100 @@
+"""The gateway's in-memory registry view: one parse and no store read per request for a version already seen, one
+read of the adapter for anything else, and a deleted version reported on the next reading."""
+
+import pytest
+
+from server.registry import NotFound
+from server.registry import view as view_module
+from server.registry.s3 import S3Registry
+from server.registry.view import RegistryView
+from tests.helpers.spies import count_calls
+
+
+def register(reg, base, src, name="acme", **kw):
+    return reg.register(name, src, base=base, max_rank=64, **kw)
+
+
+@pytest.fixture
+def aliased(reg, base, adapter_factory):
+    """acme@1 and @2, `stable` on 1 with a canary of 50% on 2 and a shadow of 10% on 2; hidden@1 of another tenant."""
+    for seed in (1, 2):
+        register(reg, base, adapter_factory(seed=seed), tenant="acme")
+    register(reg, base, adapter_factory(seed=3), name="hidden", tenant="other")
+    reg.set_alias("acme", "stable", 1)
+    reg.set_canary("acme", "stable", 2, 50)
+    reg.set_shadow("acme", "stable", 2, 10)
+    if isinstance(reg, S3Registry):
+        reg.max_age = 3600  # as the gateway opens it: no refresh of its own in the middle of a count
+    deleted = []
+    view = RegistryView(reg, poll=3600, on_deleted=deleted.extend)
+    view.refresh()
+    return view, deleted
+
+
+async def test_an_aliased_request_parses_once_and_reads_nothing_from_the_store(aliased, monkeypatch):
+    view, _ = aliased
+    parses = count_calls(monkeypatch, view_module, "parse_ref")
+    reads = count_calls(monkeypatch, view.registry, *REGISTRY_READS)
+    sides = set()
+    for user in range(40):
+        target = await view.resolve("acme@stable", f"key:{user}", "acme")
+        sides.add(target.version.version)
+        # The shadow comes with the answer, for the side that is not the shadow's own version.
+        assert target.shadow == (None if target.version.version == 2 else (10, view.entries["acme"].versions[2]))
+    assert sides == {1, 2}  # the canary splits callers
+    assert parses.count == 40 and reads.count == 0
+
+
+async def test_the_same_caller_stays_on_one_side_of_a_canary(aliased):
+    view, _ = aliased
+    assert len({(await view.resolve("acme@stable", "key:7", None)).version.version for _ in range(20)}) == 1
+
+
+async def test_a_version_not_seen_yet_is_read_once_and_then_served_from_memory(aliased, base, adapter_factory,
+                                                                                monkeypatch):
+    view, _ = aliased
+    register(view.registry, base, adapter_factory(seed=4), tenant="acme")
+    reads = count_calls(monkeypatch, view.registry, "listing", "entry")
+    assert (await view.resolve("acme@3", None, "acme")).version.version == 3
+    first = list(reads.calls)
+    assert (await view.resolve("acme@3", None, "acme")).version.version == 3
+    assert first[0] == "listing" and "entry" in first and reads.calls == first
+
+
+async def test_another_tenants_adapter_is_refused_after_the_same_reads_as_a_missing_one(aliased, monkeypatch):
+    view, _ = aliased
+    reads = count_calls(monkeypatch, view.registry, "listing", "entry", *REGISTRY_READS)
+    work = []
+    for ref in ("hidden", "missing"):
+        reads.calls.clear()
+        with pytest.raises(NotFound, match=f"adapter {ref} not found"):
+            await view.resolve(ref, None, "acme")
+        work.append(list(reads.calls))
+    assert work[0] == work[1] and work[0][0] == "listing" and "entry" not in work[0]
+    assert (await view.resolve("hidden", None, None)).version.key == "hidden@1"  # an operator sees it
+
+
+async def test_a_version_deleted_elsewhere_is_reported_and_refused_after_the_next_reading(aliased):
+    view, deleted = aliased
+    view.registry.delete_version("acme", 1)
+    assert (await view.resolve("acme@1", None, None)).version.version == 1  # until the view is renewed
+    assert view.refresh() == ["acme@1"]
+    with pytest.raises(NotFound):
+        await view.resolve("acme@1", None, None)
+
+
+async def test_a_write_through_this_gateway_is_served_at_once(aliased):
+    view, deleted = aliased
+    view.registry.set_alias("acme", "stable", 2)
+    await view.areload("acme")
+    assert (await view.resolve("acme@stable", "key:1", None)).version.version == 2
+    view.registry.delete("acme")
+    await view.areload("acme")
+    assert sorted(deleted) == ["acme@1", "acme@2"]
+    with pytest.raises(NotFound):
+        await view.resolve("acme", None, None)
+
+
+# Every way a backend reads its store or its snapshot.
+REGISTRY_READS = ("versions", "get", "names", "state", "tenant", "aliases", "alias_table", "shadows", "resolve",
+                  "read_all", "refresh", "_state", "_alias_state", "_read_state", "_stored_versions")
