@@ -31,11 +31,11 @@ from loadtest import routing_bench
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from loadtest.servers import LOADER, BareRelay, Gateway, ObjectStore, wait_ready
 from server.core import base_model as basemodel
-from server.registry.archive import pack_archive
-from server.tenancy.keys import engine_key
 from server.core.config import Settings
 from server.engine.process import free_port
+from server.registry.archive import pack_archive
 from server.registry.directory import DirectoryRegistry
+from server.tenancy.keys import engine_key
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"

@@ -35,6 +35,7 @@ import psutil
 
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
 from loadtest.servers import Engine, Gateway
+from server.engine.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "loadtest" / "results" / "layout-before-after.md"
@@ -137,7 +138,7 @@ def timed(client: httpx.Client, url: str, body: dict, headers: dict[str, str]) -
     return elapsed, r.json()["usage"]["completion_tokens"]
 
 
-def latency(sides: list[Side], engine: Engine, adapters: list[Adapter], pairs: int) -> list[int]:
+def latency(sides: list[Side], engine_url: str, adapters: list[Adapter], pairs: int) -> list[int]:
     """`pairs` paired requests (gateway, direct) per side, one at a time; the first round over the adapters warms
     them up and is not kept. Returns the completion token counts seen."""
     tokens = []
@@ -146,16 +147,35 @@ def latency(sides: list[Side], engine: Engine, adapters: list[Adapter], pairs: i
             name, key = adapters[i % len(adapters)]
             body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
             for side in sides if i % 2 == 0 else sides[::-1]:
-                legs = [(side.gateway.url, name, {}), (engine.url, key, ENGINE_AUTH)]
+                legs = [(side.gateway.url, name, {}), (engine_url, key, ENGINE_AUTH)]
                 took = {}
                 for url, model, headers in legs if (i // 2) % 2 == 0 else legs[::-1]:
                     took[url], made = timed(client, url, {**body, "model": model}, headers)
                     tokens.append(made)
                 if i >= 0:
                     side.gateway_ms.append(1000 * took[side.gateway.url])
-                    side.direct_ms.append(1000 * took[engine.url])
+                    side.direct_ms.append(1000 * took[engine_url])
                     side.added_ms.append(side.gateway_ms[-1] - side.direct_ms[-1])
     return tokens
+
+
+def stub_latency(sides: list[Side], work: Path, base: Path, adapters: list[Adapter], pairs: int) -> list[Side]:
+    """The same pairs in front of a stand-in engine that answers at once: what the gateway adds, without vLLM's
+    jitter of tens of milliseconds in every difference. New gateways of each side, stopped before returning."""
+    port = free_port()
+    stub = subprocess.Popen([sys.executable, "-m", "loadtest.stub_engine", "--port", str(port), "--tokens",
+                             str(TOKENS), "--gap", "0", "--serves", ",".join(key for _, key in adapters)], cwd=ROOT)
+    url, measured = f"http://127.0.0.1:{port}", [Side(s.label, s.rev, s.root) for s in sides]
+    with ExitStack() as stack:
+        stack.callback(stub.wait, 10)
+        stack.callback(stub.terminate)
+        for side in measured:
+            side.gateway = Gateway({**common_env(work, base), "LORAPLEX_ENGINE_URLS": url,
+                                    "LORAPLEX_STATE_DIR": str(work / "state"), "PYTHONPATH": str(side.root)},
+                                   work / f"gateway-stub-{side.label}.log", timeout=120)
+            stack.callback(side.gateway.stop)
+        latency(measured, url, adapters, pairs)
+    return measured
 
 
 def request(i: int, adapters: list[Adapter]) -> tuple[str, dict]:
@@ -240,7 +260,8 @@ def cpu_table(old: Side, new: Side) -> list[str]:
     return rows + ["", f"Median of the per-round new/old ratios: {statistics.median(ratios):.3f} (target ≤ 1.05)."]
 
 
-def report(sides: list[Side], args: argparse.Namespace, tokens: list[int], adapters: int, seconds: float) -> str:
+def report(sides: list[Side], stubbed: list[Side], args: argparse.Namespace, tokens: list[int], adapters: int,
+           seconds: float) -> str:
     """The results as markdown."""
     old, new = sides
     exact = sum(t == TOKENS for t in tokens)
@@ -254,6 +275,9 @@ def report(sides: list[Side], args: argparse.Namespace, tokens: list[int], adapt
         "Each gateway request is paired with the same body sent straight to the engine (model `name@version`) "
         "right before or after it; added = gateway − direct, per pair.", "",
         *latency_table(old, new), "",
+        "The same pairs over a stand-in engine (`loadtest.stub_engine`, answering at once with 24 tokens of text): "
+        "the gateway's own added latency, without the engine's jitter.", "",
+        *latency_table(*stubbed), "",
         f"## Gateway CPU per request: {args.requests} requests per round at {args.concurrency} clients", "",
         "Completions and chats, streamed and not, in turn; user + system CPU of the gateway process alone; "
         "rounds alternate old and new, the order flipped every round.", "",
@@ -270,10 +294,12 @@ def run(args: argparse.Namespace, work: Path, stack: ExitStack) -> str:
     adapters = register(sides[0], work, base, args.adapters)
     engine = start(sides, work, base, stack)
     print(f"latency: {args.pairs} pairs per gateway, one request at a time", flush=True)
-    tokens = latency(sides, engine, adapters, args.pairs)
+    tokens = latency(sides, engine.url, adapters, args.pairs)
+    print(f"latency over a stand-in engine: {args.stub_pairs} pairs per gateway", flush=True)
+    stubbed = stub_latency(sides, work, base, adapters, args.stub_pairs)
     print(f"gateway CPU: {args.rounds} rounds of {args.requests} requests at {args.concurrency} clients", flush=True)
     cpu(sides, adapters, args)
-    return report(sides, args, tokens, len(adapters), time.monotonic() - t0)
+    return report(sides, stubbed, args, tokens, len(adapters), time.monotonic() - t0)
 
 
 def main() -> int:
@@ -282,7 +308,8 @@ def main() -> int:
     p.add_argument("--new", default=None, help="git revision of the new gateway (default: the working tree)")
     p.add_argument("--rounds", type=int, default=3, help="CPU rounds per gateway")
     p.add_argument("--requests", type=int, default=240, help="requests per CPU round")
-    p.add_argument("--pairs", type=int, default=200, help="latency pairs per gateway")
+    p.add_argument("--pairs", type=int, default=200, help="latency pairs per gateway in front of vLLM")
+    p.add_argument("--stub-pairs", type=int, default=1000, help="latency pairs per gateway in front of the stand-in")
     p.add_argument("--concurrency", type=int, default=12, help="clients in a CPU round")
     p.add_argument("--adapters", type=int, default=4, help="adapters registered and named in turn")
     p.add_argument("--base-model", default="models/demo-base")

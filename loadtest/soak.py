@@ -27,8 +27,8 @@ import httpx
 from loadtest.adapters import AdapterFactory
 from loadtest.servers import LOADER, Gateway
 from server.core import base_model as basemodel
-from server.registry.directory import DirectoryRegistry
 from server.registry.archive import pack_archive
+from server.registry.directory import DirectoryRegistry
 
 ADMIN_TOKEN = "soak-admin-token"
 IN_FLIGHT_LIMIT = 8

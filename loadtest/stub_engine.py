@@ -1,7 +1,7 @@
 """A stand-in vLLM engine that computes nothing: /health, /metrics, /v1/completions (streamed or not), and an
 adapter it always fails to load. The relay benchmark measures the gateway against it; tests fault-inject with it.
 
-    python -m loadtest.stub_engine --port 8400 [--tokens 32] [--gap 0.005]
+    python -m loadtest.stub_engine --port 8400 [--tokens 32] [--gap 0.005] [--serves name@1,other@2]
 """
 
 import argparse
@@ -106,9 +106,10 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--gap", type=float, default=0.005, help="seconds between token events")
+    p.add_argument("--serves", default="", help="comma-separated adapter versions (name@version) it answers")
     args = p.parse_args()
-    web.run_app(StubEngine(args.tokens, args.gap, port=args.port).app(), host="127.0.0.1", port=args.port,
-                print=None, access_log=None)
+    engine = StubEngine(args.tokens, args.gap, port=args.port, serves=frozenset(filter(None, args.serves.split(","))))
+    web.run_app(engine.app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ import asyncio
 import logging
 from collections import defaultdict
 
-from server.observability.metrics import Metrics
 from server.engine.routing import Backend
+from server.observability.metrics import Metrics
 
 log = logging.getLogger("loraplex.supervisor")
 

@@ -22,26 +22,33 @@ from pydantic import BaseModel, Field
 
 from server.core.base_model import BaseModelInfo
 from server.core.config import Settings
+from server.core.durations import parse_since
+from server.core.errors import APIError
+from server.core.examples import DataError, parse_row
 from server.engine.retirement import Retirement
+from server.gateway.auth import admin_caller
+from server.gateway.client_watch import ClientWatch, client_left
+from server.gateway.errors import registry_error
 from server.gateway.evaluations import Evaluator
 from server.observability.audit import AuditLog
-from server.registry import Registry
+from server.registry import (
+    LATEST,
+    MAX_VERSION,
+    InvalidReference,
+    NotFound,
+    Registry,
+    RegistryError,
+    Version,
+    check_name,
+)
+from server.registry.archive import Limits, unpack_isolated
+from server.registry.validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest
 from server.registry.view import RegistryView
-from server.rollout.rollouts import Rollouts
+from server.rollout.evaluation import MAX_GENERAL_TEXT, MAX_ROWS, EvalOptions, EvalSet, table
+from server.rollout.rollouts import Rollouts, RolloutSpec
+from server.tenancy.keys import Caller
 from server.tenancy.usage import UsageLedger
 
-from server.registry.archive import Limits, unpack_isolated
-from server.core.durations import parse_since
-from server.gateway.auth import admin_caller
-from server.tenancy.keys import Caller
-from server.gateway.client_watch import ClientWatch, client_left
-from server.rollout.evaluation import MAX_GENERAL_TEXT, MAX_ROWS, EvalOptions, EvalSet, table
-from server.core.errors import APIError
-from server.gateway.errors import registry_error
-from server.registry import Conflict, InvalidReference, LATEST, MAX_VERSION, NotFound, RegistryError, Version, check_name
-from server.rollout.rollouts import RolloutSpec
-from server.core.examples import DataError, parse_row
-from server.registry.validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest
 
 
 @dataclass(kw_only=True)

@@ -13,7 +13,7 @@ from server.core.config import Settings
 from server.core.errors import APIError
 from server.core.protocol import ChatCompletionRequest, OpenAIRequest
 from server.engine.client import EngineAnswer, Unreachable, refusal, too_large
-from server.engine.routing import Backend, Router
+from server.engine.routing import Router
 from server.gateway.auth import bearer
 from server.gateway.client_watch import ClientWatch, client_left
 from server.gateway.context import RequestContext

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from server.observability.request_ids import REQUEST_ID
 from server.store.documents import SHARED
 from server.store.location import is_object_store
 from server.store.streams import stream_id
-from server.observability.request_ids import REQUEST_ID
 
 AUDIT_PREFIX = f"{SHARED}/audit/"
 ROTATE_BYTES = 16 * 2**20

@@ -3,19 +3,9 @@ evaluation records; and how a reference resolves against them."""
 
 import hashlib
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.registry.refs import (
-    LATEST,
-    InvalidReference,
-    NotFound,
-    Ref,
-    Version,
-    check_alias,
-    check_name,
-    parse_ref,
-)
+from server.registry.refs import LATEST, InvalidReference, NotFound, Ref, Version, check_alias, check_name, parse_ref
 
 
 @dataclass(frozen=True)

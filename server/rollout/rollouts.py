@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field, field_validator
 
 from server.core.periodic import every
 from server.observability.audit import AuditLog
+from server.registry import Conflict, InvalidReference, RegistryError
 from server.store.documents import Document
 from server.store.streams import stream_id
-from server.registry import Conflict, InvalidReference, RegistryError
 
 log = logging.getLogger("loraplex.rollout")
 

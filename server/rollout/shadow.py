@@ -12,11 +12,11 @@ import logging
 import random
 import time
 
-from server.engine.client import EngineError, Unreachable
-from server.observability.metrics import Metrics
 from server.core.errors import APIError
-from server.registry import Version
+from server.engine.client import EngineError, Unreachable
 from server.engine.routing import Router
+from server.observability.metrics import Metrics
+from server.registry import Version
 
 log = logging.getLogger("loraplex.shadow")
 

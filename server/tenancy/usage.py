@@ -13,12 +13,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from server.core.periodic import every
 from server.core.config import Budget
+from server.core.errors import APIError
+from server.core.periodic import every
 from server.store.documents import SHARED
 from server.store.location import is_object_store
 from server.store.streams import stream_id
-from server.core.errors import APIError
 
 USAGE_PREFIX = f"{SHARED}/usage/"
 FIELDS = ("requests", "prompt_tokens", "completion_tokens")

@@ -1,7 +1,6 @@
 """Training data: reads chat, prompt/completion and Alpaca rows, curates them, splits train and eval."""
 
 import hashlib
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 from server.core import base_model as basemodel
 from server.core.config import Settings
+from server.core.examples import Example
 from server.engine.process import private_engine
-from server.rollout.evaluation import EvalOptions, EvalSet, Scorer, compare, table
 from server.registry import Version, open_registry
 from server.registry.validation import WEIGHTS_FILE
-from server.core.examples import Example
+from server.rollout.evaluation import EvalOptions, EvalSet, Scorer, compare, table
 from server.trainer import data as datamod
 from server.trainer.job import Job
 

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from server.registry import Version
 from server.core.digest import sha256_file
+from server.registry import Version
 from server.registry.validation import CONFIG_FILE, WEIGHTS_FILE
 
 # Under vLLM's logger: the cache runs in the engine, whose handlers are vLLM's.

@@ -19,8 +19,8 @@ from typing import Any
 
 from prometheus_client import Counter as Metric
 
-from server.vllm_plugins.adapter_cache import AdapterCache, Source, matches
 from server.registry import Version
+from server.vllm_plugins.adapter_cache import AdapterCache, Source, matches
 
 log = logging.getLogger("vllm.loraplex.residency")
 # On the engine's own /metrics (vLLM serves prometheus_client's default registry), which the gateway proxies.

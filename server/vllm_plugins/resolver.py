@@ -19,9 +19,9 @@ from prometheus_client import Counter
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from server.vllm_plugins.adapter_cache import AdapterCache
 from server.core.config import Settings
 from server.registry import InvalidReference, NotFound, open_registry, parse_ref
+from server.vllm_plugins.adapter_cache import AdapterCache
 from server.vllm_plugins.residency import Residency
 
 # Under vLLM's logger, whose handlers are the only ones an engine process has.

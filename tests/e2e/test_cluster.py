@@ -17,8 +17,8 @@ import pytest
 
 from loadtest.adapters import AdapterFactory
 from loadtest.servers import LOADER, Engine, Gateway
-from server.vllm_plugins.adapter_cache import digest
 from server.engine.routing import rank
+from server.vllm_plugins.adapter_cache import digest
 from tests.helpers.archives import archive
 from tests.helpers.calls import MAX_TOKENS, PROMPTS, complete, same, series, upload
 from tests.helpers.e2e import ADMIN_AUTH, ADMIN_TOKEN, ENGINE_AUTH

@@ -1,8 +1,8 @@
 import httpx
 
-from server.gateway.app import create_app
 from server.core.config import Settings
 from server.engine.process import free_port
+from server.gateway.app import create_app
 
 
 async def test_unreachable_engine_is_503(base_model, tmp_path):

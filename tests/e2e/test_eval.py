@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
-from server.rollout.evaluation import verdict
 from server.core.examples import read_rows
+from server.rollout.evaluation import verdict
 from server.trainer.data import in_eval
 from tests.helpers import eval_reference
 from tests.helpers.archives import archive

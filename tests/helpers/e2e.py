@@ -4,8 +4,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.servers import LOADER as LOADER_PATH
 from loadtest.servers import Gateway
+from loadtest.servers import LOADER as LOADER_PATH
 from server.core.config import Settings
 from server.tenancy.keys import engine_key
 

@@ -4,8 +4,8 @@ measurements before they moved to the engine, one example and one window at a ti
 import math
 from typing import TYPE_CHECKING
 
-from server.rollout.evaluation import generation_scores
 from server.core.examples import Example
+from server.rollout.evaluation import generation_scores
 
 if TYPE_CHECKING:
     from peft import PeftModel

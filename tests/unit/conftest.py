@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 from fastapi.testclient import TestClient
 
 from server.core import base_model as basemodel
-from server.gateway.app import create_app
-from server.tenancy.keys import KEYS_FILE, KeyStore
 from server.core.config import Settings
+from server.gateway.app import create_app
 from server.store.documents import FileDocument
+from server.tenancy.keys import KEYS_FILE, KeyStore
 
 HIDDEN, INTER = 8, 12
 # Linear weights of a one-layer Llama-shaped model: {module: (out_features, in_features)}.

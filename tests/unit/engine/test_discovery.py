@@ -1,6 +1,6 @@
+from loadtest.stub_engine import StubEngine
 from server.engine.discovery import Discovery
 from server.engine.routing import Backend, Router
-from loadtest.stub_engine import StubEngine
 from tests.helpers.in_process import FakeEngine, gateway_over, ready
 from tests.helpers.polling import wait_for
 

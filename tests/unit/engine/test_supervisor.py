@@ -1,8 +1,8 @@
 import asyncio
 
-from server.observability.metrics import Metrics
 from server.engine.routing import Backend
 from server.engine.supervisor import Supervisor
+from server.observability.metrics import Metrics
 from tests.helpers.in_process import FakeEngine
 
 

@@ -3,8 +3,8 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from server.gateway.app import create_admin_app, create_app
 from server.core.config import Settings
+from server.gateway.app import create_admin_app, create_app
 
 
 def test_cors_is_off_by_default(client):

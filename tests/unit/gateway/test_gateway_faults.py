@@ -3,8 +3,8 @@
 import asyncio
 import time
 
-from server.engine.process import free_port
 from loadtest.stub_engine import StubEngine
+from server.engine.process import free_port
 from tests.helpers.in_process import gateway_over, ready
 from tests.helpers.polling import wait_for
 from tests.helpers.tls import self_signed

@@ -11,19 +11,19 @@ from fastapi.responses import Response
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.tenancy.admission import Admission
+from server.core.errors import APIError
+from server.core.protocol import CompletionRequest
 from server.engine.client import EngineClient
-from server.observability.metrics import Metrics, RequestTimer
 from server.engine.process import free_port
+from server.engine.routing import Backend, Router
 from server.gateway.context import RequestContext
 from server.gateway.relay import Usage
 from server.gateway.relay import relay_body as _relay_body
 from server.gateway.relay import relay_events as _relay
 from server.gateway.relay import whole_usage as _usage
 from server.gateway.serving import Serving
-from server.core.errors import APIError
-from server.core.protocol import CompletionRequest
-from server.engine.routing import Backend, Router
+from server.observability.metrics import Metrics, RequestTimer
+from server.tenancy.admission import Admission
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 EVENTS = [b'data: {"choices":[{"text":"a"}]}', b'data: {"choices":[{"text":"b"}]}',

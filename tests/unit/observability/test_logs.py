@@ -5,9 +5,9 @@ import logging
 
 from fastapi.testclient import TestClient
 
-from server.observability import logs
-from server.gateway.app import create_app
 from server.core.config import Settings
+from server.gateway.app import create_app
+from server.observability import logs
 
 
 def test_a_percent_encoded_line_break_in_the_path_cannot_forge_an_access_log_line(tmp_path):

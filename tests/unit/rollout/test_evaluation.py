@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from server.rollout.evaluation import EvalOptions, EvalSet, Scorer, compare, table, verdict
 from server.core.examples import Example
+from server.rollout.evaluation import EvalOptions, EvalSet, Scorer, compare, table, verdict
 
 GEN_PROMPT = 1  # the token the scripted chat template appends for add_generation_prompt
 

@@ -1,8 +1,8 @@
 import pytest
 
-from server.tenancy.admission import Admission
 from server.core.errors import APIError
 from server.engine.routing import Backend
+from server.tenancy.admission import Admission
 from tests.helpers.in_process import FakeEngine
 
 

@@ -2,9 +2,18 @@ import stat
 
 import pytest
 
-from server.tenancy.keys import ADMIN_TOKEN_CALLER, KEYS_FILE, Caller, KeyStore, admin_token, hash_key, identify, same_secret
-from server.store.documents import FileDocument, StoreDocument
 from server.core.config import Settings
+from server.store.documents import FileDocument, StoreDocument
+from server.tenancy.keys import (
+    ADMIN_TOKEN_CALLER,
+    KEYS_FILE,
+    Caller,
+    KeyStore,
+    admin_token,
+    hash_key,
+    identify,
+    same_secret,
+)
 
 
 def tenant_of(store: KeyStore, key: str) -> str | None:

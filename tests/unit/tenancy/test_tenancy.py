@@ -7,8 +7,8 @@ import math
 import pytest
 
 from loadtest.stub_engine import USAGE, StubEngine
-from server.tenancy.keys import KEYS_FILE, KeyStore
 from server.store.documents import FileDocument
+from server.tenancy.keys import KEYS_FILE, KeyStore
 from tests.helpers.archives import archive
 from tests.helpers.in_process import gateway_over, ready
 from tests.helpers.polling import wait_for

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from server.vllm_plugins.adapter_cache import AdapterCache, CorruptAdapter
 from server.registry.directory import DirectoryRegistry
+from server.vllm_plugins.adapter_cache import AdapterCache, CorruptAdapter
 
 
 def register(reg, base, src, name="acme"):

@@ -8,8 +8,8 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
 from server.core.config import Settings
-from server.vllm_plugins.engine_guard import OPEN, REFUSED
 from server.engine.process import engine_command
+from server.vllm_plugins.engine_guard import OPEN, REFUSED
 
 KEY = "engine-key-for-tests"
 GUARDS = "adapters are loaded only by loraplex's resolver"  # the guard's own refusal, told from vLLM's answers

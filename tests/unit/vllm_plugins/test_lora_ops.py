@@ -3,8 +3,8 @@ import torch
 from vllm.lora.ops import torch_ops as vllm_ops
 from vllm.lora.punica_wrapper import punica_cpu
 
-from server.vllm_plugins import lora_ops
 from server.core.config import LORA_OPS_ENV
+from server.vllm_plugins import lora_ops
 
 SLOTS, RANK, HIDDEN, OUT = 6, 4, 24, 40
 

@@ -18,11 +18,11 @@ from vllm.entrypoints.serve.engine.serving import BaseServing
 from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 from vllm.exceptions import LoRAAdapterNotFoundError, VLLMNotFoundError
 
-from server.vllm_plugins import residency as residency_module
 from server.core.config import Settings
+from server.core.digest import sha256_file
 from server.registry import NotFound
 from server.registry.directory import DirectoryRegistry
-from server.core.digest import sha256_file
+from server.vllm_plugins import residency as residency_module
 from server.vllm_plugins.resolver import RegistryResolver, install, pinned
 
 CONFIG = "adapter_config.json"
