@@ -39,8 +39,9 @@ class Settings(BaseSettings):
                                 "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)."
     )
     registry_poll: float = Field(
-        0.5, gt=0, description="Seconds between a gateway's readings of an object-store registry: how soon a change "
-                               "made through another gateway or the CLI takes effect on this one."
+        0.5, gt=0, description="Seconds between a gateway's readings of its registry, which it serves from memory: "
+                               "how soon a change made through another gateway or the CLI takes effect on this one (a "
+                               "version or alias it has not seen is read at once)."
     )
     adapter_cache: Path | None = Field(
         None, description="An engine's local copies of the adapters it fetched from the registry; one directory per "

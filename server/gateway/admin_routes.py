@@ -67,7 +67,7 @@ class Admin:
     archive_slots: asyncio.Semaphore  # LORAPLEX_ARCHIVE_WORKERS uploads unpacked at once
 
 
-def _gateway(request: Request) -> Admin:
+def _admin(request: Request) -> Admin:
     return request.app.state.admin
 
 
@@ -86,7 +86,7 @@ class AuditedRoute(APIRoute):
                 message = error.message if isinstance(error, APIError) else str(error.errors()[:1])
                 caller: Caller = request.state.caller
                 adapter = request.path_params.get("name") or getattr(request.state, "adapter", None)
-                await _gateway(request).audit.arecord(caller.actor, self.name, adapter and str(adapter)[:200],
+                await _admin(request).audit.arecord(caller.actor, self.name, adapter and str(adapter)[:200],
                                                       result=f"refused: {status} {message}"[:1000],
                                                       tenant=caller.tenant, reason=request.query_params.get("reason"))
                 raise
@@ -99,9 +99,9 @@ VersionParam = PathParam(ge=1, le=MAX_VERSION)
 Reason = Query(None, max_length=1000, description="Why, for the audit log.")
 
 
-def _owned(gw: Admin, caller: Caller, name: str) -> str | None:
+def _owned(admin: Admin, caller: Caller, name: str) -> str | None:
     """The adapter's tenant; for a tenant-admin, another tenant's adapter is refused exactly as a missing one."""
-    owner = gw.registry.tenant(check_name(name))
+    owner = admin.registry.tenant(check_name(name))
     if caller.tenant is not None and owner != caller.tenant:
         raise NotFound(f"adapter {name!r} not found")
     return owner
@@ -110,7 +110,7 @@ def _owned(gw: Admin, caller: Caller, name: str) -> str | None:
 async def _audit(request: Request, caller: Caller, action: str, name: str, version: int | None = None,
                  sha256: str | None = None, **detail) -> None:
     """One audit line for a change, under the caller's name, with its reason if it gave one."""
-    await _gateway(request).audit.arecord(caller.actor, action, name, version, sha256,
+    await _admin(request).audit.arecord(caller.actor, action, name, version, sha256,
                                           reason=request.query_params.get("reason"), **detail)
 
 
@@ -141,17 +141,17 @@ class CanaryBody(BaseModel):
     weight: float = Field(gt=0, lt=100, description="Percent of the alias's callers sent to `version`.")
 
 
-def _sha(gw: Admin, name: str, version: int) -> str | None:
+def _sha(admin: Admin, name: str, version: int) -> str | None:
     try:
-        return gw.registry.get(name, version).manifest["files"][WEIGHTS_FILE]["sha256"]
+        return admin.registry.get(name, version).manifest["files"][WEIGHTS_FILE]["sha256"]
     except (NotFound, InvalidReference, KeyError):
         return None
 
 
-def _summary(gw: Admin, name: str) -> dict:
-    aliases = gw.registry.aliases(name)
-    return {"name": name, "tenant": gw.registry.tenant(name), "versions": gw.registry.versions(name),
-            "aliases": aliases, "latest": gw.registry.get(name, aliases[LATEST]).manifest}
+def _summary(admin: Admin, name: str) -> dict:
+    aliases = admin.registry.aliases(name)
+    return {"name": name, "tenant": admin.registry.tenant(name), "versions": admin.registry.versions(name),
+            "aliases": aliases, "latest": admin.registry.get(name, aliases[LATEST]).manifest}
 
 
 @router.post("/adapters", status_code=201)
@@ -171,7 +171,7 @@ async def upload(
     reason: str | None = Reason,
     caller: Caller = Depends(admin_caller),
 ) -> dict:
-    gw = _gateway(request)
+    admin = _admin(request)
     request.state.adapter = name[:200]
     check_name(name)
     tenant = _upload_tenant(caller, tenant)
@@ -179,9 +179,9 @@ async def upload(
     evalset = await _arrival_eval_set(eval_data, general_text, promote, max_forgetting)
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-upload-"))
     try:
-        unpacked = await _unpack(gw, file, work)
-        version = await asyncio.to_thread(_register, gw, unpacked, name, tenant, public, file.filename)
-        await gw.view.areload(name)
+        unpacked = await _unpack(admin, file, work)
+        version = await asyncio.to_thread(_register, admin, unpacked, name, tenant, public, file.filename)
+        await admin.view.areload(name)
     except InvalidAdapter as e:
         raise APIError(400, str(e), param="file", code="invalid_adapter") from None
     finally:
@@ -199,8 +199,8 @@ async def _alias_upload(request: Request, caller: Caller, version: Version, alia
                         tenant: str | None) -> None:
     """Points `alias` at the version just uploaded; a refused alias leaves the version registered, and says so."""
     try:
-        await asyncio.to_thread(_gateway(request).registry.set_alias, version.name, alias, version.version)
-        await _gateway(request).view.areload(version.name)
+        await asyncio.to_thread(_admin(request).registry.set_alias, version.name, alias, version.version)
+        await _admin(request).view.areload(version.name)
     except InvalidReference as e:
         raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
     await _audit(request, caller, "alias", version.name, version.version, sha, tenant=tenant, alias=alias)
@@ -213,7 +213,7 @@ async def _evaluate_arrival(request: Request, caller: Caller, version: Version, 
     evaluation = await _evaluate(request, caller, name, version.version, evalset, "base", tenant)
     if promote == "auto":
         if evaluation["passed"]:
-            await asyncio.to_thread(_gateway(request).registry.set_alias, name, "stable", version.version)
+            await asyncio.to_thread(_admin(request).registry.set_alias, name, "stable", version.version)
         await _audit(request, caller, "promote_auto", name, version.version,
                      version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant, alias="stable",
                      result="ok" if evaluation["passed"] else f"refused: {evaluation['verdict']}")
@@ -261,20 +261,20 @@ def _upload_tenant(caller: Caller, tenant: str | None) -> str:
                                      "required (the tenant that owns the adapter)"), "tenant")
 
 
-async def _unpack(gw: Admin, file: UploadFile, work: Path) -> Path:
+async def _unpack(admin: Admin, file: UploadFile, work: Path) -> Path:
     """Unpacks the upload in a child process of its own, a few at a time, bounded in time and memory."""
-    s = gw.settings
+    s = admin.settings
     unpacked = work / "adapter"
     unpacked.mkdir()
-    async with gw.archive_slots:
+    async with admin.archive_slots:
         await unpack_isolated(file.file, unpacked, Limits(s.max_archive_members, s.max_unpacked_bytes),
                               s.archive_timeout, s.archive_memory)
     return unpacked
 
 
-def _register(gw: Admin, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
-    check_exported_manifest(unpacked, gw.base)
-    return gw.registry.register(name, unpacked, base=gw.base, max_rank=gw.settings.max_lora_rank, tenant=tenant,
+def _register(admin: Admin, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
+    check_exported_manifest(unpacked, admin.base)
+    return admin.registry.register(name, unpacked, base=admin.base, max_rank=admin.settings.max_lora_rank, tenant=tenant,
                                 public=public, origin=f"upload:{(filename or '')[:200]}")
 
 
@@ -310,17 +310,17 @@ def _jsonl_rows(content: bytes, where: str) -> list:
 async def _evaluate(request: Request, caller: Caller, name: str, version: int, evalset: EvalSet, against: str,
                     tenant: str | None) -> dict:
     """Scores the version on an engine, keeps the summary beside it (the rollout gate reads it) and audits it."""
-    gw = _gateway(request)
+    admin = _admin(request)
     # Its engine calls are abandoned (and so aborted by vLLM) when the caller leaves.
     async with ClientWatch(request.receive)(leaving=client_left):
-        result = await gw.evaluator.evaluate(name, version, evalset, against, tenant)
+        result = await admin.evaluator.evaluate(name, version, evalset, against, tenant)
     result["table"] = table(result)
     summary = {k: v for k, v in result.items() if k != "table"}
     summary["reference"], summary["candidate"] = (
         {k: v for k, v in summary[side].items() if k != "samples"} for side in ("reference", "candidate"))
     summary["time"] = time.time()
-    await asyncio.to_thread(gw.registry.record_evaluation, name, version, summary)
-    await _audit(request, caller, "eval", name, version, await asyncio.to_thread(_sha, gw, name, version),
+    await asyncio.to_thread(admin.registry.record_evaluation, name, version, summary)
+    await _audit(request, caller, "eval", name, version, await asyncio.to_thread(_sha, admin, name, version),
                  tenant=tenant, against=result["reference_model"], passed=result["passed"],
                  verdict=result["verdict"])
     return result
@@ -330,7 +330,7 @@ async def _evaluate(request: Request, caller: Caller, name: str, version: int, e
 async def evaluate(name: str, body: EvalBody, request: Request, version: int = VersionParam,
                    reason: str | None = Reason, caller: Caller = Depends(admin_caller)) -> dict:
     """Scores a version through the engine (held-out loss, exact match, ROUGE-L, forgetting) beside `against`."""
-    owner = await asyncio.to_thread(_owned, _gateway(request), caller, name)
+    owner = await asyncio.to_thread(_owned, _admin(request), caller, name)
     options = EvalOptions(**body.model_dump(include=set(EvalOptions.model_fields)))
     evalset = _eval_set(body.rows, body.general_text, options, "rows")
     return await _evaluate(request, caller, name, version, evalset, body.against, owner)
@@ -342,14 +342,14 @@ async def list_adapters(request: Request, tenant: str | None = Query(None),
     """Every adapter, or one tenant's; a tenant-admin sees its own tenant's only."""
     if not _in_scope(caller, tenant):
         return {"object": "list", "data": []}
-    return await asyncio.to_thread(_list, _gateway(request), caller.tenant or tenant)
+    return await asyncio.to_thread(_list, _admin(request), caller.tenant or tenant)
 
 
-def _list(gw: Admin, tenant: str | None) -> dict:
+def _list(admin: Admin, tenant: str | None) -> dict:
     data = []
-    for name in gw.registry.names():
+    for name in admin.registry.names():
         try:
-            summary = _summary(gw, name)
+            summary = _summary(admin, name)
         except NotFound:
             continue  # deleted while listing
         if tenant is None or summary["tenant"] == tenant:
@@ -359,17 +359,17 @@ def _list(gw: Admin, tenant: str | None) -> dict:
 
 @router.get("/adapters/{name}")
 async def show_adapter(name: str, request: Request, caller: Caller = Depends(admin_caller)) -> dict:
-    gw = _gateway(request)
+    admin = _admin(request)
 
     def show() -> dict:
-        owner = _owned(gw, caller, name)
-        aliases, canaries = gw.registry.alias_table(name)
-        present = gw.registry.versions(name)
-        versions = [gw.registry.get(name, v).manifest for v in present]
-        shadows = {a: s for a, s in gw.registry.shadows(name).items() if s["version"] in present}
-        evaluations = {v: e for v, e in gw.registry.evaluations(name).items() if v in present}
+        owner = _owned(admin, caller, name)
+        aliases, canaries = admin.registry.alias_table(name)
+        present = admin.registry.versions(name)
+        versions = [admin.registry.get(name, v).manifest for v in present]
+        shadows = {a: s for a, s in admin.registry.shadows(name).items() if s["version"] in present}
+        evaluations = {v: e for v, e in admin.registry.evaluations(name).items() if v in present}
         return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries, "shadows": shadows,
-                "rollouts": gw.rollouts.of(name), "evaluations": evaluations, "versions": versions}
+                "rollouts": admin.rollouts.of(name), "evaluations": evaluations, "versions": versions}
 
     return await asyncio.to_thread(show)
 
@@ -378,12 +378,12 @@ async def _change(request: Request, caller: Caller, action: str, name: str, appl
                   version: int | None = None, **detail) -> int | None:
     """One alias change: the caller's scope checked, `apply` run off the event loop, then audited with the version
     it names (`version`, else what `apply` returned) and that version's sha256; returns what `apply` returned."""
-    gw = _gateway(request)
-    owner = await asyncio.to_thread(_owned, gw, caller, name)
+    admin = _admin(request)
+    owner = await asyncio.to_thread(_owned, admin, caller, name)
     result = await asyncio.to_thread(apply)
-    await gw.view.areload(name)  # this gateway serves the change at once; the others on their next reading
+    await admin.view.areload(name)  # this gateway serves the change at once; the others on their next reading
     named = version if version is not None else result
-    sha = await asyncio.to_thread(_sha, gw, name, named) if named is not None else None
+    sha = await asyncio.to_thread(_sha, admin, name, named) if named is not None else None
     await _audit(request, caller, action, name, named, sha, tenant=owner, **detail)
     return result
 
@@ -391,7 +391,7 @@ async def _change(request: Request, caller: Caller, action: str, name: str, appl
 @router.put("/adapters/{name}/aliases/{alias}")
 async def set_alias(name: str, alias: str, body: AliasBody, request: Request, reason: str | None = Reason,
                     caller: Caller = Depends(admin_caller)) -> dict:
-    registry = _gateway(request).registry
+    registry = _admin(request).registry
     await _change(request, caller, "alias", name, lambda: registry.set_alias(name, alias, body.version),
                   body.version, alias=alias)
     return {"name": name, "alias": alias, "version": body.version}
@@ -401,7 +401,7 @@ async def set_alias(name: str, alias: str, body: AliasBody, request: Request, re
 async def set_canary(name: str, alias: str, body: CanaryBody, request: Request, reason: str | None = Reason,
                      caller: Caller = Depends(admin_caller)) -> dict:
     """Sends `weight`% of the alias's callers (the same ones while the weight stays) to `version`."""
-    registry = _gateway(request).registry
+    registry = _admin(request).registry
     await _change(request, caller, "canary", name, lambda: registry.set_canary(name, alias, body.version, body.weight),
                   body.version, alias=alias, weight=body.weight)
     return {"name": name, "alias": alias, "canary": {"version": body.version, "weight": body.weight}}
@@ -411,7 +411,7 @@ async def set_canary(name: str, alias: str, body: CanaryBody, request: Request, 
 async def promote(name: str, alias: str, request: Request, reason: str | None = Reason,
                   caller: Caller = Depends(admin_caller)) -> dict:
     """Points the alias at its canary's version, for every caller."""
-    registry = _gateway(request).registry
+    registry = _admin(request).registry
     version = await _change(request, caller, "promote", name, lambda: registry.promote(name, alias), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
@@ -420,7 +420,7 @@ async def promote(name: str, alias: str, request: Request, reason: str | None = 
 async def start_rollout(name: str, alias: str, body: RolloutSpec, request: Request, reason: str | None = Reason,
                         caller: Caller = Depends(admin_caller)) -> dict:
     """Rolls `to` out step by step while it keeps within bounds of the alias's version; rolls back when not."""
-    rollouts, started = _gateway(request).rollouts, {}
+    rollouts, started = _admin(request).rollouts, {}
     await _change(request, caller, "rollout_start", name,
                   lambda: started.update(rollouts.start(name, alias, body, caller.actor)), body.to, alias=alias,
                   weight=body.steps[0], steps=body.steps, interval=body.interval)
@@ -431,7 +431,7 @@ async def start_rollout(name: str, alias: str, body: RolloutSpec, request: Reque
 async def set_shadow(name: str, alias: str, body: ShadowBody, request: Request, reason: str | None = Reason,
                      caller: Caller = Depends(admin_caller)) -> dict:
     """Sends a copy of `percent`% of the alias's non-streamed requests to `version`: compared, timed, not served."""
-    registry = _gateway(request).registry
+    registry = _admin(request).registry
     await _change(request, caller, "shadow", name,
                   lambda: registry.set_shadow(name, alias, body.version, body.percent), body.version, alias=alias,
                   percent=body.percent)
@@ -441,7 +441,7 @@ async def set_shadow(name: str, alias: str, body: ShadowBody, request: Request, 
 @router.delete("/adapters/{name}/aliases/{alias}/shadow")
 async def end_shadow(name: str, alias: str, request: Request, reason: str | None = Reason,
                      caller: Caller = Depends(admin_caller)) -> dict:
-    registry = _gateway(request).registry
+    registry = _admin(request).registry
     await _change(request, caller, "shadow_end", name, lambda: registry.end_shadow(name, alias), alias=alias)
     return {"name": name, "alias": alias, "shadow": None}
 
@@ -450,7 +450,7 @@ async def end_shadow(name: str, alias: str, request: Request, reason: str | None
 async def abort(name: str, alias: str, request: Request, reason: str | None = Reason,
                 caller: Caller = Depends(admin_caller)) -> dict:
     """Ends the alias's canary: every caller gets the version the alias points at."""
-    registry = _gateway(request).registry
+    registry = _admin(request).registry
     version = await _change(request, caller, "abort", name, lambda: registry.abort(name, alias), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
@@ -458,7 +458,7 @@ async def abort(name: str, alias: str, request: Request, reason: str | None = Re
 @router.post("/adapters/{name}/rollback")
 async def rollback(name: str, request: Request, body: RollbackBody | None = None, reason: str | None = Reason,
                    caller: Caller = Depends(admin_caller)) -> dict:
-    registry, alias = _gateway(request).registry, (body or RollbackBody()).alias
+    registry, alias = _admin(request).registry, (body or RollbackBody()).alias
     version = await _change(request, caller, "rollback", name, lambda: registry.rollback(name, alias), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
@@ -466,12 +466,12 @@ async def rollback(name: str, request: Request, body: RollbackBody | None = None
 @router.delete("/adapters/{name}/versions/{version}")
 async def delete_version(name: str, request: Request, version: int = VersionParam, reason: str | None = Reason,
                          caller: Caller = Depends(admin_caller)) -> dict:
-    gw = _gateway(request)
-    owner = await asyncio.to_thread(_owned, gw, caller, name)
-    sha = await asyncio.to_thread(_sha, gw, name, version)
-    await asyncio.to_thread(gw.registry.delete_version, name, version)
-    await asyncio.to_thread(gw.view.reload, name)
-    gw.retire([f"{name}@{version}"])
+    admin = _admin(request)
+    owner = await asyncio.to_thread(_owned, admin, caller, name)
+    sha = await asyncio.to_thread(_sha, admin, name, version)
+    await asyncio.to_thread(admin.registry.delete_version, name, version)
+    await asyncio.to_thread(admin.view.reload, name)
+    admin.retire([f"{name}@{version}"])
     await _audit(request, caller, "delete_version", name, version, sha, tenant=owner)
     return {"name": name, "version": version, "deleted": True}
 
@@ -479,11 +479,11 @@ async def delete_version(name: str, request: Request, version: int = VersionPara
 @router.delete("/adapters/{name}")
 async def delete_adapter(name: str, request: Request, reason: str | None = Reason,
                          caller: Caller = Depends(admin_caller)) -> dict:
-    gw = _gateway(request)
-    owner = await asyncio.to_thread(_owned, gw, caller, name)
-    versions = await asyncio.to_thread(gw.registry.delete, name)
-    await asyncio.to_thread(gw.view.reload, name)
-    gw.retire([f"{name}@{v}" for v in versions])
+    admin = _admin(request)
+    owner = await asyncio.to_thread(_owned, admin, caller, name)
+    versions = await asyncio.to_thread(admin.registry.delete, name)
+    await asyncio.to_thread(admin.view.reload, name)
+    admin.retire([f"{name}@{v}" for v in versions])
     await _audit(request, caller, "delete", name, tenant=owner, versions=versions)
     return {"name": name, "versions": versions, "deleted": True}
 
@@ -502,4 +502,4 @@ async def usage(request: Request, tenant: str | None = Query(None, description="
             window.append(parse_since(text) if text else default)
         except ValueError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
-    return await _gateway(request).usage.totals(check_name(tenant, "tenant"), *window)
+    return await _admin(request).usage.totals(check_name(tenant, "tenant"), *window)

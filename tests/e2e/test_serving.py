@@ -93,6 +93,8 @@ def test_adapter_added_while_running_is_served(client, server, reference):
     assert same(got["choices"][0], reference.complete(server.adapter_dirs["gamma"], PROMPTS[0], MAX_TOKENS))
     # A second version: the bare name moves to it, the first version still answers as before.
     assert server.cli("adapters", "add", "gamma", str(server.adapter_dirs["beta"])).returncode == 0
+    # Added outside the gateway: the bare name moves with the gateway's next reading of the registry (REGISTRY_POLL).
+    assert wait_until(lambda: complete(client, PROMPTS[0], 1, adapter="gamma")["model"] == "gamma@2", timeout=2)
     v2 = complete(client, PROMPTS[0], adapter="gamma")
     assert v2["model"] == "gamma@2"
     assert same(v2["choices"][0], reference.complete(server.adapter_dirs["beta"], PROMPTS[0], MAX_TOKENS))
