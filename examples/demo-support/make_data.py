@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from server.demo_model import corpus
+from server.trainer.demo_model import corpus
 
 # (ways a customer asks, the answer support gives)
 TOPICS = [

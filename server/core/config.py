@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
-# Read by server/lora_ops.py inside the vLLM engine, which has no Settings of its own.
+# Read by server/vllm_plugins/lora_ops.py inside the vLLM engine, which has no Settings of its own.
 LORA_OPS_ENV = "LORAPLEX_LORA_OPS"
 
 
@@ -73,7 +73,7 @@ class Settings(BaseSettings):
                         "dropping the least recently used one that no running request uses."
     )
     lora_ops: Literal["grouped", "vllm"] = Field(
-        "grouped", description="LoRA ops in a spawned vLLM CPU engine: loraplex's grouped ops (`server/lora_ops.py`) "
+        "grouped", description="LoRA ops in a spawned vLLM CPU engine: loraplex's grouped ops (`server/vllm_plugins/lora_ops.py`) "
                                "or vLLM's own (`vllm`)."
     )
     max_model_len: int | None = Field(None, description="Context length passed to the engine; default: the model's.")

@@ -7,11 +7,12 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger("loraplex")
 
 
-async def every(seconds: float, work: Callable[[], Awaitable[None]], what: str) -> None:
-    """Awaits `work()` every `seconds`, for ever; a failure is logged as "`what` failed" and the next round runs."""
+async def every(seconds: float, work: Callable[[], Awaitable[None]], failed: str) -> None:
+    """Awaits `work()` every `seconds`, for ever; a failure is logged with the message `failed`, and the next round
+    runs."""
     while True:
         await asyncio.sleep(seconds)
         try:
             await work()
         except Exception:
-            log.exception("%s failed; going on with the last reading", what)
+            log.exception(failed)

@@ -6,10 +6,11 @@ exactly as a missing one does."""
 
 import asyncio
 import json
+import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,6 +67,19 @@ class Admin:
     retire: Retirement
     archive_slots: asyncio.Semaphore  # LORAPLEX_ARCHIVE_WORKERS uploads unpacked at once
 
+    async def serve_now(self, name: str, deleted: Sequence[str] = ()) -> None:
+        """Serves a change this gateway made at once (the others take it at their next reading), and unloads the
+        versions it deleted from the engines. A failed reading is logged: the change stands, the next reading
+        catches up."""
+        try:
+            gone = await self.view.areload(name)
+        except Exception:
+            log.exception("reading %s after a change failed; it is served from the next reading", name)
+            gone = []
+        rest = [key for key in deleted if key not in gone]
+        if rest:
+            self.retire(rest)
+
 
 def _admin(request: Request) -> Admin:
     return request.app.state.admin
@@ -95,6 +109,7 @@ class AuditedRoute(APIRoute):
 
 
 router = APIRouter(prefix="/admin", route_class=AuditedRoute)
+log = logging.getLogger("loraplex.admin")
 VersionParam = PathParam(ge=1, le=MAX_VERSION)
 Reason = Query(None, max_length=1000, description="Why, for the audit log.")
 
@@ -181,7 +196,7 @@ async def upload(
     try:
         unpacked = await _unpack(admin, file, work)
         version = await asyncio.to_thread(_register, admin, unpacked, name, tenant, public, file.filename)
-        await admin.view.areload(name)
+        await admin.serve_now(name)
     except InvalidAdapter as e:
         raise APIError(400, str(e), param="file", code="invalid_adapter") from None
     finally:
@@ -200,7 +215,7 @@ async def _alias_upload(request: Request, caller: Caller, version: Version, alia
     """Points `alias` at the version just uploaded; a refused alias leaves the version registered, and says so."""
     try:
         await asyncio.to_thread(_admin(request).registry.set_alias, version.name, alias, version.version)
-        await _admin(request).view.areload(version.name)
+        await _admin(request).serve_now(version.name)
     except InvalidReference as e:
         raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
     await _audit(request, caller, "alias", version.name, version.version, sha, tenant=tenant, alias=alias)
@@ -214,6 +229,7 @@ async def _evaluate_arrival(request: Request, caller: Caller, version: Version, 
     if promote == "auto":
         if evaluation["passed"]:
             await asyncio.to_thread(_admin(request).registry.set_alias, name, "stable", version.version)
+            await _admin(request).serve_now(name)
         await _audit(request, caller, "promote_auto", name, version.version,
                      version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant, alias="stable",
                      result="ok" if evaluation["passed"] else f"refused: {evaluation['verdict']}")
@@ -274,8 +290,8 @@ async def _unpack(admin: Admin, file: UploadFile, work: Path) -> Path:
 
 def _register(admin: Admin, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
     check_exported_manifest(unpacked, admin.base)
-    return admin.registry.register(name, unpacked, base=admin.base, max_rank=admin.settings.max_lora_rank, tenant=tenant,
-                                public=public, origin=f"upload:{(filename or '')[:200]}")
+    return admin.registry.register(name, unpacked, base=admin.base, max_rank=admin.settings.max_lora_rank,
+                                   tenant=tenant, public=public, origin=f"upload:{(filename or '')[:200]}")
 
 
 def _eval_set(rows: list, general_text: str | None, options: EvalOptions, where: str) -> EvalSet:
@@ -381,7 +397,7 @@ async def _change(request: Request, caller: Caller, action: str, name: str, appl
     admin = _admin(request)
     owner = await asyncio.to_thread(_owned, admin, caller, name)
     result = await asyncio.to_thread(apply)
-    await admin.view.areload(name)  # this gateway serves the change at once; the others on their next reading
+    await admin.serve_now(name)
     named = version if version is not None else result
     sha = await asyncio.to_thread(_sha, admin, name, named) if named is not None else None
     await _audit(request, caller, action, name, named, sha, tenant=owner, **detail)
@@ -470,8 +486,7 @@ async def delete_version(name: str, request: Request, version: int = VersionPara
     owner = await asyncio.to_thread(_owned, admin, caller, name)
     sha = await asyncio.to_thread(_sha, admin, name, version)
     await asyncio.to_thread(admin.registry.delete_version, name, version)
-    await asyncio.to_thread(admin.view.reload, name)
-    admin.retire([f"{name}@{version}"])
+    await admin.serve_now(name, deleted=[f"{name}@{version}"])
     await _audit(request, caller, "delete_version", name, version, sha, tenant=owner)
     return {"name": name, "version": version, "deleted": True}
 
@@ -482,8 +497,7 @@ async def delete_adapter(name: str, request: Request, reason: str | None = Reaso
     admin = _admin(request)
     owner = await asyncio.to_thread(_owned, admin, caller, name)
     versions = await asyncio.to_thread(admin.registry.delete, name)
-    await asyncio.to_thread(admin.view.reload, name)
-    admin.retire([f"{name}@{v}" for v in versions])
+    await admin.serve_now(name, deleted=[f"{name}@{v}" for v in versions])
     await _audit(request, caller, "delete", name, tenant=owner, versions=versions)
     return {"name": name, "versions": versions, "deleted": True}
 

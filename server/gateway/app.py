@@ -91,7 +91,7 @@ def _assemble(state: State, settings: Settings, base: base_model.BaseModelInfo) 
     admin = admin_token(settings)
     state.router = Router(_backends(settings, base, state.session, engine_key(settings, admin)))
     state.metrics = Metrics(settings.metrics_max_adapters, settings.metrics_max_tenants)
-    # Reads come from the view, renewed in the background, never from the store on the request path.
+    # The request path reads the view, renewed in the background; the store only for what the view has not seen.
     state.registry = open_registry(settings.registry, max_age=math.inf)
     retire = Retirement(state.router)
     state.view = RegistryView(state.registry, settings.registry_poll, on_deleted=retire)
@@ -102,7 +102,7 @@ def _assemble(state: State, settings: Settings, base: base_model.BaseModelInfo) 
     state.usage = usage_ledger(settings.registry, settings.state_dir, settings.tenant_budgets)
     admission = Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant, settings.retry_after)
     state.rollouts = Rollouts(shared_document(settings.registry, settings.state_dir, ROLLOUTS_FILE), state.registry,
-                              audit)
+                              audit, changed=state.view.changed)
     shadows = Shadows(state.router, state.metrics, settings.shadow_max_in_flight,
                       settings.max_in_flight_per_engine // 2, settings.max_response_bytes)
     state.serving = Serving(settings=settings, base=base, view=state.view, router=state.router, admission=admission,
@@ -130,8 +130,8 @@ def _background(state: State) -> list[asyncio.Task]:
     """Each part's own background work: supervising engines, keeping the registry view, keys, usage and rollouts
     current, finding engines by DNS."""
     poll = state.settings.registry_poll
-    jobs: list[Coroutine] = [Supervisor(state.router.backends, state.metrics, state.settings.engine_start_timeout).run(),
-                             state.view.keep_current(), state.usage.keep_current(poll),
+    supervisor = Supervisor(state.router.backends, state.metrics, state.settings.engine_start_timeout)
+    jobs: list[Coroutine] = [supervisor.run(), state.view.keep_current(), state.usage.keep_current(poll),
                              state.rollouts.keep_current(poll)]
     if state.access.keys.follow:
         jobs.append(state.access.keys.keep_current(poll))

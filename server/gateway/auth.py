@@ -86,5 +86,6 @@ class Credentials:
             actor, result = caller.actor, "refused: an inference key"
             response = error_response(403, "this key may only call /v1 (its role is inference)",
                                       type="permission_error", code="insufficient_role")
-        await access.audit.arecord(actor, f"{scope['method']} {path[:200]}", result=result, tenant=caller and caller.tenant)
+        await access.audit.arecord(actor, f"{scope['method']} {path[:200]}", result=result,
+                                   tenant=caller and caller.tenant)
         await response(scope, receive, send)

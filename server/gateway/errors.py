@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.core.errors import APIError, error_response
-from server.registry import Conflict, NotFound, RegistryError
+from server.registry import Conflict, NotFound, RegistryError, Unavailable
 
 
 def registry_error(e: RegistryError) -> APIError:
@@ -15,6 +15,8 @@ def registry_error(e: RegistryError) -> APIError:
         return APIError(404, str(e), type="not_found_error", param=e.param, code="adapter_not_found")
     if isinstance(e, Conflict):
         return APIError(409, str(e), param=e.param, code="adapter_conflict")
+    if isinstance(e, Unavailable):
+        return APIError(503, str(e), type="server_error", code="registry_unavailable")
     return APIError(400, str(e), param=e.param, code="invalid_reference")
 
 

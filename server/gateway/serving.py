@@ -17,10 +17,11 @@ from server.engine.routing import Router
 from server.gateway.auth import bearer
 from server.gateway.client_watch import ClientWatch, client_left
 from server.gateway.context import RequestContext
+from server.gateway.errors import registry_error
 from server.gateway.relay import WHOLE_BYTES, EngineStream, relay_body, relay_events, whole_usage
 from server.observability.metrics import Metrics, RequestTimer
 from server.observability.tracing import Tracer
-from server.registry import InvalidReference, NotFound
+from server.registry import InvalidReference, NotFound, Unavailable
 from server.registry.view import RegistryView, Target
 from server.rollout.rollouts import Rollouts
 from server.rollout.shadow import Shadows
@@ -88,6 +89,8 @@ class Serving:
             raise APIError(404, f"model {ref!r} not found", param=param, code="model_not_found") from None
         except NotFound:
             raise APIError(404, f"adapter {ref!r} not found", param=param, code="adapter_not_found") from None
+        except Unavailable as e:
+            raise registry_error(e) from None
         check_compatible(self, target, param)
         return target
 
@@ -154,7 +157,8 @@ class Serving:
                     return Response(content, headers=headers)
             stack.callback(timer.done, 200)
             chunks = upstream.chunks()
-            relay = relay_events(chunks, timer, ctx.wants, limit) if ctx.body.stream else relay_body(chunks, timer, limit)
+            relay = (relay_events(chunks, timer, ctx.wants, limit) if ctx.body.stream
+                     else relay_body(chunks, timer, limit))
             return EngineStream(relay, stack.pop_all(), watch, headers=headers)
 
     async def refused(self, ctx: RequestContext, upstream: EngineAnswer, limit: int) -> APIError:

@@ -14,6 +14,7 @@ from server.registry.refs import (
     NotFound,
     Ref,
     RegistryError,
+    Unavailable,
     Version,
     check_name,
     parse_ref,
@@ -21,8 +22,9 @@ from server.registry.refs import (
 from server.registry.serving_state import Entry
 from server.store.location import is_object_store
 
-__all__ = ["LATEST", "MAX_VERSION", "NAME_PATTERN", "VERSION_RE", "Conflict", "Entry", "InvalidReference", "NotFound", "Ref",
-           "Registry", "RegistryError", "Version", "check_name", "open_registry", "parse_ref"]
+__all__ = ["LATEST", "MAX_VERSION", "NAME_PATTERN", "VERSION_RE", "Conflict", "Entry", "InvalidReference", "NotFound",
+           "Ref",
+           "Registry", "RegistryError", "Unavailable", "Version", "check_name", "open_registry", "parse_ref"]
 
 
 class Registry(Protocol):

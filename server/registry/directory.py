@@ -33,10 +33,15 @@ from server.registry.serving_state import Entry, ServingState
 from server.registry.validation import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 
 
+# A folder unchanged for this long is read again only when its time changes.
+SETTLED_NS = 2_000_000_000
+
+
 class DirectoryRegistry(ServingState):
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self._manifests: dict[tuple[str, int, int], dict] = {}
+        self._read: dict[str, tuple[int, Entry]] = {}  # read_all's last reading of each adapter, by folder mtime
 
     def refresh(self) -> dict[str, list[int]]:
         """Every name's versions; a directory is read live, so there is no snapshot to renew."""
@@ -46,9 +51,22 @@ class DirectoryRegistry(ServingState):
         return {name: versions for name, versions in listed.items() if versions}
 
     def read_all(self) -> dict[str, Entry]:
-        """Every adapter with a version, read live."""
-        entries = {name: self.entry(name) for name in self.refresh()}
-        return {name: entry for name, entry in entries.items() if entry.versions}
+        """Every adapter with a version. An adapter is read again only if its folder changed (a version or the state
+        is renamed into place, which changes it) or changed lately: a folder's time is kept only to the clock's
+        tick, so two changes in one tick look like one."""
+        if not self.root.is_dir():
+            return {}
+        read = {}
+        with os.scandir(self.root) as folders:
+            for folder in folders:
+                if NAME_RE.fullmatch(folder.name) and folder.is_dir():
+                    stamp = folder.stat().st_mtime_ns
+                    last = self._read.get(folder.name)
+                    settled = time.time_ns() - stamp > SETTLED_NS
+                    read[folder.name] = (stamp, last[1] if settled and last and last[0] == stamp else
+                                         self.entry(folder.name))
+        self._read = read
+        return {name: entry for name, (_, entry) in read.items() if entry.versions}
 
     def listing(self, name: str) -> tuple[list[int], dict]:
         """The adapter's versions and state as the directory holds them now."""

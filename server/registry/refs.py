@@ -35,6 +35,10 @@ class NotFound(RegistryError, LookupError):
     """No such adapter, version or alias."""
 
 
+class Unavailable(RegistryError):
+    """The registry could not be read."""
+
+
 class Conflict(RegistryError):
     """The name cannot be taken, or the change conflicts with the registry's state."""
 

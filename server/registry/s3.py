@@ -48,7 +48,7 @@ def _no_state() -> dict:
 
 class S3Registry(ServingState):
     """Same interface and guarantees as `DirectoryRegistry`. Reads see a snapshot at most `max_age` seconds old; a
-    gateway keeps it fresh with `refresh()` in the background so its request path never waits on the store."""
+    gateway's registry view renews it (`read_all`) in the background."""
 
     def __init__(self, url: str, client: Any = None, max_age: float = 1.0):
         self.store = Bucket(url, client)
@@ -104,7 +104,7 @@ class S3Registry(ServingState):
         return list(self._view().get(check_name(name), []))
 
     def get(self, name: str, version: int) -> Version:
-        """From the snapshot while it is fresh (a gateway's request path: no store call); else from the store."""
+        """From the snapshot while it is fresh (no store call); else from the store."""
         check_name(name)
         check_version(version)
         if self._fresh():

@@ -3,6 +3,7 @@ evaluation records; and how a reference resolves against them."""
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.registry.refs import LATEST, InvalidReference, NotFound, Ref, Version, check_alias, check_name, parse_ref
@@ -42,6 +43,17 @@ def pick(ref: Ref, table: tuple[dict[str, int], dict[str, dict]], sticky: str | 
     return canary["version"] if share < canary["weight"] else aliases[alias]
 
 
+def may_use(state: dict, version: int, tenant: str | None, manifest: Callable[[], dict]) -> bool:
+    """Whether `tenant` may use the version: its own adapter's, or a public one (None, an operator: any). A state
+    from before it listed public versions leaves it to the version's `manifest`."""
+    if tenant is None or state.get("tenant") == tenant:
+        return True
+    if "public" not in state:
+        found = manifest()
+        return found.get("tenant") == tenant or bool(found.get("public"))
+    return version in state["public"]
+
+
 class ServingState:
     """Aliases and their history, canaries, shadows and evaluation records, over a registry's `_update_state`,
     `_alias_state` (the stored state as reads see it), `_present` (versions that exist now), `versions` and `get`: one
@@ -56,7 +68,7 @@ class ServingState:
         return self.alias_table(name)[1]
 
     def alias_table(self, name: str) -> tuple[dict[str, int], dict[str, dict]]:
-        """The aliases and canaries, from one listing and one reading of the state (resolve is on the request path)."""
+        """The aliases and canaries, from one listing and one reading of the state."""
         versions = self.versions(name)
         if not versions:
             raise NotFound(f"adapter {name!r} not found")
@@ -71,17 +83,9 @@ class ServingState:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         present, state = self.versions(ref.name), self._alias_state(ref.name)
         version = ref.version if ref.version is not None else pick(ref, table_of(present, state), sticky)
-        if version not in present or not self._usable(ref.name, version, state, tenant):
+        if version not in present or not may_use(state, version, tenant, lambda: self.get(ref.name, version).manifest):
             raise NotFound(f"adapter {ref} not found")
         return self.get(ref.name, version)
-
-    def _usable(self, name: str, version: int, state: dict, tenant: str | None) -> bool:
-        if tenant is None or state.get("tenant") == tenant:
-            return True
-        if "public" not in state:  # a state from before it listed public versions, or not read yet: the manifest
-            manifest = self.get(name, version).manifest
-            return manifest.get("tenant") == tenant or bool(manifest.get("public"))
-        return version in state["public"]
 
     def _public(self, name: str, state: dict, versions: list[int]) -> list[int]:
         """The state's public versions; for a state from before it listed them, read off the manifests."""
@@ -153,8 +157,8 @@ class ServingState:
         return self.aliases(name)[alias]
 
     def shadows(self, name: str) -> dict[str, dict]:
-        """{alias: {"version", "percent"}}: the version that gets a copy of `percent`% of the alias's requests. One
-        read of the stored state and no listing, since the request path asks; a caller checks the version exists."""
+        """{alias: {"version", "percent"}}: the version that gets a copy of `percent`% of the alias's requests, from
+        one read of the stored state and no listing; a caller checks the version exists."""
         return {a: dict(s) for a, s in self._alias_state(name).get("shadow", {}).items()}
 
     def set_shadow(self, name: str, alias: str, version: int, percent: float) -> None:

@@ -2,14 +2,19 @@
 background, so that a request for a version already seen costs no file-system or object-store read."""
 
 import asyncio
+import logging
+import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.core.periodic import every
-from server.registry import LATEST, NotFound, Ref, Registry, Version, parse_ref
-from server.registry.serving_state import Entry, pick, table_of
+from server.registry import LATEST, NotFound, Ref, Registry, RegistryError, Unavailable, Version, parse_ref
+from server.registry.serving_state import Entry, may_use, pick, table_of
+
+log = logging.getLogger("loraplex.registry")
 
 @dataclass(frozen=True)
 class Target:
@@ -20,22 +25,14 @@ class Target:
     shadow: tuple[float, Version] | None = None
 
 
-def usable(entry: Entry, version: int, tenant: str | None) -> bool:
-    """Whether `tenant` may use the version: its own adapter's, or a public one (None: an operator, any)."""
-    if tenant is None or entry.state.get("tenant") == tenant:
-        return True
-    if "public" not in entry.state:  # a state from before it listed public versions: the manifest says
-        manifest = entry.versions[version].manifest
-        return manifest.get("tenant") == tenant or bool(manifest.get("public"))
-    return version in entry.state["public"]
-
-
 def decide(ref: Ref, entry: Entry, sticky: str | None, tenant: str | None) -> Target | None:
     """The target `ref` names in `entry`, with its canary side picked by `sticky`; None when there is none for
     `tenant` (a missing version or alias and another tenant's adapter alike)."""
     numbers = sorted(entry.versions)
     number = ref.version if ref.version is not None else pick(ref, table_of(numbers, entry.state), sticky)
-    if number not in entry.versions or not usable(entry, number, tenant):
+    if number not in entry.versions:
+        return None
+    if not may_use(entry.state, number, tenant, lambda: entry.versions[number].manifest):
         return None
     shadow = None if ref.version is not None else entry.state.get("shadow", {}).get(ref.alias or LATEST)
     copy = None
@@ -51,37 +48,44 @@ def _gone(before: dict[str, Entry], after: dict[str, Entry]) -> list[str]:
 
 class RegistryView:
     """Every adapter as last read; `keep_current` renews it every `poll` seconds and reports deleted versions. A name,
-    version or alias not in it (or not the caller's) is read once more from the registry before it is refused, so
-    a foreign adapter is refused after the same reads as a missing one."""
+    version or alias not in it (or not the caller's) is looked up in the registry before it is refused: its state
+    first, the same one read whether the name is missing or another tenant's, then the whole adapter if the caller
+    may use it."""
 
     def __init__(self, registry: Registry, poll: float, on_deleted: Callable[[list[str]], None]):
         self.registry, self.poll, self.on_deleted = registry, poll, on_deleted
         self.entries: dict[str, Entry] = {}
-        self._read_at: dict[str, float] = {}  # when a name was last read alone (reload)
+        self._read_at: dict[str, float] = {}  # when the reading in place of a name began, if it was read alone
+        self._all_read_at = -math.inf  # when the whole registry's reading in place began
         self._lock = threading.Lock()  # readings land one at a time (they run in threads)
+        # The background reading has a thread of its own: lookups and other work cannot hold it back.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="registry-view")
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def refresh(self) -> list[str]:
         """Reads the whole registry again (a thread's work); returns the versions gone since the last reading."""
         started = time.monotonic()
         entries = self.registry.read_all()
         with self._lock:
-            # A name read alone since this reading began (a write through this gateway) keeps that newer reading.
-            for name, at in self._read_at.items():
-                if at >= started:
-                    entries.pop(name, None)
-                    if name in self.entries:
-                        entries[name] = self.entries[name]
+            newer = {name: at for name, at in self._read_at.items() if at > started}
+            for name in newer:  # read alone since this reading began: that reading stands
+                entries.pop(name, None)
+                if name in self.entries:
+                    entries[name] = self.entries[name]
             gone = _gone(self.entries, entries)
-            self.entries, self._read_at = entries, {}
+            self.entries, self._read_at, self._all_read_at = entries, newer, started
         return gone
 
     def reload(self, name: str) -> list[str]:
-        """Reads one adapter again (a thread's work): after a write through this gateway, or a name not seen;
-        returns its versions gone since the last reading."""
-        read_at = time.monotonic()
+        """Reads one adapter again (a thread's work): after a write through this gateway, or for a name or version
+        not seen; returns its versions gone since the last reading. A reading that began before the one in place
+        is dropped."""
+        started = time.monotonic()
         entry = self.registry.entry(name)
         with self._lock:
-            self._read_at[name] = read_at
+            if started < max(self._read_at.get(name, -math.inf), self._all_read_at):
+                return []
+            self._read_at[name] = started
             gone = _gone({name: self.entries.get(name, Entry())}, {name: entry})
             if entry.versions:
                 self.entries[name] = entry
@@ -89,40 +93,56 @@ class RegistryView:
                 self.entries.pop(name, None)
         return gone
 
-    async def areload(self, name: str) -> None:
-        """Reads one adapter again and reports its versions gone; on the event loop."""
+    async def areload(self, name: str) -> list[str]:
+        """Reads one adapter again and reports its versions gone; on the event loop. Returns them too."""
         gone = await asyncio.to_thread(self.reload, name)
         if gone:
             self.on_deleted(gone)
+        return gone
+
+    def changed(self, name: str) -> None:
+        """Called from any thread after a write through this gateway (a rollout's step): the adapter is read again."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self.areload(name)))
 
     async def resolve(self, text: str, sticky: str | None, tenant: str | None) -> Target:
-        """The target of the reference `text`, parsed once: from memory, or after one read of its adapter."""
+        """The target of the reference `text`, parsed once: from memory, or after a lookup in the registry."""
         ref = parse_ref(text)
         entry = self.entries.get(ref.name)
         target = decide(ref, entry, sticky, tenant) if entry is not None else None
-        if target is None and await asyncio.to_thread(self._may_use, ref.name, tenant):
-            await self.areload(ref.name)
-            entry = self.entries.get(ref.name)
-            target = decide(ref, entry, sticky, tenant) if entry is not None else None
+        if target is None:
+            target = await self._look_up(ref, sticky, tenant)
         if target is None:
             raise NotFound(f"adapter {ref} not found")
         return target
 
+    async def _look_up(self, ref: Ref, sticky: str | None, tenant: str | None) -> Target | None:
+        try:
+            if not await asyncio.to_thread(self._may_use, ref.name, tenant):
+                return None
+            await self.areload(ref.name)
+        except RegistryError:
+            raise
+        except Exception as e:
+            log.warning("looking up %s in the registry failed: %s", ref, e)
+            raise Unavailable("the adapter registry could not be read; try again") from None
+        entry = self.entries.get(ref.name)
+        return decide(ref, entry, sticky, tenant) if entry is not None else None
+
     def _may_use(self, name: str, tenant: str | None) -> bool:
-        """Whether the adapter, as stored now, has a version `tenant` may use: decided from its listing and state
-        alone, the same reads whether the name is missing or another tenant's, so neither answer tells which."""
-        versions, state = self.registry.listing(name)
-        if not versions:
-            return False
+        """Whether `tenant` may use some version of the adapter, from its stored state alone: one read, the same
+        whether the name is missing or another tenant's, so the answer does not tell which."""
+        state = self.registry.state(name)
         # A state from before it listed public versions: the manifests (read by the reload) say.
-        return tenant is None or state.get("tenant") == tenant or bool(state.get("public", True))
+        return tenant is None or state.get("tenant") == tenant or bool(state.get("public", "tenant" in state))
 
     async def keep_current(self) -> None:
         """Renews the view every `poll` seconds, so that changes made through other gateways or the CLI take effect
         here and versions deleted anywhere are reported."""
-        await every(self.poll, self._renew, "reading the registry")
+        self._loop = asyncio.get_running_loop()
+        await every(self.poll, self._renew, "reading the registry failed; serving from the last reading")
 
     async def _renew(self) -> None:
-        gone = await asyncio.to_thread(self.refresh)
+        gone = await asyncio.get_running_loop().run_in_executor(self._reader, self.refresh)
         if gone:
             self.on_deleted(gone)

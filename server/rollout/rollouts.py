@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from server.core.periodic import every
 from server.observability.audit import AuditLog
-from server.registry import Conflict, InvalidReference, RegistryError
+from server.registry import Conflict, InvalidReference, Registry, RegistryError
 from server.store.documents import Document
 from server.store.streams import stream_id
 
@@ -110,8 +110,10 @@ def judge(record: dict, stable: Counts, candidate: Counts, now: float) -> tuple[
 class Rollouts:
     """This gateway's part in every rollout: counting its requests, publishing them, and deciding while it leads."""
 
-    def __init__(self, document: Document, registry, audit: AuditLog, clock: Callable[[], float] = time.time):
+    def __init__(self, document: Document, registry: Registry, audit: AuditLog, clock: Callable[[], float] = time.time,
+                 changed: Callable[[str], None] | None = None):
         self.document, self.registry, self.audit, self.clock = document, registry, audit, clock
+        self.changed = changed  # told the adapter's name after each change a rollout makes to its aliases
         self.id = stream_id()
         self.watch: dict[tuple[str, int], str] = {}  # (name, version) under a running rollout -> its key
         self._windows: dict[str, float] = {}  # key -> the window being counted (its step's start)
@@ -159,7 +161,7 @@ class Rollouts:
 
     async def keep_current(self, poll: float) -> None:
         """Runs `tick` every `poll` seconds, on a thread."""
-        await every(poll, lambda: asyncio.to_thread(self.tick), "a rollout step")
+        await every(poll, lambda: asyncio.to_thread(self.tick), "a rollout step failed")
 
     def tick(self) -> None:
         """Publishes this gateway's counts, takes or renews the lease of each running rollout it can, and decides
@@ -235,6 +237,8 @@ class Rollouts:
             elif verdict == "rollback":
                 self.registry.abort(name, alias)
             result = "ok"
+            if self.changed is not None:
+                self.changed(name)
         except RegistryError as e:
             result = f"refused: {e}"
             log.warning("rollout of %s@%s to %s: %s failed: %s", name, alias, to, verdict, e)

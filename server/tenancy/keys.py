@@ -101,7 +101,7 @@ class KeyStore:
 
     async def keep_current(self, poll: float) -> None:
         """Reads the shared keys every `poll` seconds, so a key made or revoked on another replica counts here."""
-        await every(poll, lambda: asyncio.to_thread(self.refresh), "reading the keys")
+        await every(poll, lambda: asyncio.to_thread(self.refresh), "reading the keys failed; checking callers against the last reading")
 
     def enabled(self) -> bool:
         """Whether /v1 callers need a key."""

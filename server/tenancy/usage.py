@@ -143,7 +143,7 @@ class UsageLedger:
 
     async def keep_current(self, poll: float) -> None:
         """Brings the budgeted tenants' counts up to every replica's every `poll` seconds."""
-        await every(poll, self.arefresh, "reading the usage record")
+        await every(poll, self.arefresh, "reading the usage record failed; budgets count from the last reading")
 
     async def arefresh(self) -> None:
         """Brings the budgeted tenants' counts for today up to what every replica wrote, on the ledger's thread."""

@@ -3,7 +3,7 @@
 An entry is ROOT/DIGEST/ (DIGEST from the manifest's file hashes, so versions with equal files share it). It appears
 by one rename of a complete, verified download, and its files are hashed again each time it is handed out, so a
 partial or damaged entry is never served: it is fetched again. The cache only stores: what may be deleted, and when,
-is decided by its one owner (`server/residency.py`), which never runs two file operations on one entry at once.
+is decided by its one owner (`server/vllm_plugins/residency.py`), which never runs two file operations on one entry at once.
 """
 
 import hashlib

@@ -3,7 +3,7 @@
 Loaded as a vLLM general plugin of its own (whatever LORAPLEX_LORA_OPS says). A request naming an adapter the engine
 does not hold makes vLLM ask its resolvers; this one reads the version's manifest from the registry (directory or
 object store, from the engine's LORAPLEX_* environment) and hands vLLM a verified copy from the adapter cache. What
-the engine keeps, and when cached files may go, is decided by one owner, `server/residency.py`; the hooks below are
+the engine keeps, and when cached files may go, is decided by one owner, `server/vllm_plugins/residency.py`; the hooks below are
 how it learns of vLLM's table, its loads and its requests.
 """
 

@@ -1,6 +1,9 @@
 """The gateway's in-memory registry view: one parse and no store read per request for a version already seen, one
 read of the adapter for anything else, and a deleted version reported on the next reading."""
 
+import asyncio
+import threading
+
 import pytest
 
 from server.registry import NotFound
@@ -54,23 +57,23 @@ async def test_a_version_not_seen_yet_is_read_once_and_then_served_from_memory(a
                                                                                 monkeypatch):
     view, _ = aliased
     register(view.registry, base, adapter_factory(seed=4), tenant="acme")
-    reads = count_calls(monkeypatch, view.registry, "listing", "entry")
+    reads = count_calls(monkeypatch, view.registry, "state", "entry")
     assert (await view.resolve("acme@3", None, "acme")).version.version == 3
-    first = list(reads.calls)
+    assert reads.calls == ["state", "entry"]
     assert (await view.resolve("acme@3", None, "acme")).version.version == 3
-    assert first[0] == "listing" and "entry" in first and reads.calls == first
+    assert reads.calls == ["state", "entry"]
 
 
 async def test_another_tenants_adapter_is_refused_after_the_same_reads_as_a_missing_one(aliased, monkeypatch):
     view, _ = aliased
-    reads = count_calls(monkeypatch, view.registry, "listing", "entry", *REGISTRY_READS)
+    reads = count_calls(monkeypatch, view.registry, "entry", *REGISTRY_READS)
     work = []
     for ref in ("hidden", "missing"):
         reads.calls.clear()
         with pytest.raises(NotFound, match=f"adapter {ref} not found"):
             await view.resolve(ref, None, "acme")
         work.append(list(reads.calls))
-    assert work[0] == work[1] and work[0][0] == "listing" and "entry" not in work[0]
+    assert work[0] == work[1] and work[0][0] == "state" and "entry" not in work[0]  # its state, and no more
     assert (await view.resolve("hidden", None, None)).version.key == "hidden@1"  # an operator sees it
 
 
@@ -98,3 +101,41 @@ async def test_a_write_through_this_gateway_is_served_at_once(aliased):
 # Every way a backend reads its store or its snapshot.
 REGISTRY_READS = ("versions", "get", "names", "state", "tenant", "aliases", "alias_table", "shadows", "resolve",
                   "read_all", "refresh", "_state", "_alias_state", "_read_state", "_stored_versions")
+
+
+async def test_a_reading_begun_before_the_one_in_place_does_not_replace_it(aliased, monkeypatch):
+    """A lookup's reading that began before a deletion, landing after the background reading that saw the deletion,
+    must not bring the deleted version back."""
+    view, deleted = aliased
+    real_entry, begun, release = view.registry.entry, threading.Event(), threading.Event()
+
+    def slow_entry(name: str):
+        found = real_entry(name)
+        if not begun.is_set():  # only the first reading is held back
+            begun.set()
+            release.wait(10)
+        return found
+
+    monkeypatch.setattr(view.registry, "entry", slow_entry)
+    late = asyncio.ensure_future(asyncio.to_thread(view.reload, "acme"))
+    await asyncio.to_thread(begun.wait, 10)
+    view.registry.delete_version("acme", 1)
+    assert await asyncio.to_thread(view.refresh) == ["acme@1"]
+    release.set()
+    assert await late == []
+    assert 1 not in view.entries["acme"].versions
+
+
+def test_a_directory_reads_again_only_the_adapters_that_changed(tmp_path, base, adapter_factory, monkeypatch):
+    from server.registry import directory
+
+    reg = directory.DirectoryRegistry(tmp_path / "reg")
+    for name in ("a", "b"):
+        register(reg, base, adapter_factory(), name=name)
+    monkeypatch.setattr(directory, "SETTLED_NS", 0)  # every folder counts as settled at once
+    reads = count_calls(monkeypatch, reg, "entry")
+    assert sorted(reg.read_all()) == ["a", "b"] and sorted(reads.calls) == ["entry", "entry"]
+    reads.calls.clear()
+    assert sorted(reg.read_all()) == ["a", "b"] and reads.calls == []
+    reg.delete_version("b", 1)
+    assert sorted(reg.read_all()) == ["a"] and reads.calls == ["entry"]
