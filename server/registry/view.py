@@ -28,8 +28,8 @@ class Target:
 def decide(ref: Ref, entry: Entry, sticky: str | None, tenant: str | None) -> Target | None:
     """The target `ref` names in `entry`, with its canary side picked by `sticky`; None when there is none for
     `tenant` (a missing version or alias and another tenant's adapter alike)."""
-    numbers = sorted(entry.versions)
-    number = ref.version if ref.version is not None else pick(ref, table_of(numbers, entry.state), sticky)
+    number = ref.version if ref.version is not None else pick(ref, table_of(sorted(entry.versions), entry.state),
+                                                               sticky)
     if number not in entry.versions:
         return None
     if not may_use(entry.state, number, tenant, lambda: entry.versions[number].manifest):
