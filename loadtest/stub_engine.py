@@ -37,6 +37,7 @@ class StubEngine:
     request_ids: list[str | None] = field(default_factory=list)
     traceparents: list[str | None] = field(default_factory=list)
     serves: frozenset[str] = frozenset()  # adapter versions (name@version) it answers; others it fails to load
+    serves_all: bool = False  # answers every adapter version (names not known in advance: compositions)
     _runner: web.AppRunner | None = None
 
     @property
@@ -81,7 +82,7 @@ class StubEngine:
         self.request_ids.append(request.headers.get("x-request-id"))
         self.traceparents.append(request.headers.get("traceparent"))
         body = await request.json()
-        if "@" in body["model"] and body["model"] not in self.serves:
+        if "@" in body["model"] and body["model"] not in self.serves and not self.serves_all:
             return self._refuse_adapter(body["model"])
         head = {"id": "cmpl-stub", "object": "text_completion", "created": 1, "model": body["model"]}
         text = "x" * self.event_bytes or " tok"

@@ -22,6 +22,7 @@ app.command("audit")(local.audit)
 app.command("train")(processes.train)
 
 adapters_app.command("add")(local.adapters_add)
+adapters_app.command("compose")(local.adapters_compose)
 adapters_app.command("list")(remote.adapters_list)
 adapters_app.command("show")(remote.adapters_show)
 adapters_app.command("upload")(remote.adapters_upload)

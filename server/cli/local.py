@@ -1,44 +1,139 @@
 """The commands that act on the registry, the keys and the audit log directly, with no server running."""
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from server.cli.conventions import REASON, actor, echo_json, fail, load_settings
+from server.core.config import Settings
+
+if TYPE_CHECKING:
+    from server.registry import Registry, Version
+    from server.weights.recipes import Part
 
 
 def adapters_add(
     name: str = typer.Argument(..., help="Adapter name."),
-    path: Path = typer.Argument(..., help="PEFT adapter directory (adapter_config.json, adapter_model.safetensors)."),
+    source: str = typer.Argument(..., metavar="PATH|hf://ORG/REPO",
+                                 help="PEFT adapter directory (adapter_config.json, adapter_model.safetensors), or a "
+                                      "Hugging Face Hub repository (HF_TOKEN used if set)."),
+    revision: str = typer.Option(None, help="hf:// only: branch, tag, commit or refs/pr/N (default main), pinned to "
+                                            "its commit at registration."),
+    subfolder: str = typer.Option(None, help="hf:// only: the adapter's folder in the repository."),
     tenant: str = typer.Option("default", help="Tenant that owns the adapter."),
     public: bool = typer.Option(False, help="Let every tenant use it."),
     reason: str = REASON,
 ) -> None:
-    """Register a PEFT adapter directory as the next version of NAME (no server needed)."""
-    from server.core import base_model as basemodel
+    """Register a PEFT adapter, from a directory or the Hub, as the next version of NAME (no server needed)."""
+    from server.registry.hub import SCHEME
+
+    def register(settings: Settings, work: Path) -> "Version":
+        from server.registry import check_new_name
+        from server.registry.hub import HubSource, fetch
+
+        check_new_name(name)
+        if source.startswith(SCHEME):
+            files, record = fetch(HubSource.parse(source, revision, subfolder), work, token=None,
+                                  max_bytes=settings.max_unpacked_bytes)
+            return _registry(settings).register(name, files, **_placing(settings, tenant, public),
+                                                origin=f"{SCHEME}{record['repo']}@{record['sha']}",
+                                                extra={"hub": record})
+        if revision or subfolder:
+            fail("--revision and --subfolder: only for an hf:// source")
+        if not Path(source).is_dir():
+            fail(f"PATH: {source} is not a directory")
+        return _registry(settings).register(name, Path(source), **_placing(settings, tenant, public),
+                                            origin=f"cli:{Path(source).resolve()}")
+
+    version = _register_audited("add", name, tenant, reason, register)
+    hub = version.manifest.get("hub")
+    typer.echo(f"registered {version.key} (latest) rank {version.manifest['rank']}"
+               + (f" from {source} at commit {hub['sha']}" if hub else ""))
+
+
+def adapters_compose(
+    name: str = typer.Argument(..., help="Name of the composed adapter (its next version)."),
+    sources: list[str] = typer.Option(..., "--from", metavar="NAME@VERSION:WEIGHT",
+                                      help="A source version and its weight; repeat for each (at most 8)."),
+    tenant: str = typer.Option("default", help="Tenant that owns the composed adapter."),
+    public: bool = typer.Option(False, help="Let every tenant use it."),
+    reason: str = REASON,
+) -> None:
+    """Register the exact weighted sum of adapters' updates (rank concatenation) as the next version of NAME."""
+
+    def register(settings: Settings, work: Path) -> "Version":
+        from server.registry import check_new_name
+        from server.weights.recipes import register_composed
+
+        check_new_name(name)
+        registry = _registry(settings)
+        parts = [_part(registry, text) for text in sources]
+        return register_composed(registry, name, parts, **_placing(settings, tenant, public),
+                                 origin="compose:" + ",".join(sources))
+
+    version = _register_audited("compose", name, tenant, reason, register)
+    typer.echo(f"registered {version.key} (latest) rank {version.manifest['rank']} composed of "
+               + " + ".join(f"{r['weight']} {r['name']}@{r['version']}" for r in version.manifest["recipe"]))
+
+
+def _part(registry: "Registry", text: str) -> "Part":
+    """NAME[@VERSION|@ALIAS]:WEIGHT as a recipe part; a malformed one ends the command naming it."""
+    from server.weights.recipes import Part, check_weight
+
+    ref, sep, weight = text.rpartition(":")
+    try:
+        value = float(weight) if sep else None
+    except ValueError:
+        value = None
+    if value is None:
+        fail(f"--from {text!r}: expected NAME@VERSION:WEIGHT, a weight such as 0.5")
+    return Part(registry.resolve(ref), check_weight(value, f"--from {text}"))
+
+
+def _registry(settings: Settings) -> "Registry":
+    from server.registry import open_registry
+
+    return open_registry(settings.registry)
+
+
+def _placing(settings: Settings, tenant: str, public: bool) -> dict:
+    """The keyword arguments every registration takes: the served base, the rank limit, owner and visibility."""
+    from server.core import base_model
+
+    return {"base": base_model.load(settings.base_model), "max_rank": settings.max_lora_rank, "tenant": tenant,
+            "public": public}
+
+
+def _register_audited(action: str, name: str, tenant: str, reason: str | None,
+                      register: Callable[[Settings, Path], "Version"]) -> "Version":
+    """Runs a registration in a scratch folder and audits it; a refusal ends the command in one line, audited."""
+    import shutil
+    import tempfile
+
+    from server.core import base_model
     from server.observability.audit import AuditLog
-    from server.registry import RegistryError, open_registry
+    from server.registry import RegistryError
+    from server.registry.hub import HubError
     from server.registry.validation import WEIGHTS_FILE, InvalidAdapter
+    from server.weights.compose import ComposeError
 
     settings = load_settings()
-    if not path.is_dir():
-        fail(f"PATH: {path} is not a directory")
+    audit_log = AuditLog(settings.state_dir, settings.registry)
+    work = Path(tempfile.mkdtemp(prefix="loraplex-add-"))
     try:
-        base = basemodel.load(settings.base_model)
-        version = open_registry(settings.registry).register(
-            name, path, base=base, max_rank=settings.max_lora_rank,
-            tenant=tenant, public=public, origin=f"cli:{path.resolve()}",
-        )
-    except (InvalidAdapter, RegistryError, basemodel.Unreadable) as e:
-        AuditLog(settings.state_dir, settings.registry).record(actor(), "add", name, result=f"refused: {e}",
-                                                               tenant=tenant, reason=reason)
+        version = register(settings, work)
+    except (InvalidAdapter, RegistryError, base_model.Unreadable, HubError, ComposeError) as e:
+        audit_log.record(actor(), action, name, result=f"refused: {e}", tenant=tenant, reason=reason)
         fail(str(e))
     except FileNotFoundError as e:
         fail(f"base model LORAPLEX_BASE_MODEL={settings.base_model}: {e}")
-    AuditLog(settings.state_dir, settings.registry).record(actor(), "add", name, version.version,
-                                                           version.manifest["files"][WEIGHTS_FILE]["sha256"],
-                                                           tenant=tenant, reason=reason)
-    typer.echo(f"registered {version.key} (latest) rank {version.manifest['rank']} in {settings.registry}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    audit_log.record(actor(), action, name, version.version, version.manifest["files"][WEIGHTS_FILE]["sha256"],
+                     tenant=tenant, reason=reason)
+    return version
 
 
 def keys_create(

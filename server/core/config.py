@@ -139,6 +139,15 @@ class Settings(BaseSettings):
     max_archive_members: int = Field(16, description="Most entries an adapter archive may hold.")
     max_unpacked_bytes: int = Field(4 << 30, description="Largest total size an adapter archive may unpack to.")
     archive_timeout: float = Field(120.0, description="Seconds an upload's archive may take to unpack.")
+    hub_allow: dict[str, list[str]] = Field(
+        default_factory=dict, description='Per tenant, the Hugging Face Hub repositories its tenant-admins may register '
+                                          'from, as JSON: {"acme": ["acme-org/*", "org/repo"]}; a tenant not named may '
+                                          "use none. Operators may use any."
+    )
+    max_composed_per_tenant: int = Field(
+        32, ge=1, description="Versions composed per request (`adapter` as a list) kept per tenant; past it the least "
+                              "recently used one is deleted, so callers cannot fill the registry."
+    )
     archive_workers: int = Field(2, ge=1, description="Archives unpacked at once, each in a child process.")
     archive_memory: int = Field(256 << 20, description="Memory, in bytes, one archive's unpacking may use.")
     max_response_bytes: int = Field(

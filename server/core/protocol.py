@@ -3,7 +3,7 @@
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 # A completion is JSON, or server-sent events when `stream` is true.
@@ -19,6 +19,8 @@ MAX_PROMPT_TOKENS = 1 << 17
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 INT64 = 2**63 - 1
+MAX_COMPOSED_SOURCES = 8
+MAX_ADAPTER_WEIGHT = 10.0
 
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
@@ -50,12 +52,32 @@ class ContentPart(BaseModel):
     text: Text
 
 
+class AdapterWeight(BaseModel):
+    """One adapter of a composition requested per call, and its weight in the sum of their updates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name = Field(description='"name", "name@3" or "name@alias", of the caller\'s own adapters.')
+    weight: float = Field(ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT, description="Rounded to two decimals.")
+
+
+# Which form of `adapter` a body uses, chosen by the value's type so that an error names only that form's fault; the
+# tags appear in pydantic's error locations, and the API's `param` leaves them out.
+ADAPTER_FORMS = ("reference", "recipe")
+Adapter = Annotated[
+    Annotated[Name, Tag("reference")]
+    | Annotated[Annotated[list[AdapterWeight], Field(min_length=1, max_length=MAX_COMPOSED_SOURCES)], Tag("recipe")],
+    Discriminator(lambda value: "recipe" if isinstance(value, list) else "reference"),
+]
+
+
 class OpenAIRequest(BaseModel):
     # Sampling fields we do not model (vLLM's extensions among them) pass through to the engine.
     model_config = ConfigDict(extra="allow")
 
     model: Name | None = None
-    adapter: Name | None = Field(None, description='Adapter to answer with: "name", "name@3" or "name@alias".')
+    adapter: Adapter | None = Field(None, description='Adapter to answer with: "name", "name@3" or "name@alias"; or a list '
+                                                "of {name, weight}, served as their exact weighted composition.")
     max_tokens: int | None = Field(None, ge=1, le=INT64, description="At most the model's context length.")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)

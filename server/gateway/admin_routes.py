@@ -11,11 +11,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -41,8 +41,10 @@ from server.registry import (
     RegistryError,
     Version,
     check_name,
+    check_new_name,
 )
 from server.registry.archive import Limits, unpack_isolated
+from server.registry.hub import SCHEME, HubError, HubSource, allowed, fetch
 from server.registry.validation import WEIGHTS_FILE, InvalidAdapter, check_exported_manifest
 from server.registry.view import RegistryView
 from server.rollout.evaluation import MAX_GENERAL_TEXT, MAX_ROWS, EvalOptions, EvalSet, table
@@ -176,7 +178,13 @@ async def upload(
     tenant: str | None = Form(None, description="Required of operators; a tenant-admin key's own by default."),
     alias: str | None = Form(None),
     public: bool = Form(False),
-    file: UploadFile = File(...),
+    file: UploadFile | None = File(None, description="The adapter: a .tar.gz or .zip of its directory; or `source`."),
+    source: str | None = Form(None, description="hf://ORG/REPO: the adapter from the Hugging Face Hub instead of "
+                                                "a file, pinned to the commit `revision` names now."),
+    revision: str | None = Form(None, description="With `source`: branch, tag, commit or refs/pr/N (default main)."),
+    subfolder: str | None = Form(None, description="With `source`: the adapter's folder in the repository."),
+    hub_token: str | None = Header(None, alias="X-Hub-Token", description="With `source`: the Hub token to fetch "
+                                   "with, used and never stored; a tenant-admin's upload uses no other."),
     eval_data: UploadFile | None = File(None, description="JSONL held-out rows: the version is evaluated against "
                                                           "the base on arrival."),
     general_text: UploadFile | None = File(None, description="Plain text for the forgetting measure."),
@@ -188,17 +196,24 @@ async def upload(
 ) -> dict:
     admin = _admin(request)
     request.state.adapter = name[:200]
-    check_name(name)
+    check_new_name(name)
     tenant = _upload_tenant(caller, tenant)
     # Eval data is checked before anything is stored, so that a bad file registers nothing.
     evalset = await _arrival_eval_set(eval_data, general_text, promote, max_forgetting)
+    if (file is None) == (source is None):
+        raise APIError(400, "file or source: give one, the adapter's archive or its hf:// repository",
+                       param="file", code="missing_required_parameter")
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-upload-"))
     try:
-        unpacked = await _unpack(admin, file, work)
-        version = await asyncio.to_thread(_register, admin, unpacked, name, tenant, public, file.filename)
+        if source is None:
+            files, origin, extra = await _unpack(admin, file, work), f"upload:{(file.filename or '')[:200]}", {}
+        else:
+            files, origin, extra = await _from_hub(admin, caller, HubFetch(source, revision, subfolder, hub_token),
+                                                   work)
+        version = await asyncio.to_thread(_register, admin, files, name, tenant, public, origin, extra)
         await admin.serve_now(name)
     except InvalidAdapter as e:
-        raise APIError(400, str(e), param="file", code="invalid_adapter") from None
+        raise APIError(400, str(e), param="file" if source is None else "source", code="invalid_adapter") from None
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
     sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
@@ -288,10 +303,40 @@ async def _unpack(admin: Admin, file: UploadFile, work: Path) -> Path:
     return unpacked
 
 
-def _register(admin: Admin, unpacked: Path, name: str, tenant: str, public: bool, filename: str | None) -> Version:
-    check_exported_manifest(unpacked, admin.base)
-    return admin.registry.register(name, unpacked, base=admin.base, max_rank=admin.settings.max_lora_rank,
-                                   tenant=tenant, public=public, origin=f"upload:{(filename or '')[:200]}")
+@dataclass(frozen=True)
+class HubFetch:
+    """What an upload from the Hub names; the token is used for this fetch only, never stored or logged."""
+
+    source: str
+    revision: str | None
+    subfolder: str | None
+    token: str | None = field(repr=False)
+
+
+async def _from_hub(admin: Admin, caller: Caller, hub: HubFetch, work: Path) -> tuple[Path, str, dict]:
+    """Fetches a Hub adapter at the commit its revision names now. A tenant-admin fetches only repositories its
+    tenant's LORAPLEX_HUB_ALLOW names, with only the token it sent: the gateway lends no access of its own."""
+    try:
+        where = HubSource.parse(hub.source, hub.revision, hub.subfolder)
+    except HubError as e:
+        raise APIError(400, f"source: {e}", param="source", code="invalid_source") from None
+    if caller.tenant is not None and not allowed(where.repo, admin.settings.hub_allow.get(caller.tenant, [])):
+        raise APIError(403, f"source: {SCHEME}{where.repo} is not in tenant {caller.tenant}'s LORAPLEX_HUB_ALLOW",
+                       type="permission_error", param="source", code="source_not_allowed")
+    token = hub.token or (None if caller.tenant is None else False)
+    try:
+        async with admin.archive_slots:
+            files, record = await asyncio.to_thread(fetch, where, work, token=token,
+                                                    max_bytes=admin.settings.max_unpacked_bytes)
+    except HubError as e:
+        raise APIError(400, f"source: {e}", param="source", code="invalid_source") from None
+    return files, f"{SCHEME}{record['repo']}@{record['sha']}", {"hub": record}
+
+
+def _register(admin: Admin, files: Path, name: str, tenant: str, public: bool, origin: str, extra: dict) -> Version:
+    check_exported_manifest(files, admin.base)
+    return admin.registry.register(name, files, base=admin.base, max_rank=admin.settings.max_lora_rank,
+                                   tenant=tenant, public=public, origin=origin, extra=extra)
 
 
 def _eval_set(rows: list, general_text: str | None, options: EvalOptions, where: str) -> EvalSet:

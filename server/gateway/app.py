@@ -26,6 +26,7 @@ from server.engine.supervisor import Supervisor
 from server.gateway import admin_routes, openai_routes, ops_routes
 from server.gateway.admin_routes import Admin
 from server.gateway.auth import Access, Credentials
+from server.gateway.compositions import Compositions
 from server.gateway.body_limit import BodyLimit
 from server.gateway.errors import install_error_handlers
 from server.gateway.evaluations import Evaluator
@@ -107,7 +108,9 @@ def _assemble(state: State, settings: Settings, base: base_model.BaseModelInfo) 
                       settings.max_in_flight_per_engine // 2, settings.max_response_bytes)
     state.serving = Serving(settings=settings, base=base, view=state.view, router=state.router, admission=admission,
                             usage=state.usage, metrics=state.metrics, tracer=tracer(settings.otlp_endpoint),
-                            rollouts=state.rollouts, shadows=shadows)
+                            rollouts=state.rollouts, shadows=shadows,
+                            compositions=Compositions(settings=settings, base=base, registry=state.registry,
+                                                      view=state.view))
     evaluator = Evaluator(settings=settings, registry=state.registry, router=state.router, admission=admission,
                           usage=state.usage)
     state.admin = Admin(settings=settings, base=base, registry=state.registry, view=state.view, audit=audit,

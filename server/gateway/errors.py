@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.core.errors import APIError, error_response
+from server.core.protocol import ADAPTER_FORMS
 from server.registry import Conflict, NotFound, RegistryError, Unavailable
 
 
@@ -21,7 +22,7 @@ def registry_error(e: RegistryError) -> APIError:
 
 
 def _param(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if p != "body") or "body"
+    return ".".join(str(p) for p in loc if p != "body" and p not in ADAPTER_FORMS) or "body"
 
 
 def install_error_handlers(app: FastAPI) -> None:

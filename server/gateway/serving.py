@@ -16,6 +16,7 @@ from server.engine.client import EngineAnswer, Unreachable, refusal, too_large
 from server.engine.routing import Router
 from server.gateway.auth import bearer
 from server.gateway.client_watch import ClientWatch, client_left
+from server.gateway.compositions import Compositions
 from server.gateway.context import RequestContext
 from server.gateway.errors import registry_error
 from server.gateway.relay import WHOLE_BYTES, EngineStream, relay_body, relay_events, whole_usage
@@ -49,6 +50,7 @@ class Serving:
     tracer: Tracer | None
     rollouts: Rollouts
     shadows: Shadows
+    compositions: Compositions
 
     async def forward(self, body: OpenAIRequest, path: str, tenant: str | None, request: Request) -> Response:
         """Admits the request against its tenant's budget, resolves its adapter, sends it and relays the answer."""
@@ -82,13 +84,17 @@ class Serving:
         else:
             return None
         try:
-            target = await self.view.resolve(ref, sticky_key(ctx.request, body), ctx.tenant)
+            if isinstance(ref, list):
+                target = await self.compositions.resolve(ref, ctx.tenant)
+            else:
+                target = await self.view.resolve(ref, sticky_key(ctx.request, body), ctx.tenant)
         except InvalidReference as e:
             if param == "adapter":
                 raise APIError(400, str(e), param=param, code="invalid_adapter") from None
             raise APIError(404, f"model {ref!r} not found", param=param, code="model_not_found") from None
-        except NotFound:
-            raise APIError(404, f"adapter {ref!r} not found", param=param, code="adapter_not_found") from None
+        except NotFound as e:
+            missing = str(e) if isinstance(ref, list) else ref  # a recipe's NotFound names its missing source
+            raise APIError(404, f"adapter {missing!r} not found", param=param, code="adapter_not_found") from None
         except Unavailable as e:
             raise registry_error(e) from None
         check_compatible(self, target, param)

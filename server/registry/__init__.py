@@ -17,6 +17,7 @@ from server.registry.refs import (
     Unavailable,
     Version,
     check_name,
+    check_new_name,
     parse_ref,
 )
 from server.registry.serving_state import Entry

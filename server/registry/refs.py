@@ -16,6 +16,8 @@ ALIAS_RE = re.compile(ALIAS_PATTERN.strip("^$"))
 VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
 MAX_VERSION = 2**31 - 1
 LATEST = "latest"
+# Names of versions the gateway composes per request: content-addressed, never registered by hand.
+COMPOSED_PREFIX = "composed."
 STATE_FILE = "state.json"
 
 
@@ -76,6 +78,14 @@ class Version:
 def check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidReference(f"invalid adapter {what} {shown(str(name))}: must match {NAME_PATTERN}", what)
+    return name
+
+
+def check_new_name(name: str) -> str:
+    """A name someone may register under: valid, and outside the namespace of compositions made per request."""
+    if check_name(name).startswith(COMPOSED_PREFIX):
+        raise InvalidReference(f"adapter names starting with {COMPOSED_PREFIX!r} are reserved for compositions "
+                               "made per request", "name")
     return name
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from server.registry import NAME_PATTERN
+from server.registry import NAME_PATTERN, InvalidReference, check_new_name
 
 
 class JobError(ValueError):
@@ -19,6 +19,14 @@ class _Strict(BaseModel):
 
 class AdapterSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        try:
+            return check_new_name(name)
+        except InvalidReference as e:
+            raise ValueError(str(e)) from None
     tenant: str = Field("default", pattern=NAME_PATTERN)
     public: bool = False
 

@@ -84,3 +84,34 @@ def test_the_demo_model_is_written_readable_by_every_user(tmp_path):
     out = _save(Writes(), type("Tokenizer", (Writes,), {})(), tmp_path / "model")
     assert oct(out.stat().st_mode & 0o777) == "0o755"
     assert {oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == {"0o644"}
+
+
+def test_adapters_compose_registers_the_recipe_and_refuses_bad_ones_in_one_line(base, adapter_factory, tmp_path):
+    from loadtest.servers import LOADER
+
+    env = {**os.environ, "LORAPLEX_BASE_MODEL": str(base.path), "LORAPLEX_REGISTRY": str(tmp_path / "reg"),
+           "LORAPLEX_STATE_DIR": str(tmp_path / "state")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([LOADER, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    for name, rank in (("a", 4), ("b", 8), ("big", 16)):
+        assert cli("adapters", "add", name, str(adapter_factory(rank=rank)), "--tenant", "acme").returncode == 0
+    r = cli("adapters", "compose", "mix", "--from", "a@1:0.7", "--from", "b:0.3", "--tenant", "acme")
+    assert r.returncode == 0 and "registered mix@1 (latest) rank 12 composed of 0.7 a@1 + 0.3 b@1" in r.stdout, r.stderr
+    manifest = json.loads((tmp_path / "reg" / "mix" / "1" / "manifest.json").read_text())
+    assert [(p["name"], p["version"], p["weight"]) for p in manifest["recipe"]] == [("a", 1, 0.7), ("b", 1, 0.3)]
+    refusals = {
+        ("--from", "a@1:0.5", "--from", "big@1:0.5"): "the composed rank 20 = a@1 (rank 4) + big@1 (rank 16) "
+                                                       "exceeds MAX_LORA_RANK 16",
+        ("--from", "a@1"): "--from 'a@1': expected NAME@VERSION:WEIGHT",
+        ("--from", "a@1:x"): "--from 'a@1:x': expected NAME@VERSION:WEIGHT",
+        ("--from", "a@1:0.001"): "weight 0.001 must be non-zero",
+        ("--from", "nope@1:1"): "nope",
+    }
+    for args, words in refusals.items():
+        r = cli("adapters", "compose", "mix", *args, "--tenant", "acme")
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, (args, r.stderr)
+    r = cli("adapters", "compose", "composed.x", "--from", "a@1:1", "--tenant", "acme")
+    assert r.returncode == 1 and "reserved" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "reg" / "mix").iterdir() if p.name.isdigit()) == ["1"]

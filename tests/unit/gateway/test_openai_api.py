@@ -142,7 +142,7 @@ async def engines():
             backends.append(Backend(engine, up=True, label=str(len(backends))))
         return Serving(router=Router(backends), admission=Admission(8, 8, 1), metrics=Metrics(10), tracer=None,
                        settings=SimpleNamespace(model_name="base", max_response_bytes=1 << 20), base=None, view=None,
-                       usage=None, rollouts=None, shadows=None)
+                       usage=None, rollouts=None, shadows=None, compositions=None)
 
     yield start
     for runner in runners:
