@@ -23,6 +23,7 @@ app.command("train")(processes.train)
 
 adapters_app.command("add")(local.adapters_add)
 adapters_app.command("compose")(local.adapters_compose)
+adapters_app.command("merge")(local.adapters_merge)
 adapters_app.command("list")(remote.adapters_list)
 adapters_app.command("show")(remote.adapters_show)
 adapters_app.command("upload")(remote.adapters_upload)

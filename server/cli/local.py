@@ -78,6 +78,31 @@ def adapters_compose(
                + " + ".join(f"{r['weight']} {r['name']}@{r['version']}" for r in version.manifest["recipe"]))
 
 
+def adapters_merge(
+    ref: str = typer.Argument(..., metavar="NAME@VERSION", help="The version to merge (an alias works too)."),
+    out: Path = typer.Option(..., help="Directory to write the merged model to (new or empty)."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    tolerance: float = typer.Option(None, help="Bound on the merged logits' largest difference from base + "
+                                               "adapter, relative to their scale (default 1e-4 float32, 2e-2 "
+                                               "bfloat16)."),
+) -> None:
+    """Merge an adapter version into the base model (LORAPLEX_BASE_MODEL): a standalone model directory, written only
+    once its logits match base + adapter on probe prompts."""
+    from server.registry import RegistryError
+    from server.weights.merge import DEFAULT_TOLERANCE, MergeError, merge
+
+    settings = load_settings()
+    if dtype not in DEFAULT_TOLERANCE:
+        fail(f"--dtype {dtype!r}: float32 or bfloat16")
+    try:
+        registry = _registry(settings)
+        report = merge(registry, registry.resolve(ref), Path(settings.base_model), out, dtype, tolerance,
+                       log=typer.echo)
+    except (MergeError, RegistryError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {report.out}: {ref} merged into {settings.base_model} ({report.dtype})")
+
+
 def _part(registry: "Registry", text: str) -> "Part":
     """NAME[@VERSION|@ALIAS]:WEIGHT as a recipe part; a malformed one ends the command naming it."""
     from server.weights.recipes import Part, check_weight

@@ -10,7 +10,8 @@ URL = typer.Option(None, "--url", help="Server URL (LORAPLEX_URL; default http:/
 TOKEN = typer.Option(None, "--token", help="Admin token or key (LORAPLEX_ADMIN_TOKEN, else STATE_DIR/admin_token).")
 
 
-def _admin(method: str, path: str, url: str | None, token: str | None, **kwargs) -> dict:
+def _admin(method: str, path: str, url: str | None, token: str | None, headers: dict | None = None,
+           **kwargs) -> dict:
     """One admin API call; a failure ends the command with the server's error message."""
     import httpx
 
@@ -24,8 +25,8 @@ def _admin(method: str, path: str, url: str | None, token: str | None, **kwargs)
     if token is None:
         fail(f"no admin token: pass --token, set LORAPLEX_ADMIN_TOKEN, or run beside {settings.state_dir}")
     try:
-        r = httpx.request(method, settings.server_url + path, headers={"Authorization": f"Bearer {token}"},
-                          timeout=600, **kwargs)
+        r = httpx.request(method, settings.server_url + path,
+                          headers={"Authorization": f"Bearer {token}", **(headers or {})}, timeout=600, **kwargs)
     except httpx.TransportError as e:
         fail(f"cannot reach {settings.server_url}: {e}")
     try:
@@ -55,7 +56,11 @@ def adapters_show(name: str, url: str = URL, token: str = TOKEN) -> None:
 
 def adapters_upload(
     name: str,
-    path: Path = typer.Argument(..., help="A PEFT adapter directory, or a .tar.gz/.tgz/.zip of one."),
+    path: str = typer.Argument(..., metavar="PATH|hf://ORG/REPO",
+                               help="A PEFT adapter directory, a .tar.gz/.tgz/.zip of one, or a Hugging Face Hub "
+                                    "repository the server fetches (with HF_TOKEN, if set, sent for this fetch only)."),
+    revision: str = typer.Option(None, help="hf:// only: branch, tag, commit or refs/pr/N (default main)."),
+    subfolder: str = typer.Option(None, help="hf:// only: the adapter's folder in the repository."),
     tenant: str = typer.Option(None, help="Tenant that owns the adapter (a tenant-admin key's own by default)."),
     alias: str = typer.Option(None, help="Also point this alias at the new version."),
     public: bool = typer.Option(False, help="Let every tenant use it."),
@@ -66,23 +71,36 @@ def adapters_upload(
     reason: str = REASON, url: str = URL, token: str = TOKEN,
 ) -> None:
     """Upload an adapter to a running server as the next version of NAME."""
-    from server.registry.archive import pack_archive
+    import os
 
-    if path.is_dir():
-        content, filename = pack_archive(path), f"{name}.tar.gz"
-    elif path.is_file():
-        content, filename = path.read_bytes(), path.name
-    else:
-        fail(f"PATH: {path} does not exist")
     form = {"name": name, "public": str(public).lower(), "promote": promote, "max_forgetting": str(max_forgetting),
             **({"alias": alias} if alias else {}), **({"tenant": tenant} if tenant else {})}
-    files = {"file": (filename, content), **_file_part("eval_data", eval_data, "--eval"),
-             **_file_part("general_text", general_text, "--general")}
-    answer = _admin("POST", "/admin/adapters", url, token, data=form, files=files, **_why(reason))
+    files = {**_file_part("eval_data", eval_data, "--eval"), **_file_part("general_text", general_text, "--general")}
+    headers = {}
+    if path.startswith("hf://"):
+        form.update(source=path, **({"revision": revision} if revision else {}),
+                    **({"subfolder": subfolder} if subfolder else {}))
+        headers = {"X-Hub-Token": os.environ["HF_TOKEN"]} if os.environ.get("HF_TOKEN") else {}
+    elif revision or subfolder:
+        fail("--revision and --subfolder: only for an hf:// source")
+    else:
+        files["file"] = _archive(Path(path), name)
+    answer = _admin("POST", "/admin/adapters", url, token, data=form, files=files, headers=headers, **_why(reason))
     evaluation = answer.pop("evaluation", None)
     echo_json(answer)
     if evaluation:
         typer.echo(evaluation["table"])
+
+
+def _archive(path: Path, name: str) -> tuple[str, bytes]:
+    """The multipart file of an adapter directory (packed) or archive."""
+    from server.registry.archive import pack_archive
+
+    if path.is_dir():
+        return f"{name}.tar.gz", pack_archive(path)
+    if path.is_file():
+        return path.name, path.read_bytes()
+    fail(f"PATH: {path} does not exist")
 
 
 def _file_part(field: str, path: Path | None, option: str) -> dict:

@@ -140,9 +140,9 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = Field(4 << 30, description="Largest total size an adapter archive may unpack to.")
     archive_timeout: float = Field(120.0, description="Seconds an upload's archive may take to unpack.")
     hub_allow: dict[str, list[str]] = Field(
-        default_factory=dict, description='Per tenant, the Hugging Face Hub repositories its tenant-admins may register '
-                                          'from, as JSON: {"acme": ["acme-org/*", "org/repo"]}; a tenant not named may '
-                                          "use none. Operators may use any."
+        default_factory=dict,
+        description='Per tenant, the Hugging Face Hub repositories its tenant-admins may register from, as JSON: '
+                    '{"acme": ["acme-org/*", "org/repo"]}; a tenant not named may use none. Operators may use any.',
     )
     max_composed_per_tenant: int = Field(
         32, ge=1, description="Versions composed per request (`adapter` as a list) kept per tenant; past it the least "

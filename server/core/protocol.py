@@ -76,8 +76,9 @@ class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: Name | None = None
-    adapter: Adapter | None = Field(None, description='Adapter to answer with: "name", "name@3" or "name@alias"; or a list '
-                                                "of {name, weight}, served as their exact weighted composition.")
+    adapter: Adapter | None = Field(None, description='Adapter to answer with: "name", "name@3" or "name@alias"; '
+                                                      "or a list of {name, weight}, served as their exact weighted "
+                                                      "composition.")
     max_tokens: int | None = Field(None, ge=1, le=INT64, description="At most the model's context length.")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)

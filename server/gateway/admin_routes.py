@@ -83,7 +83,7 @@ class Admin:
             self.retire(rest)
 
 
-def _admin(request: Request) -> Admin:
+def admin_part(request: Request) -> Admin:
     return request.app.state.admin
 
 
@@ -102,9 +102,9 @@ class AuditedRoute(APIRoute):
                 message = error.message if isinstance(error, APIError) else str(error.errors()[:1])
                 caller: Caller = request.state.caller
                 adapter = request.path_params.get("name") or getattr(request.state, "adapter", None)
-                await _admin(request).audit.arecord(caller.actor, self.name, adapter and str(adapter)[:200],
-                                                      result=f"refused: {status} {message}"[:1000],
-                                                      tenant=caller.tenant, reason=request.query_params.get("reason"))
+                await admin_part(request).audit.arecord(caller.actor, self.name, adapter and str(adapter)[:200],
+                                                        result=f"refused: {status} {message}"[:1000],
+                                                        tenant=caller.tenant, reason=request.query_params.get("reason"))
                 raise
 
         return audited
@@ -116,7 +116,7 @@ VersionParam = PathParam(ge=1, le=MAX_VERSION)
 Reason = Query(None, max_length=1000, description="Why, for the audit log.")
 
 
-def _owned(admin: Admin, caller: Caller, name: str) -> str | None:
+def owned_by(admin: Admin, caller: Caller, name: str) -> str | None:
     """The adapter's tenant; for a tenant-admin, another tenant's adapter is refused exactly as a missing one."""
     owner = admin.registry.tenant(check_name(name))
     if caller.tenant is not None and owner != caller.tenant:
@@ -124,11 +124,11 @@ def _owned(admin: Admin, caller: Caller, name: str) -> str | None:
     return owner
 
 
-async def _audit(request: Request, caller: Caller, action: str, name: str, version: int | None = None,
-                 sha256: str | None = None, **detail) -> None:
+async def audit_change(request: Request, caller: Caller, action: str, name: str, version: int | None = None,
+                       sha256: str | None = None, **detail) -> None:
     """One audit line for a change, under the caller's name, with its reason if it gave one."""
-    await _admin(request).audit.arecord(caller.actor, action, name, version, sha256,
-                                          reason=request.query_params.get("reason"), **detail)
+    await admin_part(request).audit.arecord(caller.actor, action, name, version, sha256,
+                                            reason=request.query_params.get("reason"), **detail)
 
 
 class AliasBody(BaseModel):
@@ -194,7 +194,7 @@ async def upload(
     reason: str | None = Reason,
     caller: Caller = Depends(admin_caller),
 ) -> dict:
-    admin = _admin(request)
+    admin = admin_part(request)
     request.state.adapter = name[:200]
     check_new_name(name)
     tenant = _upload_tenant(caller, tenant)
@@ -217,7 +217,7 @@ async def upload(
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
     sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
-    await _audit(request, caller, "upload", name, version.version, sha, tenant=tenant)
+    await audit_change(request, caller, "upload", name, version.version, sha, tenant=tenant)
     if alias:
         await _alias_upload(request, caller, version, alias, sha, tenant)
     if evalset is None:
@@ -229,11 +229,11 @@ async def _alias_upload(request: Request, caller: Caller, version: Version, alia
                         tenant: str | None) -> None:
     """Points `alias` at the version just uploaded; a refused alias leaves the version registered, and says so."""
     try:
-        await asyncio.to_thread(_admin(request).registry.set_alias, version.name, alias, version.version)
-        await _admin(request).serve_now(version.name)
+        await asyncio.to_thread(admin_part(request).registry.set_alias, version.name, alias, version.version)
+        await admin_part(request).serve_now(version.name)
     except InvalidReference as e:
         raise InvalidReference(f"registered {version.key}, but not aliased: {e}", "alias") from None
-    await _audit(request, caller, "alias", version.name, version.version, sha, tenant=tenant, alias=alias)
+    await audit_change(request, caller, "alias", version.name, version.version, sha, tenant=tenant, alias=alias)
 
 
 async def _evaluate_arrival(request: Request, caller: Caller, version: Version, evalset: EvalSet,
@@ -243,11 +243,11 @@ async def _evaluate_arrival(request: Request, caller: Caller, version: Version, 
     evaluation = await _evaluate(request, caller, name, version.version, evalset, "base", tenant)
     if promote == "auto":
         if evaluation["passed"]:
-            await asyncio.to_thread(_admin(request).registry.set_alias, name, "stable", version.version)
-            await _admin(request).serve_now(name)
-        await _audit(request, caller, "promote_auto", name, version.version,
-                     version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant, alias="stable",
-                     result="ok" if evaluation["passed"] else f"refused: {evaluation['verdict']}")
+            await asyncio.to_thread(admin_part(request).registry.set_alias, name, "stable", version.version)
+            await admin_part(request).serve_now(name)
+        await audit_change(request, caller, "promote_auto", name, version.version,
+                           version.manifest["files"][WEIGHTS_FILE]["sha256"], tenant=tenant, alias="stable",
+                           result="ok" if evaluation["passed"] else f"refused: {evaluation['verdict']}")
     return evaluation
 
 
@@ -277,7 +277,7 @@ def _in_scope(caller: Caller, tenant: str | None) -> bool:
     return caller.tenant is None or tenant in (None, caller.tenant)
 
 
-def _acting_tenant(caller: Caller, tenant: str | None, refused: str, required: str) -> str:
+def acting_tenant(caller: Caller, tenant: str | None, refused: str, required: str) -> str:
     """The tenant a request acts for: the one it names, else a tenant-admin key's own; another one is refused."""
     if not _in_scope(caller, tenant):
         raise APIError(403, f"tenant: {refused}", type="permission_error", param="tenant", code="other_tenant")
@@ -288,7 +288,7 @@ def _acting_tenant(caller: Caller, tenant: str | None, refused: str, required: s
 
 
 def _upload_tenant(caller: Caller, tenant: str | None) -> str:
-    return check_name(_acting_tenant(caller, tenant, "a tenant-admin key registers adapters for its own tenant only",
+    return check_name(acting_tenant(caller, tenant, "a tenant-admin key registers adapters for its own tenant only",
                                      "required (the tenant that owns the adapter)"), "tenant")
 
 
@@ -371,7 +371,7 @@ def _jsonl_rows(content: bytes, where: str) -> list:
 async def _evaluate(request: Request, caller: Caller, name: str, version: int, evalset: EvalSet, against: str,
                     tenant: str | None) -> dict:
     """Scores the version on an engine, keeps the summary beside it (the rollout gate reads it) and audits it."""
-    admin = _admin(request)
+    admin = admin_part(request)
     # Its engine calls are abandoned (and so aborted by vLLM) when the caller leaves.
     async with ClientWatch(request.receive)(leaving=client_left):
         result = await admin.evaluator.evaluate(name, version, evalset, against, tenant)
@@ -381,9 +381,9 @@ async def _evaluate(request: Request, caller: Caller, name: str, version: int, e
         {k: v for k, v in summary[side].items() if k != "samples"} for side in ("reference", "candidate"))
     summary["time"] = time.time()
     await asyncio.to_thread(admin.registry.record_evaluation, name, version, summary)
-    await _audit(request, caller, "eval", name, version, await asyncio.to_thread(_sha, admin, name, version),
-                 tenant=tenant, against=result["reference_model"], passed=result["passed"],
-                 verdict=result["verdict"])
+    await audit_change(request, caller, "eval", name, version, await asyncio.to_thread(_sha, admin, name, version),
+                       tenant=tenant, against=result["reference_model"], passed=result["passed"],
+                       verdict=result["verdict"])
     return result
 
 
@@ -391,7 +391,7 @@ async def _evaluate(request: Request, caller: Caller, name: str, version: int, e
 async def evaluate(name: str, body: EvalBody, request: Request, version: int = VersionParam,
                    reason: str | None = Reason, caller: Caller = Depends(admin_caller)) -> dict:
     """Scores a version through the engine (held-out loss, exact match, ROUGE-L, forgetting) beside `against`."""
-    owner = await asyncio.to_thread(_owned, _admin(request), caller, name)
+    owner = await asyncio.to_thread(owned_by, admin_part(request), caller, name)
     options = EvalOptions(**body.model_dump(include=set(EvalOptions.model_fields)))
     evalset = _eval_set(body.rows, body.general_text, options, "rows")
     return await _evaluate(request, caller, name, version, evalset, body.against, owner)
@@ -403,7 +403,7 @@ async def list_adapters(request: Request, tenant: str | None = Query(None),
     """Every adapter, or one tenant's; a tenant-admin sees its own tenant's only."""
     if not _in_scope(caller, tenant):
         return {"object": "list", "data": []}
-    return await asyncio.to_thread(_list, _admin(request), caller.tenant or tenant)
+    return await asyncio.to_thread(_list, admin_part(request), caller.tenant or tenant)
 
 
 def _list(admin: Admin, tenant: str | None) -> dict:
@@ -420,10 +420,10 @@ def _list(admin: Admin, tenant: str | None) -> dict:
 
 @router.get("/adapters/{name}")
 async def show_adapter(name: str, request: Request, caller: Caller = Depends(admin_caller)) -> dict:
-    admin = _admin(request)
+    admin = admin_part(request)
 
     def show() -> dict:
-        owner = _owned(admin, caller, name)
+        owner = owned_by(admin, caller, name)
         aliases, canaries = admin.registry.alias_table(name)
         present = admin.registry.versions(name)
         versions = [admin.registry.get(name, v).manifest for v in present]
@@ -439,20 +439,20 @@ async def _change(request: Request, caller: Caller, action: str, name: str, appl
                   version: int | None = None, **detail) -> int | None:
     """One alias change: the caller's scope checked, `apply` run off the event loop, then audited with the version
     it names (`version`, else what `apply` returned) and that version's sha256; returns what `apply` returned."""
-    admin = _admin(request)
-    owner = await asyncio.to_thread(_owned, admin, caller, name)
+    admin = admin_part(request)
+    owner = await asyncio.to_thread(owned_by, admin, caller, name)
     result = await asyncio.to_thread(apply)
     await admin.serve_now(name)
     named = version if version is not None else result
     sha = await asyncio.to_thread(_sha, admin, name, named) if named is not None else None
-    await _audit(request, caller, action, name, named, sha, tenant=owner, **detail)
+    await audit_change(request, caller, action, name, named, sha, tenant=owner, **detail)
     return result
 
 
 @router.put("/adapters/{name}/aliases/{alias}")
 async def set_alias(name: str, alias: str, body: AliasBody, request: Request, reason: str | None = Reason,
                     caller: Caller = Depends(admin_caller)) -> dict:
-    registry = _admin(request).registry
+    registry = admin_part(request).registry
     await _change(request, caller, "alias", name, lambda: registry.set_alias(name, alias, body.version),
                   body.version, alias=alias)
     return {"name": name, "alias": alias, "version": body.version}
@@ -462,7 +462,7 @@ async def set_alias(name: str, alias: str, body: AliasBody, request: Request, re
 async def set_canary(name: str, alias: str, body: CanaryBody, request: Request, reason: str | None = Reason,
                      caller: Caller = Depends(admin_caller)) -> dict:
     """Sends `weight`% of the alias's callers (the same ones while the weight stays) to `version`."""
-    registry = _admin(request).registry
+    registry = admin_part(request).registry
     await _change(request, caller, "canary", name, lambda: registry.set_canary(name, alias, body.version, body.weight),
                   body.version, alias=alias, weight=body.weight)
     return {"name": name, "alias": alias, "canary": {"version": body.version, "weight": body.weight}}
@@ -472,7 +472,7 @@ async def set_canary(name: str, alias: str, body: CanaryBody, request: Request, 
 async def promote(name: str, alias: str, request: Request, reason: str | None = Reason,
                   caller: Caller = Depends(admin_caller)) -> dict:
     """Points the alias at its canary's version, for every caller."""
-    registry = _admin(request).registry
+    registry = admin_part(request).registry
     version = await _change(request, caller, "promote", name, lambda: registry.promote(name, alias), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
@@ -481,7 +481,7 @@ async def promote(name: str, alias: str, request: Request, reason: str | None = 
 async def start_rollout(name: str, alias: str, body: RolloutSpec, request: Request, reason: str | None = Reason,
                         caller: Caller = Depends(admin_caller)) -> dict:
     """Rolls `to` out step by step while it keeps within bounds of the alias's version; rolls back when not."""
-    rollouts, started = _admin(request).rollouts, {}
+    rollouts, started = admin_part(request).rollouts, {}
     await _change(request, caller, "rollout_start", name,
                   lambda: started.update(rollouts.start(name, alias, body, caller.actor)), body.to, alias=alias,
                   weight=body.steps[0], steps=body.steps, interval=body.interval)
@@ -492,7 +492,7 @@ async def start_rollout(name: str, alias: str, body: RolloutSpec, request: Reque
 async def set_shadow(name: str, alias: str, body: ShadowBody, request: Request, reason: str | None = Reason,
                      caller: Caller = Depends(admin_caller)) -> dict:
     """Sends a copy of `percent`% of the alias's non-streamed requests to `version`: compared, timed, not served."""
-    registry = _admin(request).registry
+    registry = admin_part(request).registry
     await _change(request, caller, "shadow", name,
                   lambda: registry.set_shadow(name, alias, body.version, body.percent), body.version, alias=alias,
                   percent=body.percent)
@@ -502,7 +502,7 @@ async def set_shadow(name: str, alias: str, body: ShadowBody, request: Request, 
 @router.delete("/adapters/{name}/aliases/{alias}/shadow")
 async def end_shadow(name: str, alias: str, request: Request, reason: str | None = Reason,
                      caller: Caller = Depends(admin_caller)) -> dict:
-    registry = _admin(request).registry
+    registry = admin_part(request).registry
     await _change(request, caller, "shadow_end", name, lambda: registry.end_shadow(name, alias), alias=alias)
     return {"name": name, "alias": alias, "shadow": None}
 
@@ -511,7 +511,7 @@ async def end_shadow(name: str, alias: str, request: Request, reason: str | None
 async def abort(name: str, alias: str, request: Request, reason: str | None = Reason,
                 caller: Caller = Depends(admin_caller)) -> dict:
     """Ends the alias's canary: every caller gets the version the alias points at."""
-    registry = _admin(request).registry
+    registry = admin_part(request).registry
     version = await _change(request, caller, "abort", name, lambda: registry.abort(name, alias), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
@@ -519,7 +519,7 @@ async def abort(name: str, alias: str, request: Request, reason: str | None = Re
 @router.post("/adapters/{name}/rollback")
 async def rollback(name: str, request: Request, body: RollbackBody | None = None, reason: str | None = Reason,
                    caller: Caller = Depends(admin_caller)) -> dict:
-    registry, alias = _admin(request).registry, (body or RollbackBody()).alias
+    registry, alias = admin_part(request).registry, (body or RollbackBody()).alias
     version = await _change(request, caller, "rollback", name, lambda: registry.rollback(name, alias), alias=alias)
     return {"name": name, "alias": alias, "version": version}
 
@@ -527,23 +527,23 @@ async def rollback(name: str, request: Request, body: RollbackBody | None = None
 @router.delete("/adapters/{name}/versions/{version}")
 async def delete_version(name: str, request: Request, version: int = VersionParam, reason: str | None = Reason,
                          caller: Caller = Depends(admin_caller)) -> dict:
-    admin = _admin(request)
-    owner = await asyncio.to_thread(_owned, admin, caller, name)
+    admin = admin_part(request)
+    owner = await asyncio.to_thread(owned_by, admin, caller, name)
     sha = await asyncio.to_thread(_sha, admin, name, version)
     await asyncio.to_thread(admin.registry.delete_version, name, version)
     await admin.serve_now(name, deleted=[f"{name}@{version}"])
-    await _audit(request, caller, "delete_version", name, version, sha, tenant=owner)
+    await audit_change(request, caller, "delete_version", name, version, sha, tenant=owner)
     return {"name": name, "version": version, "deleted": True}
 
 
 @router.delete("/adapters/{name}")
 async def delete_adapter(name: str, request: Request, reason: str | None = Reason,
                          caller: Caller = Depends(admin_caller)) -> dict:
-    admin = _admin(request)
-    owner = await asyncio.to_thread(_owned, admin, caller, name)
+    admin = admin_part(request)
+    owner = await asyncio.to_thread(owned_by, admin, caller, name)
     versions = await asyncio.to_thread(admin.registry.delete, name)
     await admin.serve_now(name, deleted=[f"{name}@{v}" for v in versions])
-    await _audit(request, caller, "delete", name, tenant=owner, versions=versions)
+    await audit_change(request, caller, "delete", name, tenant=owner, versions=versions)
     return {"name": name, "versions": versions, "deleted": True}
 
 
@@ -554,11 +554,11 @@ async def usage(request: Request, tenant: str | None = Query(None, description="
                 until: str | None = Query(None, description="ISO 8601 time or an age; default: now."),
                 caller: Caller = Depends(admin_caller)) -> dict:
     """A tenant's completed requests and tokens in a window (whole minutes); a tenant-admin sees its own only."""
-    tenant = _acting_tenant(caller, tenant, "a tenant-admin key sees its own tenant's usage only", "required")
+    tenant = acting_tenant(caller, tenant, "a tenant-admin key sees its own tenant's usage only", "required")
     window = []
     for param, text, default in (("since", since, 0.0), ("until", until, time.time())):
         try:
             window.append(parse_since(text) if text else default)
         except ValueError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
-    return await _admin(request).usage.totals(check_name(tenant, "tenant"), *window)
+    return await admin_part(request).usage.totals(check_name(tenant, "tenant"), *window)

@@ -23,7 +23,7 @@ from server.engine.process import EngineProcess
 from server.engine.retirement import Retirement
 from server.engine.routing import Backend, Router
 from server.engine.supervisor import Supervisor
-from server.gateway import admin_routes, openai_routes, ops_routes
+from server.gateway import admin_routes, openai_routes, ops_routes, weights_routes
 from server.gateway.admin_routes import Admin
 from server.gateway.auth import Access, Credentials
 from server.gateway.compositions import Compositions
@@ -51,6 +51,7 @@ def create_admin_app(settings: Settings, main: FastAPI) -> FastAPI:
     """/admin alone, for its own port or interface (ADMIN_PORT); it shares the main app's parts."""
     admin = FastAPI(title="loraplex admin", responses=ERROR_RESPONSES)
     admin.include_router(admin_routes.router)
+    admin.include_router(weights_routes.router)
     admin.include_router(ops_routes.router)
     admin.state = main.state
     _install_errors(admin, settings)
@@ -184,6 +185,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ops_routes.router)
     if settings.admin_port is None:
         app.include_router(admin_routes.router)
+        app.include_router(weights_routes.router)
     _install_errors(app, settings)
     app.add_middleware(Credentials, guard_admin=settings.admin_port is None)
     if settings.cors_origins:

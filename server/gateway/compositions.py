@@ -34,7 +34,7 @@ class Compositions:
     async def resolve(self, recipe: list[AdapterWeight], tenant: str | None) -> Target:
         """The composed version serving `recipe` for the caller's tenant; NotFound for a source it does not own."""
         owner = tenant or "default"
-        parts = [Part(await self._source(item.name, owner, tenant), _weight(item.weight, i))
+        parts = [Part(await self._source(item.name, tenant), _weight(item.weight, i))
                  for i, item in enumerate(recipe)]
         try:
             check_parts(parts, self.base)
@@ -51,13 +51,14 @@ class Compositions:
                 self._locks.pop(name, None)
         return target
 
-    async def _source(self, ref: str, owner: str, tenant: str | None) -> Version:
-        """A source version; the caller's own adapters only: another tenant's, public or not, is missing."""
+    async def _source(self, ref: str, tenant: str | None) -> Version:
+        """A source version; a tenant's own adapters only (another tenant's, public or not, is missing), any on a
+        gateway without keys."""
         try:
             version = (await self.view.resolve(ref, None, tenant)).version
         except NotFound:
             raise NotFound(ref) from None
-        if version.manifest.get("tenant") != owner:
+        if tenant is not None and version.manifest.get("tenant") != tenant:
             raise NotFound(ref)
         return version
 

@@ -149,7 +149,8 @@ class HubMirror:
             f'hf-scheme = "http"\nhf-netloc = "127.0.0.1:9"\n\n[accessibility]\noffline = true\n')
         with (self.root / "olah.log").open("wb") as log:
             proc = self._olah = subprocess.Popen(
-                [str(olah_python()), "-m", "olah.server", "-c", str(config), "--log-path", str(self.root / "olah-logs")],
+                [str(olah_python()), "-m", "olah.server", "-c", str(config),
+                 "--log-path", str(self.root / "olah-logs")],
                 cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.olah_endpoint = f"http://127.0.0.1:{port}"
         wait_until(lambda: proc.poll() is not None or _answers(self.olah_endpoint), timeout)

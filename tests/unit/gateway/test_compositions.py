@@ -116,3 +116,31 @@ async def test_past_the_cap_the_least_recently_used_composition_is_deleted(tmp_p
         served.append(r.json()["model"].split("@")[0])
     names = {n for n in DirectoryRegistry(tmp_path / "registry").names() if n.startswith("composed.")}
     assert names == {served[0], served[2]}, "the one used least recently went"
+
+
+async def test_the_admin_compose_route_registers_a_recipe_of_the_tenants_own_adapters(tmp_path, base, engine, setup):
+    store = KeyStore(FileDocument(tmp_path / "state" / KEYS_FILE))
+    acme, operator = store.create("acme", "tenant-admin")[1], store.create(None, "admin", "ops")[1]
+
+    async def compose(key: str, name: str, sources: list, **extra):
+        return await client.post(f"/admin/adapters/{name}/compose", json={"sources": sources, **extra},
+                                 headers={"Authorization": f"Bearer {key}"})
+
+    async with serving(engine, base, tmp_path) as client:
+        made = await compose(acme, "mix", [{"name": "a@1", "weight": 0.5}, {"name": "b", "weight": 0.5}])
+        assert made.status_code == 201, made.text
+        assert (made.json()["tenant"], made.json()["rank"], made.json()["version"]) == ("acme", 12, 1)
+        served = await ask(client, setup["acme"], "mix")
+        assert served.json()["model"] == "mix@1"
+        foreign = await compose(acme, "mix", [{"name": "a", "weight": 1}, {"name": "c", "weight": 1}])
+        missing = await compose(acme, "mix", [{"name": "a", "weight": 1}, {"name": "zzz", "weight": 1}])
+        assert foreign.status_code == missing.status_code == 404
+        assert foreign.json()["error"]["message"].replace("'c'", "'zzz'") == missing.json()["error"]["message"]
+        reserved = await compose(acme, "composed.x", [{"name": "a", "weight": 1}])
+        assert reserved.status_code == 400 and "reserved" in reserved.json()["error"]["message"]
+        needs_tenant = await compose(operator, "mix2", [{"name": "a", "weight": 1}, {"name": "c", "weight": 1}])
+        assert needs_tenant.status_code == 400 and needs_tenant.json()["error"]["param"] == "tenant"
+        ops = await compose(operator, "mix2", [{"name": "a", "weight": 1}, {"name": "c", "weight": 1}],
+                            tenant="acme")
+        assert ops.status_code == 201 and [r["name"] for r in ops.json()["recipe"]] == ["a", "c"]
+    assert DirectoryRegistry(tmp_path / "registry").versions("mix") == [1]
