@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL := models/demo-base
 
-.PHONY: install tools serve test unit e2e demo-model demo bench-train bench bench-quick soak clean docker-engine \
+.PHONY: install tools serve test unit e2e demo-model demo bench-train bench bench-quick bench-compose soak clean docker-engine \
 	base-image image image-gpu test-container
 
 $(PY):
@@ -47,6 +47,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m loadtest.bench --quick
+
+# Compositions named per request: the first request of a new recipe, and later ones against a plain adapter.
+bench-compose: $(STAMP) $(MODEL)/config.json
+	$(PY) -m loadtest.compose_bench
 
 # About 10 minutes of load, adapter churn and faults on a gateway and engine of its own; writes soak.json.
 soak: $(STAMP) $(MODEL)/config.json

@@ -40,7 +40,7 @@ def setup(work: Path) -> dict[str, str]:
     """The gateway's settings, with SOURCES adapters and one plain rank-8 version (`plain`, a composition
     registered by the CLI: the same shapes as the per-request ones) registered."""
     env = {**os.environ, "LORAPLEX_BASE_MODEL": str(BASE), "LORAPLEX_REGISTRY": str(work / "registry"),
-           "LORAPLEX_STATE_DIR": str(work / "state"), "LORAPLEX_MAX_LORA_RANK": "16", "LORAPLEX_PORT": ""}
+           "LORAPLEX_STATE_DIR": str(work / "state"), "LORAPLEX_MAX_LORA_RANK": "16"}
     factory = AdapterFactory(BASE, 4, scale=0.1)
     for i in range(SOURCES):
         subprocess.run([LOADER, "adapters", "add", f"s{i}", str(factory.write(work / f"s{i}", i))], env=env,
