@@ -49,6 +49,7 @@ class StubEngine:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/completions", self._complete)
+        app.router.add_post("/v1/chat/completions", self._complete)
         return app
 
     async def start(self) -> "StubEngine":
@@ -78,28 +79,40 @@ class StubEngine:
                                  status=400)
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
+        """/v1/completions and /v1/chat/completions alike: `tokens` pieces of text, whole or as events."""
         self.requests += 1
         self.request_ids.append(request.headers.get("x-request-id"))
         self.traceparents.append(request.headers.get("traceparent"))
         body = await request.json()
         if "@" in body["model"] and body["model"] not in self.serves and not self.serves_all:
             return self._refuse_adapter(body["model"])
-        head = {"id": "cmpl-stub", "object": "text_completion", "created": 1, "model": body["model"]}
+        chat = request.path.endswith("/chat/completions")
+        # Named after x-request-id, as vLLM names its answers.
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request.headers.get('x-request-id', 'stub')}",
+                "object": "chat.completion" if chat else "text_completion", "created": 1, "model": body["model"]}
         text = "x" * self.event_bytes or " tok"
         if not body.get("stream"):
-            choice = {"index": 0, "text": text * self.tokens, "finish_reason": "length"}
+            choice = _choice(chat, False, text * self.tokens, "length")
             return web.json_response({**head, "choices": [choice], "usage": USAGE, "kv_transfer_params": None})
         response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
         for i in range(self.tokens):
             if self.gap:
                 await asyncio.sleep(self.gap)
-            choice = {"index": 0, "text": text, "finish_reason": "length" if i == self.tokens - 1 else None}
+            choice = _choice(chat, True, text, "length" if i == self.tokens - 1 else None)
             await response.write(b"data: " + _compact({**head, "choices": [choice], "usage": None})
                                  + b"\n\n")
         await response.write(b"data: " + _compact({**head, "choices": [], "usage": USAGE}) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         return response
+
+
+def _choice(chat: bool, streamed: bool, text: str, finish: str | None) -> dict:
+    if not chat:
+        return {"index": 0, "text": text, "finish_reason": finish}
+    return {"index": 0, ("delta" if streamed else "message"): {"role": "assistant", "content": text},
+            "finish_reason": finish}
 
 
 def main() -> None:

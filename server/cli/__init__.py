@@ -2,7 +2,7 @@
 
 import typer
 
-from server.cli import local, processes, remote
+from server.cli import data, local, processes, remote
 from server.cli.conventions import settings_help
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Multi-tenant LoRA serving over vLLM.")
@@ -11,7 +11,11 @@ keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys and operator 
 registry_app = typer.Typer(no_args_is_help=True, help="Check and copy adapter registries.")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(keys_app, name="keys")
+tenants_app = typer.Typer(no_args_is_help=True, help="Tenants' data policies.")
+data_app = typer.Typer(no_args_is_help=True, help="Stored completions: exports for training.")
 app.add_typer(registry_app, name="registry")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(data_app, name="data")
 
 # Registered in the order `--help` lists them.
 app.command("serve", epilog=settings_help())(processes.serve)
@@ -43,6 +47,9 @@ keys_app.command("engine")(local.keys_engine)
 
 registry_app.command("check")(local.registry_check)
 registry_app.command("copy")(local.registry_copy)
+
+tenants_app.command("policy")(data.tenants_policy)
+data_app.command("export")(data.data_export)
 
 
 def main() -> None:

@@ -88,6 +88,7 @@ def adapters_merge(
 ) -> None:
     """Merge an adapter version into the base model (LORAPLEX_BASE_MODEL): a standalone model directory, written only
     once its logits match base + adapter on probe prompts."""
+    from server.core import base_model
     from server.registry import RegistryError
     from server.weights.merge import DEFAULT_TOLERANCE, MergeError, merge
 
@@ -96,10 +97,12 @@ def adapters_merge(
         fail(f"--dtype {dtype!r}: float32 or bfloat16")
     try:
         registry = _registry(settings)
-        report = merge(registry, registry.resolve(ref), Path(settings.base_model), out, dtype, tolerance,
-                       log=typer.echo)
+        report = merge(registry, registry.resolve(ref), base_model.local_dir(settings.base_model), out, dtype,
+                       tolerance, log=typer.echo)
     except (MergeError, RegistryError) as e:
         fail(str(e))
+    except (ImportError, OSError) as e:
+        fail(f"merging needs the training extras (torch, transformers, peft) and a readable base model: {e}")
     typer.echo(f"wrote {report.out}: {ref} merged into {settings.base_model} ({report.dtype})")
 
 

@@ -61,6 +61,8 @@ def adapters_upload(
                                     "repository the server fetches (with HF_TOKEN, if set, sent for this fetch only)."),
     revision: str = typer.Option(None, help="hf:// only: branch, tag, commit or refs/pr/N (default main)."),
     subfolder: str = typer.Option(None, help="hf:// only: the adapter's folder in the repository."),
+    send_hf_token: bool = typer.Option(False, "--send-hf-token", help="hf:// only: send HF_TOKEN for the server "
+                                                                      "to fetch with (for private repositories)."),
     tenant: str = typer.Option(None, help="Tenant that owns the adapter (a tenant-admin key's own by default)."),
     alias: str = typer.Option(None, help="Also point this alias at the new version."),
     public: bool = typer.Option(False, help="Let every tenant use it."),
@@ -80,9 +82,11 @@ def adapters_upload(
     if path.startswith("hf://"):
         form.update(source=path, **({"revision": revision} if revision else {}),
                     **({"subfolder": subfolder} if subfolder else {}))
-        headers = {"X-Hub-Token": os.environ["HF_TOKEN"]} if os.environ.get("HF_TOKEN") else {}
-    elif revision or subfolder:
-        fail("--revision and --subfolder: only for an hf:// source")
+        if send_hf_token and not os.environ.get("HF_TOKEN"):
+            fail("--send-hf-token: HF_TOKEN is not set")
+        headers = {"X-Hub-Token": os.environ["HF_TOKEN"]} if send_hf_token else {}
+    elif revision or subfolder or send_hf_token:
+        fail("--revision, --subfolder and --send-hf-token: only for an hf:// source")
     else:
         files["file"] = _archive(Path(path), name)
     answer = _admin("POST", "/admin/adapters", url, token, data=form, files=files, headers=headers, **_why(reason))

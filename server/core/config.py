@@ -7,6 +7,8 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from server.core.durations import duration
+
 # Read by server/vllm_plugins/lora_ops.py inside the vLLM engine, which has no Settings of its own.
 LORA_OPS_ENV = "LORAPLEX_LORA_OPS"
 
@@ -144,6 +146,12 @@ class Settings(BaseSettings):
         description='Per tenant, the Hugging Face Hub repositories its tenant-admins may register from, as JSON: '
                     '{"acme": ["acme-org/*", "org/repo"]}; a tenant not named may use none. Operators may use any.',
     )
+    capture_queue: int = Field(10_000, ge=1, description="Answers queued for the record writer; past it, stored "
+                                                          "completions are dropped and counted, never delayed.")
+    ledger_retention: str = Field("7d", description="How long every answer's content-free ledger entry (id, tenant, "
+                                                    "key id, version, time: what feedback is traced by) is kept.")
+    retention_interval: float = Field(3600.0, gt=0, description="Seconds between sweeps deleting stored "
+                                                                "completions and ledger entries past retention.")
     max_composed_per_tenant: int = Field(
         32, ge=1, description="Versions composed per request (`adapter` as a list) kept per tenant; past it the least "
                               "recently used one is deleted, so callers cannot fill the registry."
@@ -167,6 +175,14 @@ class Settings(BaseSettings):
         v = str(v) if isinstance(v, Path) else v
         if isinstance(v, str) and v.startswith("s3://") and not v.removeprefix("s3://").split("/")[0]:
             raise ValueError(f"{v!r} names no bucket: expected s3://BUCKET[/PREFIX]")
+        return v
+
+    @field_validator("ledger_retention")
+    @classmethod
+    def _a_duration(cls, v: str) -> str:
+        seconds = duration(v)
+        if seconds is None or seconds <= 0:
+            raise ValueError("a positive duration such as 12h or 7d")
         return v
 
     @field_validator("max_lora_rank")

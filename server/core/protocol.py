@@ -20,6 +20,9 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 INT64 = 2**63 - 1
 MAX_COMPOSED_SOURCES = 8
+# OpenAI's bounds on `metadata`: 16 pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     Field(max_length=16)]
 MAX_ADAPTER_WEIGHT = 10.0
 
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
@@ -90,6 +93,11 @@ class OpenAIRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: Name | None = None
+    store: bool | None = Field(None, description="Whether to store the completion, as the tenant's data policy "
+                                                 "allows: under capture opt-in only `true` is stored, under on all "
+                                                 "but `false`.")
+    metadata: Metadata | None = Field(None, description="Up to 16 pairs kept with a stored completion, for "
+                                                        "filtering it (keys up to 64 characters, values 512).")
 
 
 class CompletionRequest(OpenAIRequest):

@@ -1,6 +1,8 @@
 """What the data loop keeps: stored completions, the content-free ledger of every answer, feedback on answers, and
 the snapshots exports make (for lineage)."""
 
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -80,3 +82,9 @@ class Snapshot:
     record_ids: tuple[str, ...]
     filters: dict
     created: float
+
+
+def new_answer_id() -> str:
+    """The id part of an answer's id: 11 hex digits of milliseconds since the epoch, so ids sort by time, then 80
+    random bits, so no two are alike and none can be guessed. Never anything the caller sent."""
+    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(10)}"

@@ -26,6 +26,8 @@ from server.core.config import Settings
 from server.core.durations import parse_since
 from server.core.errors import APIError
 from server.core.examples import DataError, parse_row
+from server.data import CompletionStore
+from server.data.lineage import trained_on_erased
 from server.engine.retirement import Retirement
 from server.gateway.auth import admin_caller
 from server.gateway.client_watch import ClientWatch, client_left
@@ -68,6 +70,7 @@ class Admin:
     evaluator: Evaluator
     retire: Retirement
     archive_slots: asyncio.Semaphore  # LORAPLEX_ARCHIVE_WORKERS uploads unpacked at once
+    data: CompletionStore
 
     async def serve_now(self, name: str, deleted: Sequence[str] = ()) -> None:
         """Serves a change this gateway made at once (the others take it at their next reading), and unloads the
@@ -203,6 +206,9 @@ async def upload(
     if (file is None) == (source is None):
         raise APIError(400, "file or source: give one, the adapter's archive or its hf:// repository",
                        param="file", code="missing_required_parameter")
+    if file is not None and (revision or subfolder or hub_token):
+        raise APIError(400, "revision, subfolder and X-Hub-Token go with source, not file", param="revision",
+                       code="invalid_value")
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-upload-"))
     try:
         if source is None:
@@ -320,17 +326,30 @@ async def _from_hub(admin: Admin, caller: Caller, hub: HubFetch, work: Path) -> 
         where = HubSource.parse(hub.source, hub.revision, hub.subfolder)
     except HubError as e:
         raise APIError(400, f"source: {e}", param="source", code="invalid_source") from None
-    if caller.tenant is not None and not allowed(where.repo, admin.settings.hub_allow.get(caller.tenant, [])):
-        raise APIError(403, f"source: {SCHEME}{where.repo} is not in tenant {caller.tenant}'s LORAPLEX_HUB_ALLOW",
-                       type="permission_error", param="source", code="source_not_allowed")
+    allow = None if caller.tenant is None else admin.settings.hub_allow.get(caller.tenant, [])
+    if allow is not None:
+        _check_allowed(where, allow, caller.tenant)
     token = hub.token or (None if caller.tenant is None else False)
     try:
         async with admin.archive_slots:
             files, record = await asyncio.to_thread(fetch, where, work, token=token,
-                                                    max_bytes=admin.settings.max_unpacked_bytes)
+                                                    max_bytes=admin.settings.max_unpacked_bytes, allow=allow)
     except HubError as e:
-        raise APIError(400, f"source: {e}", param="source", code="invalid_source") from None
+        status = 413 if e.too_large else 403 if e.not_allowed else 400
+        raise APIError(status, f"source: {e}", param="source",
+                       code="request_too_large" if e.too_large else "invalid_source") from None
     return files, f"{SCHEME}{record['repo']}@{record['sha']}", {"hub": record}
+
+
+def _check_allowed(where: HubSource, allow: list[str], tenant: str) -> None:
+    """A tenant-admin's source: a repository its tenant's allow-list names, at a revision its owners made (a pull
+    request's ref carries whoever opened it)."""
+    if not allowed(where.repo, allow):
+        raise APIError(403, f"source: {SCHEME}{where.repo} is not in tenant {tenant}'s LORAPLEX_HUB_ALLOW",
+                       type="permission_error", param="source", code="source_not_allowed")
+    if where.revision.startswith("refs/pr/"):
+        raise APIError(403, "revision: a pull request's ref is for operators (its content is whoever opened it)",
+                       type="permission_error", param="revision", code="source_not_allowed")
 
 
 def _register(admin: Admin, files: Path, name: str, tenant: str, public: bool, origin: str, extra: dict) -> Version:
@@ -426,13 +445,19 @@ async def show_adapter(name: str, request: Request, caller: Caller = Depends(adm
         owner = owned_by(admin, caller, name)
         aliases, canaries = admin.registry.alias_table(name)
         present = admin.registry.versions(name)
-        versions = [admin.registry.get(name, v).manifest for v in present]
+        versions = [_with_lineage(admin, admin.registry.get(name, v).manifest) for v in present]
         shadows = {a: s for a, s in admin.registry.shadows(name).items() if s["version"] in present}
         evaluations = {v: e for v, e in admin.registry.evaluations(name).items() if v in present}
         return {"name": name, "tenant": owner, "aliases": aliases, "canaries": canaries, "shadows": shadows,
                 "rollouts": admin.rollouts.of(name), "evaluations": evaluations, "versions": versions}
 
     return await asyncio.to_thread(show)
+
+
+def _with_lineage(admin: Admin, manifest: dict) -> dict:
+    """A version's manifest, marked `trained_on_erased: N` when it was trained on exported records."""
+    erased = trained_on_erased(admin.data, manifest)
+    return manifest if erased is None else {**manifest, "trained_on_erased": erased}
 
 
 async def _change(request: Request, caller: Caller, action: str, name: str, apply: Callable[[], int | None],

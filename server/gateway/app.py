@@ -15,17 +15,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.datastructures import State
 
 from server.core import base_model
+from server.core.durations import duration
 from server.core.config import Settings
 from server.core.errors import ERROR_RESPONSES
+from server.data import open_store
+from server.data.policy import POLICIES_FILE, Policies
+from server.data.retention import Retention
+from server.data.writer import RecordWriter
 from server.engine.client import EngineClient
 from server.engine.discovery import Discovery
 from server.engine.process import EngineProcess
 from server.engine.retirement import Retirement
 from server.engine.routing import Backend, Router
 from server.engine.supervisor import Supervisor
-from server.gateway import admin_routes, openai_routes, ops_routes, weights_routes
+from server.gateway import admin_routes, data_routes, openai_routes, ops_routes, stored_routes, weights_routes
 from server.gateway.admin_routes import Admin
 from server.gateway.auth import Access, Credentials
+from server.gateway.capture import Capture
 from server.gateway.compositions import Compositions
 from server.gateway.body_limit import BodyLimit
 from server.gateway.errors import install_error_handlers
@@ -40,6 +46,8 @@ from server.registry.view import RegistryView
 from server.rollout.rollouts import ROLLOUTS_FILE, Rollouts
 from server.rollout.shadow import Shadows
 from server.store.documents import shared_document
+from server.store.lease import LEASES_FILE, Lease
+from server.store.streams import stream_id
 from server.tenancy.admission import Admission
 from server.tenancy.keys import admin_token, engine_key, key_store
 from server.tenancy.usage import usage_ledger
@@ -52,6 +60,7 @@ def create_admin_app(settings: Settings, main: FastAPI) -> FastAPI:
     admin = FastAPI(title="loraplex admin", responses=ERROR_RESPONSES)
     admin.include_router(admin_routes.router)
     admin.include_router(weights_routes.router)
+    admin.include_router(data_routes.router)
     admin.include_router(ops_routes.router)
     admin.state = main.state
     _install_errors(admin, settings)
@@ -103,20 +112,30 @@ def _assemble(state: State, settings: Settings, base: base_model.BaseModelInfo) 
                           audit=audit)
     state.usage = usage_ledger(settings.registry, settings.state_dir, settings.tenant_budgets)
     admission = Admission(settings.max_in_flight_per_engine, settings.max_in_flight_per_tenant, settings.retry_after)
+    state.data = open_store(settings.registry, settings.state_dir)
     state.rollouts = Rollouts(shared_document(settings.registry, settings.state_dir, ROLLOUTS_FILE), state.registry,
-                              audit, changed=state.view.changed)
+                              audit, changed=state.view.changed,
+                              feedback=lambda since: [f for tenant in state.data.tenants()
+                                                      for f in state.data.feedback(tenant, since=since)])
     shadows = Shadows(state.router, state.metrics, settings.shadow_max_in_flight,
                       settings.max_in_flight_per_engine // 2, settings.max_response_bytes)
+    state.policies = Policies(shared_document(settings.registry, settings.state_dir, POLICIES_FILE))
+    state.writer = RecordWriter(state.data, settings.capture_queue, state.metrics.stored_dropped.inc)
+    leases = shared_document(settings.registry, settings.state_dir, LEASES_FILE)
+    state.retention = Retention(store=state.data, policies=state.policies, audit=audit,
+                                lease=Lease(leases, "retention", stream_id(), 2 * settings.retention_interval),
+                                interval=settings.retention_interval, ledger_seconds=duration(settings.ledger_retention))
     state.serving = Serving(settings=settings, base=base, view=state.view, router=state.router, admission=admission,
                             usage=state.usage, metrics=state.metrics, tracer=tracer(settings.otlp_endpoint),
                             rollouts=state.rollouts, shadows=shadows,
                             compositions=Compositions(settings=settings, base=base, registry=state.registry,
-                                                      view=state.view))
+                                                      view=state.view, audit=audit),
+                            capture=Capture(policies=state.policies, writer=state.writer))
     evaluator = Evaluator(settings=settings, registry=state.registry, router=state.router, admission=admission,
                           usage=state.usage)
     state.admin = Admin(settings=settings, base=base, registry=state.registry, view=state.view, audit=audit,
                         rollouts=state.rollouts, usage=state.usage, evaluator=evaluator, retire=retire,
-                        archive_slots=asyncio.Semaphore(settings.archive_workers))
+                        archive_slots=asyncio.Semaphore(settings.archive_workers), data=state.data)
 
 
 def _discovery(state: State) -> Discovery:
@@ -136,7 +155,8 @@ def _background(state: State) -> list[asyncio.Task]:
     poll = state.settings.registry_poll
     supervisor = Supervisor(state.router.backends, state.metrics, state.settings.engine_start_timeout)
     jobs: list[Coroutine] = [supervisor.run(), state.view.keep_current(), state.usage.keep_current(poll),
-                             state.rollouts.keep_current(poll)]
+                             state.rollouts.keep_current(poll), state.policies.keep_current(poll),
+                             state.retention.run()]
     if state.access.keys.follow:
         jobs.append(state.access.keys.keep_current(poll))
     if state.settings.engine_dns:
@@ -173,6 +193,7 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await state.session.close()
+        await asyncio.to_thread(state.writer.close)
         for proc in spawned:
             await asyncio.to_thread(proc.stop)
         if state.serving.tracer:
@@ -182,10 +203,12 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="loraplex", lifespan=lambda app: _lifespan(app, settings), responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
+    app.include_router(stored_routes.router)
     app.include_router(ops_routes.router)
     if settings.admin_port is None:
         app.include_router(admin_routes.router)
         app.include_router(weights_routes.router)
+        app.include_router(data_routes.router)
     _install_errors(app, settings)
     app.add_middleware(Credentials, guard_admin=settings.admin_port is None)
     if settings.cors_origins:

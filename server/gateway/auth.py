@@ -35,9 +35,9 @@ def admin_caller(request: Request) -> Caller:
     return request.state.caller
 
 
-async def caller_tenant(request: Request) -> str | None:
-    """FastAPI dependency: the tenant a /v1 caller acts for; None (sees everything) when no keys exist or for
-    an operator. Async, so it runs on the event loop rather than costing every request a thread hop."""
+async def v1_caller(request: Request) -> Caller | None:
+    """FastAPI dependency: who a /v1 request acts as; None when no keys exist (open). Async, so it runs on the event
+    loop rather than costing every request a thread hop."""
     access: Access = request.app.state.access
     if not access.keys.enabled():
         return None
@@ -48,7 +48,14 @@ async def caller_tenant(request: Request) -> str | None:
     caller = identify(token, access.admin_token, access.keys)
     if caller is None:
         raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
-    return caller.tenant
+    return caller
+
+
+async def caller_tenant(request: Request) -> str | None:
+    """FastAPI dependency: the tenant a /v1 caller acts for; None (sees everything) when no keys exist or for
+    an operator."""
+    caller = await v1_caller(request)
+    return caller.tenant if caller else None
 
 
 class Credentials:

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from server.core.protocol import STREAM_OR_JSON, ChatCompletionRequest, CompletionRequest, ModelList
-from server.gateway.auth import caller_tenant
+from server.gateway.auth import caller_tenant, v1_caller
+from server.tenancy.keys import Caller
 from server.gateway.model_cards import model_list
 
 router = APIRouter(prefix="/v1")
@@ -14,14 +15,14 @@ router = APIRouter(prefix="/v1")
 
 @router.post("/completions", responses=STREAM_OR_JSON)
 async def completions(body: CompletionRequest, request: Request,
-                      tenant: str | None = Depends(caller_tenant)) -> Response:
-    return await request.app.state.serving.forward(body, "/v1/completions", tenant, request)
+                      caller: Caller | None = Depends(v1_caller)) -> Response:
+    return await request.app.state.serving.forward(body, "/v1/completions", caller, request)
 
 
 @router.post("/chat/completions", responses=STREAM_OR_JSON)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           tenant: str | None = Depends(caller_tenant)) -> Response:
-    return await request.app.state.serving.forward(body, "/v1/chat/completions", tenant, request)
+                           caller: Caller | None = Depends(v1_caller)) -> Response:
+    return await request.app.state.serving.forward(body, "/v1/chat/completions", caller, request)
 
 
 @router.get("/models", response_model=ModelList, response_model_exclude_none=True)

@@ -6,7 +6,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -22,6 +22,21 @@ class Usage(NamedTuple):
 
     final: bool
     running: bool
+
+
+class Tap(Protocol):
+    """What sees an answer go by: a whole document or its pieces (kept when it is stored), its normal end, and the
+    request's end."""
+
+    stored: bool
+
+    def whole(self, content: bytes) -> None: ...
+
+    def chunk(self, data: bytes) -> None: ...
+
+    def ended(self, streamed: bool) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 class EngineStream(StreamingResponse):
@@ -58,11 +73,11 @@ def event_too_large(limit: int) -> bytes:
 
 
 async def relay_events(chunks: AsyncIterator[bytes], timer: RequestTimer, wants: Usage,
-                 limit: int) -> AsyncIterator[bytes]:
-    """Passes engine events through as they come, timing them and reading their usage.
+                       limit: int, answer: Tap) -> AsyncIterator[bytes]:
+    """Passes engine events through as they come, timing them, reading their usage and showing them to `answer`.
 
     Each byte is searched for the event boundary once, so a large event costs time in proportion to its size."""
-    pending = bytearray()
+    pending, tap = bytearray(), answer.chunk if answer.stored else None
     async for chunk in chunks:
         if not pending and chunk.endswith(b"\n\n"):
             complete = chunk[:-2]  # the usual case: whole events, nothing held back
@@ -74,8 +89,12 @@ async def relay_events(chunks: AsyncIterator[bytes], timer: RequestTimer, wants:
             if end >= 0:
                 del pending[:end + 2]
         if complete is not None:
+            if tap:
+                tap(complete + b"\n\n")
             out, fits = _events(complete.split(b"\n\n"), timer, wants, limit if len(complete) > limit else 0)
             if out:
+                if out.endswith(b"data: [DONE]\n\n"):
+                    answer.ended(streamed=True)
                 yield out
             if not fits:
                 yield event_too_large(limit)
@@ -124,8 +143,10 @@ USAGE_BYTES = 1024
 WHOLE_BYTES = 1 << 20
 
 
-async def relay_body(chunks: AsyncIterator[bytes], timer: RequestTimer, limit: int) -> AsyncIterator[bytes]:
-    """Passes a large non-streamed answer through as it comes, noting its usage without holding the document."""
+async def relay_body(chunks: AsyncIterator[bytes], timer: RequestTimer, limit: int,
+                     answer: Tap) -> AsyncIterator[bytes]:
+    """Passes a large non-streamed answer through as it comes, noting its usage; only a stored answer's document is
+    held (up to `limit`)."""
     size, tail = 0, UsageTail()
     async for chunk in chunks:
         size += len(chunk)
@@ -133,8 +154,11 @@ async def relay_body(chunks: AsyncIterator[bytes], timer: RequestTimer, limit: i
             log.warning("engine answer over %d bytes cut short (LORAPLEX_MAX_RESPONSE_BYTES)", limit)
             return  # the headers are out: the client sees the answer end early
         tail.feed(chunk)
+        if answer.stored:
+            answer.chunk(chunk)
         yield chunk
     timer.usage(tail.usage())
+    answer.ended(streamed=False)
 
 
 class UsageTail:

@@ -15,7 +15,9 @@ from server.core.protocol import ChatCompletionRequest, OpenAIRequest
 from server.engine.client import EngineAnswer, Unreachable, refusal, too_large
 from server.engine.routing import Router
 from server.gateway.auth import bearer
+from server.gateway.capture import Capture
 from server.gateway.client_watch import ClientWatch, client_left
+from server.gateway.compositions import Caller as Composer
 from server.gateway.compositions import Compositions
 from server.gateway.context import RequestContext
 from server.gateway.errors import registry_error
@@ -27,7 +29,7 @@ from server.registry.view import RegistryView, Target
 from server.rollout.rollouts import Rollouts
 from server.rollout.shadow import Shadows
 from server.tenancy.admission import Admission
-from server.tenancy.keys import hash_key
+from server.tenancy.keys import Caller, hash_key
 from server.tenancy.usage import UsageLedger
 
 log = logging.getLogger("loraplex.api")
@@ -51,20 +53,26 @@ class Serving:
     rollouts: Rollouts
     shadows: Shadows
     compositions: Compositions
+    capture: Capture
 
-    async def forward(self, body: OpenAIRequest, path: str, tenant: str | None, request: Request) -> Response:
+    async def forward(self, body: OpenAIRequest, path: str, caller: Caller | None, request: Request) -> Response:
         """Admits the request against its tenant's budget, resolves its adapter, sends it and relays the answer."""
         route = path.removeprefix("/v1/")
+        tenant = caller.tenant if caller else None
         timer = RequestTimer(self.metrics, route, tenant=tenant, usage_sink=self.usage.add,
                              span=self.tracer.start(route) if self.tracer else None)
-        ctx = RequestContext(body=body, path=path, request=request, tenant=tenant, timer=timer)
+        ctx = RequestContext(body=body, path=path, request=request, tenant=tenant, timer=timer,
+                             key_id=caller.key_id if caller else None)
         timer.trace("loraplex.request_id", ctx.request_id)
+        request.state.answer_id = ctx.answer_id
         try:
             check_budget(self, body)
-            timer.bound = token_bound(self, body, len(await request.body()))
+            raw = await request.body()
+            timer.bound = token_bound(self, body, len(raw))
             timer.held = self.usage.admit(tenant, timer.bound)
             timer.choices_per_prompt = body.n or 1
             ctx.target = await self.resolve(ctx)
+            ctx.answer = self.capture.begin(ctx, raw)
             self._label(ctx)
             response = await self.send(ctx)  # a stream calls timer.done at its end
             self._copy_to_shadow(ctx, response)
@@ -85,7 +93,8 @@ class Serving:
             return None
         try:
             if isinstance(ref, list):
-                target = await self.compositions.resolve(ref, ctx.tenant)
+                target = await self.compositions.resolve(ref, Composer(ctx.tenant, ctx.key_id,
+                                                                       sticky_key(ctx.request, body)))
             else:
                 target = await self.view.resolve(ref, sticky_key(ctx.request, body), ctx.tenant)
         except InvalidReference as e:
@@ -93,8 +102,9 @@ class Serving:
                 raise APIError(400, str(e), param=param, code="invalid_adapter") from None
             raise APIError(404, f"model {ref!r} not found", param=param, code="model_not_found") from None
         except NotFound as e:
-            missing = str(e) if isinstance(ref, list) else ref  # a recipe's NotFound names its missing source
-            raise APIError(404, f"adapter {missing!r} not found", param=param, code="adapter_not_found") from None
+            if isinstance(ref, list):  # a recipe's NotFound names its missing source, and where it is
+                raise APIError(404, f"adapter {str(e)!r} not found", param=e.param, code="adapter_not_found") from None
+            raise APIError(404, f"adapter {ref!r} not found", param=param, code="adapter_not_found") from None
         except Unavailable as e:
             raise registry_error(e) from None
         check_compatible(self, target, param)
@@ -147,7 +157,7 @@ class Serving:
             # vLLM sends a non-streamed answer's headers only once it is complete, so the client is watched meanwhile.
             watch = ClientWatch(ctx.request.receive)
             async with watch(leaving=client_left):
-                upstream = await backend.engine.send(ctx.path, body, ctx.request_id, context)
+                upstream = await backend.engine.send(ctx.path, body, ctx.answer_id, context)
                 # Closing the upstream connection early is what makes vLLM abort the request.
                 stack.push_async_callback(upstream.close)
                 limit = self.settings.max_response_bytes
@@ -159,12 +169,15 @@ class Serving:
                 if not ctx.body.stream and upstream.length is not None and upstream.length <= WHOLE_BYTES:
                     content = await upstream.read(limit)  # a read that fails answers with its own status, not 200
                     timer.usage(whole_usage(content))
+                    ctx.answer.whole(content)
+                    stack.callback(ctx.answer.finish)
                     stack.callback(timer.done, 200)
                     return Response(content, headers=headers)
+            stack.callback(ctx.answer.finish)
             stack.callback(timer.done, 200)
             chunks = upstream.chunks()
-            relay = (relay_events(chunks, timer, ctx.wants, limit) if ctx.body.stream
-                     else relay_body(chunks, timer, limit))
+            relay = (relay_events(chunks, timer, ctx.wants, limit, ctx.answer) if ctx.body.stream
+                     else relay_body(chunks, timer, limit, ctx.answer))
             return EngineStream(relay, stack.pop_all(), watch, headers=headers)
 
     async def refused(self, ctx: RequestContext, upstream: EngineAnswer, limit: int) -> APIError:
@@ -225,8 +238,9 @@ def token_bound(serving: Serving, body: OpenAIRequest, size: int) -> int:
 
 
 def payload(serving: Serving, ctx: RequestContext) -> dict:
-    """The body sent to the engine: the caller's, less `adapter`, naming the resolved version as the model."""
-    body = ctx.body.model_dump(exclude_unset=True, exclude={"adapter"})
+    """The body sent to the engine: the caller's, less what is the gateway's (`adapter`, `store`, `metadata`), naming
+    the resolved version as the model."""
+    body = ctx.body.model_dump(exclude_unset=True, exclude={"adapter", "store", "metadata"})
     body["model"] = ctx.engine_model or serving.settings.model_name
     if ctx.body.stream:
         # A stream is charged the engine's running count in each event, so that a caller who leaves pays what the

@@ -5,12 +5,12 @@ import asyncio
 import shutil
 import tarfile
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.background import BackgroundTask
 
 from server.core.errors import APIError
 from server.core.protocol import MAX_COMPOSED_SOURCES, AdapterWeight
@@ -21,10 +21,9 @@ from server.gateway.admin_routes import (
     acting_tenant,
     admin_part,
     audit_change,
-    owned_by,
 )
 from server.gateway.auth import admin_caller
-from server.registry import Version, check_new_name, parse_ref
+from server.registry import NotFound, Version, check_new_name, parse_ref
 from server.registry.validation import WEIGHTS_FILE, InvalidAdapter
 from server.tenancy.keys import Caller
 from server.weights.compose import ComposeError
@@ -60,7 +59,7 @@ async def compose(name: str, body: ComposeBody, request: Request, reason: str | 
     check_new_name(name)
     tenant = acting_tenant(caller, body.tenant, "a tenant-admin key composes for its own tenant only",
                             "required (the tenant that owns the composed adapter)")
-    parts = [Part(await asyncio.to_thread(_source, request, caller, item.name), _weight(item.weight, i))
+    parts = [Part(await asyncio.to_thread(_source, request, tenant, item.name, i), _weight(item.weight, i))
              for i, item in enumerate(body.sources)]
     try:
         version = await asyncio.to_thread(
@@ -76,10 +75,13 @@ async def compose(name: str, body: ComposeBody, request: Request, reason: str | 
     return version.manifest
 
 
-def _source(request: Request, caller: Caller, text: str) -> Version:
+def _source(request: Request, tenant: str, text: str, index: int) -> Version:
+    """A source of the tenant's own: a composition never mixes tenants' adapters, an operator's included."""
+    registry = admin_part(request).registry
     ref = parse_ref(text)
-    owned_by(admin_part(request), caller, ref.name)
-    return admin_part(request).registry.resolve(ref)
+    if registry.tenant(ref.name) != tenant:
+        raise NotFound(f"adapter {ref.name!r} not found", f"sources.{index}.name")
+    return registry.resolve(ref)
 
 
 def _weight(weight: float, index: int) -> float:
@@ -89,32 +91,44 @@ def _weight(weight: float, index: int) -> float:
         raise APIError(400, str(e), param=f"sources.{index}.weight", code="invalid_value") from None
 
 
-@router.post("/adapters/{name}/versions/{version}/merge", response_class=FileResponse,
+@router.post("/adapters/{name}/versions/{version}/merge", response_class=StreamingResponse,
              responses={200: {"content": {"application/x-tar": {}}}})
 async def merge_version(name: str, request: Request, body: MergeBody | None = None, version: int = VersionParam,
-                        reason: str | None = Reason, caller: Caller = Depends(admin_caller)) -> FileResponse:
+                        reason: str | None = Reason, caller: Caller = Depends(admin_caller)) -> StreamingResponse:
     """The version merged into the served base, as a tar of the model directory (safetensors, config, tokenizer,
-    chat template, model card), checked against base + adapter before it is answered."""
+    chat template, model card), checked against base + adapter before it is answered. Operators only: the answer
+    holds the base model's weights, and the merge loads the base in the gateway's memory (one at a time)."""
+    if caller.tenant is not None:
+        raise APIError(403, "merging is for operators: the merged model carries the base model's weights",
+                       type="permission_error", code="operator_only")
     admin, body = admin_part(request), body or MergeBody()
-    owner = await asyncio.to_thread(owned_by, admin, caller, name)
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-merge-"))
     try:
         target = await asyncio.to_thread(admin.registry.get, name, version)
         async with _merging:
-            report = await asyncio.to_thread(merge, admin.registry, target, Path(admin.settings.base_model),
+            report = await asyncio.to_thread(merge, admin.registry, target, admin.base.path,
                                              work / "model", body.dtype, body.tolerance, lambda _: None)
         archive = await asyncio.to_thread(_tar, work / "model", work / f"{name}-{version}-merged.tar")
-    except MergeError as e:
+    except BaseException as e:
         await asyncio.to_thread(shutil.rmtree, work, True)
-        raise APIError(400, str(e), param="dtype", code="merge_failed") from None
-    except BaseException:
-        await asyncio.to_thread(shutil.rmtree, work, True)
+        if isinstance(e, MergeError):
+            raise APIError(400, str(e), code="merge_failed") from None
         raise
     await audit_change(request, caller, "merge", name, version, target.manifest["files"][WEIGHTS_FILE]["sha256"],
-                       tenant=owner, dtype=body.dtype, difference=report.difference)
-    return FileResponse(archive, media_type="application/x-tar", filename=archive.name,
-                        headers={"X-Merge-Difference": f"{report.difference:.3g}"},
-                        background=BackgroundTask(shutil.rmtree, work, True))
+                       tenant=target.manifest.get("tenant"), dtype=body.dtype, difference=report.difference)
+    return StreamingResponse(_sent_then_removed(archive, work), media_type="application/x-tar",
+                             headers={"X-Merge-Difference": f"{report.difference:.3g}",
+                                      "Content-Disposition": f'attachment; filename="{archive.name}"'})
+
+
+async def _sent_then_removed(archive: Path, work: Path) -> AsyncIterator[bytes]:
+    """The tar in pieces; the folder is removed when the answer ends, also when the client leaves early."""
+    try:
+        with open(archive, "rb") as f:
+            while chunk := await asyncio.to_thread(f.read, 1 << 20):
+                yield chunk
+    finally:
+        await asyncio.to_thread(shutil.rmtree, work, True)
 
 
 def _tar(directory: Path, archive: Path) -> Path:

@@ -60,6 +60,7 @@ class Metrics:
         self.tenant_completion_tokens = Counter("loraplex_tenant_completion_tokens",
                                                 "Completion tokens, by the caller's tenant.", ["tenant"], registry=r)
         self._shadow_series(r)
+        self._data_series(r)
         self.engine_requests = Counter("loraplex_engine_requests", "Requests sent to each engine.", ["engine"],
                                        registry=r)
         self.adapter_loads = Counter("loraplex_engine_adapter_loads", "Adapter versions an engine took up between "
@@ -85,6 +86,14 @@ class Metrics:
                                              buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0))
         self.shadow_latency = Histogram("loraplex_shadow_duration_seconds", "Latency of shadow requests.",
                                         ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def _data_series(self, r: CollectorRegistry) -> None:
+        self.stored_dropped = Counter("loraplex_stored_completions_dropped", "Stored completions dropped because the "
+                                      "record writer fell behind (or storage failed); the requests were not delayed.",
+                                      registry=r)
+        self.feedback = Counter("loraplex_feedback", "Feedback posted on answers, by the version that answered and "
+                                "rating: up (above 0), down (below 0), neutral.", ["adapter", "version", "rating"],
+                                registry=r)
 
     def adapter_label(self, name: str | None) -> str:
         """The adapter's name (not version) as a label, with distinct names capped to bound cardinality."""

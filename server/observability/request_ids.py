@@ -1,6 +1,7 @@
 """Request ids and the access log: every response carries `x-request-id`, the caller's if it is well-formed, else
-a new one; the gateway passes it to the engine and writes it in its access log and audit lines, never in an error
-body, so another tenant's adapter still answers byte for byte like a missing one."""
+a new one; the gateway writes it in its access log and audit lines, never in an error body, so another tenant's
+adapter still answers byte for byte like a missing one. The engine is sent the answer's id instead (the gateway's
+own, never the caller's), which the access line names too."""
 
 import contextvars
 import logging
@@ -54,5 +55,6 @@ class RequestIds:
         finally:
             REQUEST_ID.reset(token)
             client = (scope.get("client") or ("-",))[0]
-            log.info('%s "%s %s" %d %.1f ms request_id=%s', client, scope["method"], scope["path"], status[0],
-                     (time.perf_counter() - start) * 1000, request_id)
+            answer = scope["state"].get("answer_id")  # the engine's name for the request, set by the /v1 path
+            log.info('%s "%s %s" %d %.1f ms request_id=%s%s', client, scope["method"], scope["path"], status[0],
+                     (time.perf_counter() - start) * 1000, request_id, f" answer_id={answer}" if answer else "")

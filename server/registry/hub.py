@@ -14,6 +14,10 @@ PICKLED_WEIGHTS = "adapter_model.bin"
 class HubError(ValueError):
     """The Hub source cannot be registered; the message says why in one line, never with a token."""
 
+    def __init__(self, message: str, too_large: bool = False, not_allowed: bool = False):
+        super().__init__(message)
+        self.too_large, self.not_allowed = too_large, not_allowed
+
 
 @dataclass(frozen=True)
 class HubSource:
@@ -51,18 +55,23 @@ def allowed(repo: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(repo, pattern) for pattern in patterns)
 
 
-def fetch(source: HubSource, dest: Path, *, token: str | bool | None, max_bytes: int) -> tuple[Path, dict]:
+def fetch(source: HubSource, dest: Path, *, token: str | bool | None, max_bytes: int,
+          allow: list[str] | None = None) -> tuple[Path, dict]:
     """Downloads the adapter at the commit its revision names now into `dest`; returns the folder holding its files
-    and the manifest's record of where they came from. `token`: False for none at all, None for HF_TOKEN's."""
+    and the manifest's record of where they came from. `token`: False for none at all, None for HF_TOKEN's;
+    `allow`: patterns the repository's own name must match too (a renamed repository answers under a new one)."""
     from huggingface_hub import HfApi, constants, hf_hub_download
 
     try:
         api = HfApi(endpoint=constants.ENDPOINT, token=token)  # HF_ENDPOINT, as read when huggingface_hub loaded
         info = api.model_info(source.repo, revision=source.revision)
+        if allow is not None and info.id and not allowed(info.id, allow):
+            raise HubError(f"{source}: the repository answers as {info.id}, which the allow-list does not name",
+                           not_allowed=True)
         _check_files(source, {s.rfilename for s in info.siblings or []}, info.sha)
         wanted = [source.path(f) for f in (CONFIG_FILE, WEIGHTS_FILE)]
-        _check_size(source, info.sha, sum(p.size or 0 for p in api.get_paths_info(source.repo, wanted,
-                                                                                 revision=info.sha)), max_bytes)
+        _check_size(source, info.sha, [p.size for p in api.get_paths_info(source.repo, wanted, revision=info.sha)],
+                    max_bytes)
         for fname in (CONFIG_FILE, WEIGHTS_FILE):
             hf_hub_download(source.repo, fname, subfolder=source.subfolder, revision=info.sha, local_dir=dest,
                             token=token, endpoint=api.endpoint)
@@ -70,7 +79,8 @@ def fetch(source: HubSource, dest: Path, *, token: str | bool | None, max_bytes:
         raise
     except Exception as e:  # huggingface_hub's HTTP, validation and connection errors alike
         raise HubError(f"{source}: {_reason(e)}") from None
-    record = {"repo": source.repo, "revision": source.revision, "sha": info.sha, "subfolder": source.subfolder}
+    record = {"repo": source.repo, "revision": source.revision, "sha": info.sha, "subfolder": source.subfolder,
+              "answered_as": info.id}
     return dest / (source.subfolder or ""), record
 
 
@@ -85,11 +95,13 @@ def _check_files(source: HubSource, names: set[str], sha: str) -> None:
         raise HubError(f"{at}: no {source.path(CONFIG_FILE)}")
 
 
-def _check_size(source: HubSource, sha: str, total: int, max_bytes: int) -> None:
-    """Refuses before downloading an adapter larger than an upload may unpack to."""
-    if total > max_bytes:
-        raise HubError(f"{SCHEME}{source.repo}@{sha[:12]}: the adapter's files are {total} bytes, more than the "
-                       f"{max_bytes} allowed")
+def _check_size(source: HubSource, sha: str, sizes: list[int | None], max_bytes: int) -> None:
+    """Refuses before downloading an adapter larger than an upload may unpack to, or of a size the Hub won't tell."""
+    if None in sizes:
+        raise HubError(f"{SCHEME}{source.repo}@{sha[:12]}: the Hub did not tell the adapter's file sizes")
+    if sum(sizes) > max_bytes:
+        raise HubError(f"{SCHEME}{source.repo}@{sha[:12]}: the adapter's files are {sum(sizes)} bytes, more than "
+                       f"the {max_bytes} allowed", too_large=True)
 
 
 def _reason(error: Exception) -> str:

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field, field_validator
 
 from server.core.periodic import every
+from server.data.records import Feedback
 from server.observability.audit import AuditLog
 from server.registry import Conflict, InvalidReference, Registry, RegistryError
 from server.store.documents import Document
+from server.store.lease import take
 from server.store.streams import stream_id
 
 log = logging.getLogger("loraplex.rollout")
@@ -43,6 +45,11 @@ class RolloutSpec(BaseModel):
                                                              "version's by this fraction (runs here vary by 18%).")
     require_evaluation: bool = Field(False, description="Refuse a candidate that has no passing evaluation (one "
                                                         "whose evaluation failed is refused either way).")
+    max_down_increase: float | None = Field(None, ge=0, le=1, description="The feedback gate: the candidate's share "
+                                            "of down ratings (POST /v1/feedback) may exceed the stable version's by "
+                                            "this much over the window; unset, feedback is not consulted.")
+    min_feedback: int = Field(10, ge=1, description="Ratings each side needs in a window before the feedback gate "
+                                                    "decides.")
 
     @field_validator("steps")
     @classmethod
@@ -107,12 +114,42 @@ def judge(record: dict, stable: Counts, candidate: Counts, now: float) -> tuple[
                     f"{c['p95_seconds']:.3f} s against {s['p95_seconds']:.3f} s")
 
 
+@dataclass
+class Ratings:
+    """One version's feedback in one window."""
+
+    rated: int = 0
+    down: int = 0
+
+    def add(self, rating: float) -> None:
+        self.rated += 1
+        self.down += rating < 0
+
+    @property
+    def down_ratio(self) -> float:
+        return self.down / self.rated if self.rated else 0.0
+
+
+def weigh(bounds: dict, stable: Ratings, candidate: Ratings) -> tuple[str, str] | None:
+    """("wait" | "rollback", why) when feedback holds a step back; None when it lets the verdict stand."""
+    need, allowed = bounds["min_feedback"], bounds["max_down_increase"]
+    if stable.rated < need or candidate.rated < need:
+        return "wait", f"{min(stable.rated, candidate.rated)} of {need} ratings on each side"
+    if candidate.down_ratio > stable.down_ratio + allowed:
+        return "rollback", (f"down ratings {candidate.down_ratio:.0%} of {candidate.rated} against the stable "
+                            f"version's {stable.down_ratio:.0%} of {stable.rated} (allowed +{allowed:.0%})")
+    return None
+
+
 class Rollouts:
     """This gateway's part in every rollout: counting its requests, publishing them, and deciding while it leads."""
 
     def __init__(self, document: Document, registry: Registry, audit: AuditLog, clock: Callable[[], float] = time.time,
-                 changed: Callable[[str], None] | None = None):
+                 changed: Callable[[str], None] | None = None,
+                 feedback: Callable[[float], list[Feedback]] | None = None):
         self.document, self.registry, self.audit, self.clock = document, registry, audit, clock
+        # Every tenant's feedback since a time (a public adapter's callers are of many): the feedback gate's evidence.
+        self.feedback = feedback
         self.changed = changed  # told the adapter's name after each change a rollout makes to its aliases
         self.id = stream_id()
         self.watch: dict[tuple[str, int], str] = {}  # (name, version) under a running rollout -> its key
@@ -138,7 +175,8 @@ class Rollouts:
         record = {"name": name, "alias": alias, "from": current, "to": spec.to, "steps": spec.steps, "step": 0,
                   "weight": weight, "interval": spec.interval, "min_requests": spec.min_requests,
                   "bounds": {"max_error_increase": spec.max_error_increase,
-                             "latency_tolerance": spec.latency_tolerance},
+                             "latency_tolerance": spec.latency_tolerance,
+                             "max_down_increase": spec.max_down_increase, "min_feedback": spec.min_feedback},
                   "status": "running" if weight < 100 else "promoted", "started": now, "step_started": now,
                   "started_by": actor, "decisions": [], "stats": {}}
         self.document.update(lambda doc: doc.setdefault("rollouts", {}).__setitem__(key, record))
@@ -177,9 +215,7 @@ class Rollouts:
                 if record["status"] != "running":
                     continue
                 self._publish(key, record)
-                lease = record.get("lease")
-                if lease is None or lease["until"] < now or lease["holder"] == self.id:
-                    record["lease"] = {"holder": self.id, "until": now + LEASE_SECONDS}
+                if take(record, self.id, now, LEASE_SECONDS):
                     verdict = self._decide(record, now)
                     if verdict is not None:
                         decided.append((record, *verdict))
@@ -213,6 +249,8 @@ class Rollouts:
             verdict, why = "rollback", f"its evaluation failed: {evaluation['verdict']}"
         else:
             verdict, why = judge(record, sides[record["from"]], sides[record["to"]], now)
+            if verdict != "rollback" and record["bounds"].get("max_down_increase") is not None:
+                verdict, why = self._feedback_gate(record, verdict, why)
         if verdict == "wait":
             return None
         figures = {"stable": sides[record["from"]].figures(), "candidate": sides[record["to"]].figures()}
@@ -226,6 +264,18 @@ class Rollouts:
         record["decisions"].append({"time": now, "decision": verdict, "weight": record["weight"], "why": why,
                                     "figures": figures})
         return verdict, why
+
+    def _feedback_gate(self, record: dict, verdict: str, why: str) -> tuple[str, str]:
+        """The verdict once feedback over the window is weighed: each side's share of down ratings."""
+        if self.feedback is None:
+            return verdict, why
+        ratings = {v: Ratings() for v in (record["from"], record["to"])}
+        for given in self.feedback(record["step_started"]):
+            name, _, version = (given.version or "").partition("@")
+            if name == record["name"] and version.isdigit() and int(version) in ratings:
+                ratings[int(version)].add(given.rating)
+        gate = weigh(record["bounds"], ratings[record["from"]], ratings[record["to"]])
+        return gate if gate is not None else (verdict, why)
 
     def _apply(self, record: dict, verdict: str, why: str) -> None:
         name, alias, to = record["name"], record["alias"], record["to"]

@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import importlib.metadata
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,6 +171,18 @@ def evaluate(job: Job, adapter_dir: Path, data: datamod.Dataset, settings: Setti
     return metrics
 
 
+def snapshots(paths: list[Path]) -> list[dict]:
+    """The exports (`loraplex data export`) among the job's data files, named by their snapshot.json: the lineage a
+    version keeps, so that one trained on records erased since can be found."""
+    found = []
+    for path in paths:
+        manifest = Path(path).parent / "snapshot.json"
+        if manifest.is_file():
+            snap = json.loads(manifest.read_text())
+            found.append({"id": snap["id"], "tenant": snap["tenant"], "records_sha256": snap["records_sha256"]})
+    return found
+
+
 def run(job: Job, job_file: Path, registry_root: str | Path, settings: Settings, resume: bool = False,
         log: Log = print, audit: Callable[..., None] = lambda *args, **detail: None) -> Version:
     """Train, evaluate, register as the next version, and move `stable` if the job asks and the adapter earns it;
@@ -185,7 +198,7 @@ def run(job: Job, job_file: Path, registry_root: str | Path, settings: Settings,
         job.adapter.name, adapter_dir, base=base, max_rank=settings.max_lora_rank,
         tenant=job.adapter.tenant, public=job.adapter.public, origin=f"train:{job_file}",
         extra={"training": facts, "metrics": metrics, "samples": samples,
-               "job": job.model_dump(mode="json"), "libraries": _versions()},
+               "job": job.model_dump(mode="json"), "libraries": _versions(), "snapshots": snapshots(job.data)},
     )
     log(f"registered {version.key} in {registry_root}")
     sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]

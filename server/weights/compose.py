@@ -59,7 +59,7 @@ def _as_float32(data: np.ndarray, dtype: str) -> np.ndarray:
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
     """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module whose name ends with it."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
@@ -95,8 +95,6 @@ def updates(source: Source) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def concatenate(sources: Sequence[Source], max_rank: int) -> tuple[dict[str, np.ndarray], dict]:
     """The composed adapter's tensors and config: each module's factors stacked along the rank, modules a source
     lacks padded with zeros (which add nothing), scaling 1 (alpha = r, no rsLoRA)."""
-    if not sources:
-        raise ComposeError("a composition needs at least one source")
     parts = [updates(s) for s in sources]
     rank = sum(max((a.shape[0] for a, _ in p.values()), default=0) for p in parts)
     if rank > max_rank:

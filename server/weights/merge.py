@@ -33,7 +33,10 @@ class MergeReport:
 
 def check_full_precision(base_dir: Path, manifest: dict) -> None:
     """Refuses a base quantized to 4 or 8 bits: merging into bitsandbytes layers changes generations (PEFT warns)."""
-    config = json.loads((base_dir / "config.json").read_text())
+    try:
+        config = json.loads((base_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise MergeError(f"the base model at {base_dir} has no readable config.json ({e})") from None
     quant = config.get("quantization_config")
     if quant:
         raise MergeError(f"the base model at {base_dir} is quantized ({quant.get('quant_method', 'unknown')}); merge "
@@ -45,10 +48,14 @@ def merge(registry: Registry, version: Version, base_dir: Path, out: Path, dtype
           tolerance: float | None = None, log: Callable[[str], None] = print) -> MergeReport:
     """Merges `version` into the base at `base_dir` and writes the model to `out` (which must not exist yet)."""
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
-    if out.exists() and any(out.iterdir()):
-        raise MergeError(f"--out {out}: exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MergeError(f"--out {out}: exists and is not an empty directory")
     check_full_precision(base_dir, version.manifest)
-    work = Path(tempfile.mkdtemp(prefix=".merge-", dir=out.parent if out.parent.is_dir() else None))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".merge-", dir=out.parent))  # beside out: the last step is a rename
+    except OSError as e:
+        raise MergeError(f"--out {out}: {e.strerror}") from None
     try:
         registry.fetch(version, work)
         model, tokenizer, difference = _merged(base_dir, work, dtype)

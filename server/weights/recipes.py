@@ -37,8 +37,9 @@ def check_weight(weight: float, label: str) -> float:
     return rounded
 
 
-def check_parts(parts: Sequence[Part], base: BaseModelInfo) -> None:
-    """Refuses an empty or too long recipe, a version named twice, and sources made for another base model."""
+def check_parts(parts: Sequence[Part], base: BaseModelInfo, max_rank: int) -> None:
+    """Refuses an empty or too long recipe, a version named twice, sources made for another base model, and ranks
+    summing past `max_rank` (from the manifests, before any weights are read)."""
     if not 1 <= len(parts) <= MAX_COMPOSED_SOURCES:
         raise ComposeError(f"a recipe names 1 to {MAX_COMPOSED_SOURCES} adapters, not {len(parts)}")
     keys = [p.version.key for p in parts]
@@ -48,6 +49,10 @@ def check_parts(parts: Sequence[Part], base: BaseModelInfo) -> None:
         if part.version.manifest.get("base_fingerprint") != base.fingerprint:
             raise ComposeError(f"{part.version.key} was made for base model "
                                f"{part.version.manifest.get('base_model')!r}, not the served {base.name!r}")
+    rank = sum(p.version.manifest.get("rank", 0) for p in parts)
+    if rank > max_rank:
+        ranks = " + ".join(f"{p.version.key} (rank {p.version.manifest.get('rank')})" for p in parts)
+        raise ComposeError(f"the composed rank {rank} = {ranks} exceeds MAX_LORA_RANK {max_rank}")
 
 
 def composed_name(tenant: str, parts: Sequence[Part]) -> str:
@@ -60,7 +65,7 @@ def composed_name(tenant: str, parts: Sequence[Part]) -> str:
 def register_composed(registry: Registry, name: str, parts: Sequence[Part], *, base: BaseModelInfo, max_rank: int,
                       tenant: str, origin: str, public: bool = False) -> Version:
     """Fetches the sources, concatenates them and registers the result as the next version of `name`."""
-    check_parts(parts, base)
+    check_parts(parts, base, max_rank)
     work = Path(tempfile.mkdtemp(prefix="loraplex-compose-"))
     try:
         sources = []

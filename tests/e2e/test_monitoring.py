@@ -46,6 +46,10 @@ def _send_traffic(client):
             streamed_text(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                             "max_tokens": 8, "adapter": adapter})
     assert client.post("/v1/completions", json={"prompt": "x", "adapter": "ghost"}).status_code == 404
+    for rating in ("up", "down", "up"):  # for the thumbs-up panel: the answer's ledger entry is written in a moment
+        answer = complete(client, "Ada and", max_tokens=2, adapter="alpha@1")["id"]
+        assert wait_until(lambda: client.post("/v1/feedback", json={"id": answer, "rating": rating}).status_code
+                          == 200, 5)
 
 
 

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from loadtest.stub_engine import StubEngine
+from server.gateway import compositions
 from server.registry.directory import DirectoryRegistry
 from server.store.documents import FileDocument
 from server.tenancy.keys import KEYS_FILE, KeyStore
@@ -81,6 +82,15 @@ async def test_another_tenants_adapter_answers_as_a_missing_one_even_public(tmp_
     assert foreign.status_code == missing.status_code == 404
     assert foreign.json()["error"]["code"] == "adapter_not_found"
     assert foreign.json()["error"]["message"].replace("'c'", "'zzz'") == missing.json()["error"]["message"]
+    assert foreign.json()["error"]["param"] == "adapter.1.name"
+
+
+async def test_a_recent_composition_is_never_trimmed_however_many_are_made(tmp_path, base, engine, setup):
+    async with serving(engine, base, tmp_path, max_composed_per_tenant=1) as client:
+        for weight in (0.1, 0.2, 0.3):
+            assert (await ask(client, setup["acme"], [{"name": "a", "weight": weight}])).status_code == 200
+    names = [n for n in DirectoryRegistry(tmp_path / "registry").names() if n.startswith("composed.")]
+    assert len(names) == 3, "within the grace period a request may still be on its way to the engine"
 
 
 @pytest.mark.parametrize("adapter, status, param, words", [
@@ -105,7 +115,9 @@ async def test_bad_recipes_are_refused_naming_the_problem(tmp_path, base, adapte
     assert not [n for n in DirectoryRegistry(tmp_path / "registry").names() if n.startswith("composed.")]
 
 
-async def test_past_the_cap_the_least_recently_used_composition_is_deleted(tmp_path, base, engine, setup):
+async def test_past_the_cap_the_least_recently_used_composition_is_deleted(tmp_path, base, engine, setup,
+                                                                            monkeypatch):
+    monkeypatch.setattr(compositions, "GRACE_SECONDS", -1.0)
     async with serving(engine, base, tmp_path, max_composed_per_tenant=2) as client:
         served = []
         for weight in (0.1, 0.2):
@@ -140,7 +152,12 @@ async def test_the_admin_compose_route_registers_a_recipe_of_the_tenants_own_ada
         assert reserved.status_code == 400 and "reserved" in reserved.json()["error"]["message"]
         needs_tenant = await compose(operator, "mix2", [{"name": "a", "weight": 1}, {"name": "c", "weight": 1}])
         assert needs_tenant.status_code == 400 and needs_tenant.json()["error"]["param"] == "tenant"
-        ops = await compose(operator, "mix2", [{"name": "a", "weight": 1}, {"name": "c", "weight": 1}],
+        mixed = await compose(operator, "mix2", [{"name": "a", "weight": 1}, {"name": "c", "weight": 1}],
+                              tenant="acme")
+        assert mixed.status_code == 404 and mixed.json()["error"]["param"] == "sources.1.name", "never two tenants'"
+        ops = await compose(operator, "mix2", [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}],
                             tenant="acme")
-        assert ops.status_code == 201 and [r["name"] for r in ops.json()["recipe"]] == ["a", "c"]
+        assert ops.status_code == 201 and [r["name"] for r in ops.json()["recipe"]] == ["a", "b"]
+        by_operator = await ask(client, operator, [{"name": "a", "weight": 1}])
+        assert by_operator.status_code == 400 and "operator key has no tenant" in by_operator.json()["error"]["message"]
     assert DirectoryRegistry(tmp_path / "registry").versions("mix") == [1]

@@ -48,14 +48,36 @@ async def collect(gen) -> bytes:
     return b"".join([part async for part in gen])
 
 
+class Tapped:
+    """What the relay shows an answer being stored: the pieces it saw, and whether it ended normally."""
+
+    def __init__(self, stored: bool = True):
+        self.stored, self.seen, self.end = stored, [], None
+
+    def chunk(self, data: bytes) -> None:
+        self.seen.append(data)
+
+    def ended(self, streamed: bool) -> None:
+        self.end = streamed
+
+    def whole(self, content: bytes) -> None:
+        self.seen.append(content)
+        self.end = False
+
+    def finish(self) -> None:
+        self.finished = True
+
+
 @settings(max_examples=50, deadline=None)
 @given(cuts=st.lists(st.integers(1, len(STREAM) - 1), max_size=12), keep=st.booleans())
 async def test_relay_passes_events_through_whatever_the_chunking(cuts, keep):
-    t = timer()
-    out = await collect(_relay(chunked(STREAM, cuts), t, Usage(final=keep, running=False), limit=1 << 20))
+    t, tap = timer(), Tapped(stored=keep)
+    out = await collect(_relay(chunked(STREAM, cuts), t, Usage(final=keep, running=False), limit=1 << 20,
+                               answer=tap))
     expected = STREAM if keep else STREAM.replace(EVENTS[2] + b"\n\n", b"")
     assert out == expected
     assert t.tokens == (3, 2) and not t.first
+    assert tap.end is True and b"".join(tap.seen) == (STREAM if keep else b""), "whole events, when stored"
 
 
 def running(text: str, index: int, prompt: int, completion: int) -> bytes:
@@ -73,7 +95,8 @@ RUNNING = [running("a", 0, 7, 1), running("b", 1, 7, 1), running("c", 0, 7, 2)]
 async def test_a_stream_left_early_is_charged_the_engines_running_count(wants):
     t = timer()
     t.choices_per_prompt = 2
-    out = await collect(_relay(chunked(b"".join(e + b"\n\n" for e in RUNNING), [5, 90]), t, wants, limit=1 << 20))
+    out = await collect(_relay(chunked(b"".join(e + b"\n\n" for e in RUNNING), [5, 90]), t, wants, limit=1 << 20,
+                               answer=Tapped()))
     assert t.tokens == (7, 3)  # the prompt once, each choice's completion tokens: what the engine did so far
     assert t.charged(200) == (7, 3)
     events = [json.loads(e[6:]) for e in out.split(b"\n\n") if e]
@@ -93,10 +116,12 @@ def test_charged_without_a_count_is_the_reservation_when_the_engine_took_the_req
 
 async def test_relay_refuses_an_event_over_the_limit_with_an_error_event():
     big = b'data: {"choices":[{"text":"' + b"x" * 5000 + b'"}]}\n\n'
+    tap = Tapped()
     out = await collect(_relay(chunked(EVENTS[0] + b"\n\n" + big, [10, 100, 3000]), timer(), Usage(True, False),
-                              limit=4096))
+                               limit=4096, answer=tap))
     assert out.startswith(EVENTS[0] + b"\n\n") and b'"code": "response_too_large"' in out
     assert out.endswith(b"data: [DONE]\n\n") and len(out) < 1024
+    assert tap.end is None, "an answer cut short is not complete: it is not stored"
 
 
 @settings(max_examples=50, deadline=None)
@@ -105,7 +130,9 @@ async def test_relay_body_notes_usage_split_across_chunks(cuts):
     body = json.dumps({"id": "x", "choices": [{"text": "usage: \"usage\":{"}], "usage": USAGE,
                        "kv_transfer_params": None}).encode()
     t = timer()
-    assert await collect(_relay_body(chunked(body, cuts), t, limit=1 << 20)) == body
+    tap = Tapped()
+    assert await collect(_relay_body(chunked(body, cuts), t, limit=1 << 20, answer=tap)) == body
+    assert b"".join(tap.seen) == body and tap.end is False
     assert t.tokens == (3, 2)
 
 
@@ -118,7 +145,7 @@ DECOY = json.dumps({"id": "x", "choices": [{"text": "usage", "logprobs": {"top_l
 @given(cuts=st.lists(st.integers(1, len(DECOY) - 1), max_size=8))
 async def test_usage_is_the_answers_own_not_a_token_spelled_usage(cuts):
     t = timer()
-    assert await collect(_relay_body(chunked(DECOY, cuts), t, limit=1 << 20)) == DECOY
+    assert await collect(_relay_body(chunked(DECOY, cuts), t, limit=1 << 20, answer=Tapped(False))) == DECOY
     assert t.tokens == (3, 2)
     assert _usage(DECOY) == USAGE
 
@@ -142,7 +169,7 @@ async def engines():
             backends.append(Backend(engine, up=True, label=str(len(backends))))
         return Serving(router=Router(backends), admission=Admission(8, 8, 1), metrics=Metrics(10), tracer=None,
                        settings=SimpleNamespace(model_name="base", max_response_bytes=1 << 20), base=None, view=None,
-                       usage=None, rollouts=None, shadows=None, compositions=None)
+                       usage=None, rollouts=None, shadows=None, compositions=None, capture=None)
 
     yield start
     for runner in runners:
@@ -176,7 +203,7 @@ class Caller:
 
 async def send(gw, t: RequestTimer | None = None, caller: Caller | None = None, **body) -> Response:
     ctx = RequestContext(body=CompletionRequest(prompt="x", **body), path="/v1/completions", request=caller or Caller(),
-                         tenant=None, timer=t or timer())
+                         tenant=None, timer=t or timer(), answer=Tapped(stored=False))
     return await gw.send(ctx)
 
 

@@ -64,7 +64,7 @@ def test_a_revision_is_pinned_to_its_commit_and_a_moved_branch_changes_nothing(h
     assert r.returncode == 0 and f"registered bot@1 (latest) rank 4 from hf://org-a/bot at commit {old}" in r.stdout, \
         r.stderr
     assert manifest(tmp_path, "bot", 1)["hub"] == {"repo": "org-a/bot", "revision": "main", "sha": old,
-                                                   "subfolder": "lora"}
+                                                   "subfolder": "lora", "answered_as": "org-a/bot"}
     new = hub.commit("org-a", "bot", files_of(second, "lora/"))
     weights = tmp_path / "reg" / "bot" / "1" / "adapter_model.safetensors"
     assert weights.read_bytes() == (first / "adapter_model.safetensors").read_bytes()

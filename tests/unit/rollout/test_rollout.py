@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from loadtest.stub_engine import StubEngine
-from server.rollout.rollouts import Counts, judge
+from server.rollout.rollouts import Counts, Ratings, judge, weigh
 from tests.helpers.archives import archive
 from tests.helpers.in_process import gateway_over, ready
 from tests.helpers.polling import wait_for
@@ -194,3 +194,62 @@ def test_the_evaluation_gate_refuses_a_failed_candidate_and_rolls_back_one_that_
     [record] = rollouts.of("bot")
     assert record["status"] == "rolled_back" and record["decisions"][-1]["why"].startswith("its evaluation failed")
     assert registry.canaries("bot") == {} and registry.aliases("bot")["stable"] == 1
+
+
+def ratings(up: int, down: int) -> Ratings:
+    r = Ratings()
+    for rating in [1.0] * up + [-1.0] * down:
+        r.add(rating)
+    return r
+
+
+def test_the_feedback_gate_waits_for_ratings_then_holds_the_down_ratio_within_its_bound():
+    bounds = {"max_down_increase": 0.1, "min_feedback": 10}
+    assert weigh(bounds, ratings(20, 2), ratings(5, 4))[0] == "wait"
+    assert weigh(bounds, ratings(18, 2), ratings(8, 2)) is None  # 20% against 10%: within +10%
+    verdict, why = weigh(bounds, ratings(18, 2), ratings(7, 3))  # 30% against 10%
+    assert verdict == "rollback" and "down ratings 30% of 10 against the stable version's 10% of 20" in why
+
+
+@pytest.mark.parametrize("down_on, outcome", [(2, "rolled_back"), (1, "promoted")])
+async def test_a_rollout_with_the_feedback_gate_follows_what_callers_rate(tmp_path, base, adapter_factory,
+                                                                          down_on, outcome):
+    """Callers rate every answer of version `down_on` down and the other up: the candidate (2) is rolled back when
+    its answers are rated worse, and promoted when they are rated better."""
+    engine = await StubEngine(tokens=2, serves=frozenset({"bot@1", "bot@2"})).start()
+    try:
+        async with gateway_over([engine.url], str(base.path), tmp_path, registry_poll=0.1) as client:
+            assert await wait_for(lambda: ready(client), 30)
+            await adapter_versions(client, adapter_factory, 2)
+            # Only the feedback gate may decide: latency on a shared machine is noise at this scale.
+            spec = {"to": 2, "steps": [50, 100], "interval": 0.5, "min_requests": 4, "max_down_increase": 0.2,
+                    "min_feedback": 4, "latency_tolerance": 1000}
+            assert (await client.post("/admin/adapters/bot/aliases/stable/rollout", headers=ADMIN,
+                                      json=spec)).status_code == 201
+            users = itertools.count()
+
+            async def rate_one() -> None:
+                body = {"adapter": "bot@stable", "prompt": "Ada", "max_tokens": 2, "user": f"u{next(users)}"}
+                answer = (await client.post("/v1/completions", json=body)).json()
+                rating = "down" if answer["model"] == f"bot@{down_on}" else "up"
+
+                async def rated() -> bool:
+                    r = await client.post("/v1/feedback", json={"id": answer["id"], "rating": rating})
+                    return r.status_code == 200
+
+                assert await wait_for(rated, 5)
+
+            async def decided() -> bool:
+                return (await rollout_of(client))["status"] != "running"
+
+            async def rate_until_decided() -> None:
+                while not await decided():
+                    await asyncio.gather(*(rate_one() for _ in range(4)))
+
+            await asyncio.wait_for(rate_until_decided(), 60)
+            record = await rollout_of(client)
+    finally:
+        await engine.stop()
+    assert record["status"] == outcome, record["decisions"]
+    if outcome == "rolled_back":
+        assert "down ratings 100%" in record["decisions"][-1]["why"]

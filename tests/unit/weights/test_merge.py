@@ -24,7 +24,7 @@ def test_merge_refusals_are_one_line_and_write_nothing(base, adapter_factory, tm
     refusals = {
         ("--out", str(tmp_path / "m")): "is quantized (bitsandbytes); merge into the full-precision base the manifest "
                                         f"names, {str(base.path)!r}",
-        ("--out", str(used)): f"--out {used}: exists and is not empty",
+        ("--out", str(used)): f"--out {used}: exists and is not an empty directory",
         ("--out", str(tmp_path / "m"), "--dtype", "float16"): "--dtype 'float16': float32 or bfloat16",
     }
     for args, words in refusals.items():
