@@ -19,7 +19,8 @@ def curated_rows(job_path: str) -> str:
 
     from server.trainer.data import load
     from server.trainer.job import load_job
-    from server.trainer.train import count_tokens, sft_rows
+    from server.trainer.model import count_tokens
+    from server.trainer.train import sft_rows
 
     job = load_job(job_path)
     data = load(job.data, count_tokens(AutoTokenizer.from_pretrained(job.base_model)), job.max_seq_len,

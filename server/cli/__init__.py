@@ -24,6 +24,7 @@ app.command("engine")(processes.engine)
 app.command("eval")(remote.eval_version)
 app.command("audit")(local.audit)
 app.command("train")(processes.train)
+app.command("refresh")(data.refresh)
 
 adapters_app.command("add")(local.adapters_add)
 adapters_app.command("compose")(local.adapters_compose)

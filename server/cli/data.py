@@ -2,11 +2,19 @@
 of stored completions into training data."""
 
 import json
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from server.cli.conventions import REASON, actor, echo_json, fail, load_settings
+from server.core.config import Settings
+
+if TYPE_CHECKING:
+    from server.registry import Registry, Version
+    from server.rollout.rollouts import RolloutSpec
+    from server.trainer.job import Job
 
 
 def tenants_policy(
@@ -59,19 +67,34 @@ def data_export(
 ) -> None:
     """Export stored completions as training rows (a correction replaces the answer) run through the trainer's
     curation, preference pairs for DPO, and a snapshot manifest that versions trained on them record."""
-    from server.core.durations import parse_since
-    from server.data import open_store
-    from server.data.export import gather, snapshot, snapshot_manifest, write_jsonl
-
     settings = load_settings()
     if rating not in (None, "up", "down"):
         fail(f"--rating {rating!r}: up or down")
-    try:
-        start = parse_since(since) if since else None
-    except ValueError as e:
-        fail(f"--since: {e}")
+    start = _since(since)
     if out.exists() and any(out.iterdir()):
         fail(f"--out {out}: exists and is not empty")
+    rows, pairs, snap_id = export(settings, tenant, adapter, start, out, rating=rating, corrections=corrections,
+                                  max_seq_len=max_seq_len, since_text=since)
+    typer.echo(f"exported {rows} rows and {pairs} preference pairs to {out} (snapshot {snap_id})")
+
+
+def _since(since: str | None) -> float | None:
+    from server.core.durations import parse_since
+
+    try:
+        return parse_since(since) if since else None
+    except ValueError as e:
+        fail(f"--since: {e}")
+
+
+def export(settings: Settings, tenant: str, adapter: str, start: float | None, out: Path, *,
+           rating: str | None = None, corrections: bool = False, max_seq_len: int = 512,
+           since_text: str | None = None) -> tuple[int, int, str]:
+    """Writes an export into `out`: curated rows, pairs and the snapshot (also kept in the store); their counts and
+    the snapshot's id."""
+    from server.data import open_store
+    from server.data.export import gather, snapshot, snapshot_manifest, write_jsonl
+
     store = open_store(settings.registry, settings.state_dir)
     found = gather(store, tenant, adapter, start, rating, corrections)
     for line in found.skipped:
@@ -79,7 +102,7 @@ def data_export(
     rows, counts = _curated(found.rows, settings.base_model, max_seq_len)
     kept = {record_id for record_id, _ in rows}
     pairs = [pair for record_id, pair in found.pairs if record_id in kept]
-    filters = {"adapter": adapter, "since": since, "rating": rating, "corrections": corrections}
+    filters = {"adapter": adapter, "since": since_text, "rating": rating, "corrections": corrections}
     snap = snapshot(tenant, adapter, sorted(kept), filters)
     store.save_snapshot(snap)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +110,7 @@ def data_export(
     write_jsonl(out / "pairs.jsonl", pairs)
     manifest = snapshot_manifest(snap, {**counts, "skipped": len(found.skipped), "pairs": len(pairs)})
     (out / "snapshot.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    typer.echo(f"exported {len(rows)} rows and {len(pairs)} preference pairs to {out} (snapshot {snap.id})")
+    return len(rows), len(pairs), snap.id
 
 
 def _curated(rows: list[tuple[str, dict]], base_model: str, max_seq_len: int) -> tuple[list[tuple[str, dict]], dict]:
@@ -96,7 +119,7 @@ def _curated(rows: list[tuple[str, dict]], base_model: str, max_seq_len: int) ->
 
     from server.core.examples import DataError, parse_row
     from server.trainer.data import curate
-    from server.trainer.train import count_tokens
+    from server.trainer.model import count_tokens
 
     by_id, examples = dict(rows), []
     for record_id, row in rows:
@@ -107,3 +130,113 @@ def _curated(rows: list[tuple[str, dict]], base_model: str, max_seq_len: int) ->
     counter = count_tokens(AutoTokenizer.from_pretrained(base_model))
     kept, counts = curate(examples, counter, max_seq_len, 0.8, log=lambda line: typer.echo(line, err=True))
     return [(e.where, by_id[e.where]) for e in kept], counts
+
+
+def refresh(
+    name: str = typer.Argument(..., help="The adapter to refresh from its stored completions and their feedback."),
+    since: str = typer.Option("7d", help="Records since: 7d, 12h, or an ISO 8601 time."),
+    job: Path = typer.Option(None, help="The training job; default the one that produced the stable version."),
+    method: str = typer.Option("sft", help="sft (rows, corrections replacing answers) or dpo (pairs, from stable)."),
+    steps: str = typer.Option("10,50,100", help="The canary's steps, percent of stable's callers."),
+    interval: float = typer.Option(600, help="Seconds each canary step lasts."),
+    max_down_increase: float = typer.Option(0.05, help="The feedback gate: the candidate's share of down ratings "
+                                                       "may exceed stable's by this much."),
+    min_feedback: int = typer.Option(10, help="Ratings each side needs per window before the feedback gate decides."),
+    work: Path = typer.Option(Path("refresh"), help="Folder for the export and the training run."),
+) -> None:
+    """Export → train (the stable version's own job) → evaluate against stable → canary behind the error, latency,
+    evaluation and feedback gates."""
+    from server.observability.audit import AuditLog
+    from server.registry import RegistryError, open_registry
+
+    settings = load_settings()
+    if method not in ("sft", "dpo"):
+        fail(f"--method {method!r}: sft or dpo")
+    registry = open_registry(settings.registry)
+    try:
+        stable = registry.resolve(f"{name}@stable")
+    except RegistryError as e:
+        fail(f"{name}@stable: {e}")
+    run_dir = work / f"{name}-{int(time.time())}"
+    rows, pairs, snap = export(settings, stable.manifest["tenant"], name, _since(since), run_dir / "export",
+                               since_text=since)
+    if rows == 0 or (method == "dpo" and pairs == 0):
+        fail(f"{name}: nothing to train on since {since} ({rows} rows, {pairs} preference pairs)")
+    version = _train_refresh(settings, stable, _refresh_job(stable, job, method, run_dir), method)
+    spec = _rollout_spec(version.version, steps, interval, max_down_increase, min_feedback)
+    record = _canary(settings, registry, name, spec)
+    AuditLog(settings.state_dir, settings.registry).record(actor(), "refresh", name, version.version,
+                                                           tenant=stable.manifest["tenant"], snapshot=snap,
+                                                           method=method, rows=rows, pairs=pairs)
+    typer.echo(f"{version.key} trained on {rows} rows ({pairs} pairs) of snapshot {snap}; canary at "
+               f"{record['weight']}% of {name}@stable")
+
+
+def _refresh_job(stable: "Version", job_path: Path | None, method: str, run_dir: Path) -> tuple["Job", Path]:
+    """The job that made `stable` (or --job), on the export (beside the job's own data), for `method`; written
+    into the run's folder, whose path the new version's manifest records."""
+    import yaml
+
+    from server.trainer.job import Job, JobError, load_job
+
+    if job_path is not None:
+        try:
+            base_job = load_job(job_path)
+        except JobError as e:
+            fail(str(e))
+    elif stable.manifest.get("job") is None:
+        fail(f"{stable.key} keeps no training job (it was not trained by `loraplex train`): pass --job JOB.yaml")
+    else:
+        base_job = Job.model_validate(stable.manifest["job"])
+    export_dir = run_dir / "export"
+    tree = base_job.model_dump(mode="json")
+    tree.update(data=[str(export_dir / "train.jsonl"), *(str(p) for p in base_job.data if Path(p).is_file())],
+                output_dir=str(run_dir / "run"), promote="never", method=method,
+                pairs=[str(export_dir / "pairs.jsonl")] if method == "dpo" else [],
+                start_from=stable.key if method == "dpo" else None)
+    job_file = run_dir / "job.yaml"
+    job_file.write_text(yaml.safe_dump(tree))
+    return Job.model_validate(tree), job_file
+
+
+def _train_refresh(settings: Settings, stable: "Version", job: tuple["Job", Path], method: str) -> "Version":
+    from server.observability.audit import AuditLog
+    from server.trainer.train import TrainError, run
+
+    audit_log = AuditLog(settings.state_dir, settings.registry)
+
+    def audit(action: str, *args, **detail) -> None:
+        audit_log.record(actor(), action, *args, **detail)
+
+    try:
+        return run(job[0], job[1], settings.registry, settings, log=typer.echo, audit=audit, against=stable.key)
+    except TrainError as e:
+        fail(str(e))
+
+
+def _rollout_spec(version: int, steps: str, interval: float, max_down_increase: float,
+                  min_feedback: int) -> "RolloutSpec":
+    from pydantic import ValidationError
+
+    from server.rollout.rollouts import RolloutSpec
+
+    try:
+        return RolloutSpec(to=version, steps=[float(s) for s in steps.split(",")], interval=interval,
+                           max_down_increase=max_down_increase, min_feedback=min_feedback, require_evaluation=True)
+    except (ValidationError, ValueError) as e:
+        fail(f"--steps/--interval/--max-down-increase: {e}".splitlines()[0])
+
+
+def _canary(settings: Settings, registry: "Registry", name: str, spec: "RolloutSpec") -> dict:
+    """Starts the rollout of the new version on `stable`; the gateways carry it on."""
+    from server.observability.audit import AuditLog
+    from server.registry import RegistryError
+    from server.rollout.rollouts import ROLLOUTS_FILE, Rollouts
+    from server.store.documents import shared_document
+
+    rollouts = Rollouts(shared_document(settings.registry, settings.state_dir, ROLLOUTS_FILE), registry,
+                        AuditLog(settings.state_dir, settings.registry))
+    try:
+        return rollouts.start(name, "stable", spec, actor())
+    except RegistryError as e:
+        fail(f"{name}@{spec.to} registered, but not rolled out: {e}")

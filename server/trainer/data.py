@@ -16,7 +16,7 @@ class Dataset:
     files: list[dict] = field(default_factory=list)
 
 
-# Tokens in one example, as the base tokenizer counts them (train.count_tokens makes one).
+# Tokens in one example, as the base tokenizer counts them (model.count_tokens makes one).
 TokenCounter = Callable[["Example"], int]
 
 def _normalized(text: str) -> str:

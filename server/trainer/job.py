@@ -42,6 +42,13 @@ class Job(_Strict):
     base_model: str
     data: list[Path] = Field(min_length=1)
     adapter: AdapterSpec
+    method: Literal["sft", "dpo"] = Field("sft", description="sft: supervised on `data`; dpo: TRL's DPOTrainer on "
+                                                            "`pairs`, from `start_from` (`data` then only evaluates).")
+    pairs: list[Path] = Field(default_factory=list, description="Preference pairs (prompt, chosen, rejected) as "
+                                                                "`loraplex data export` writes them, for dpo.")
+    start_from: str | None = Field(None, description="NAME@VERSION the dpo run starts from and is measured against: "
+                                                     "the version that gave the rejected answers.")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO's beta: how far the policy may move from start_from.")
     lora: LoraSpec = LoraSpec()
     quantization: Literal["nf4", "none"] = "nf4"
     epochs: float | None = Field(None, gt=0)
@@ -73,6 +80,14 @@ class Job(_Strict):
             self.epochs = 3
         return self
 
+    @model_validator(mode="after")
+    def _dpo_inputs(self):
+        if self.method == "dpo" and (not self.pairs or not self.start_from):
+            raise ValueError("pairs and start_from: a dpo job needs preference pairs and the version it starts from")
+        if self.method == "sft" and (self.pairs or self.start_from):
+            raise ValueError("pairs and start_from: only for method: dpo")
+        return self
+
     def resolve_paths(self, root: Path) -> "Job":
         """Relative paths in a job file are relative to the file, not to where the command runs."""
         def fix(p: Path | None) -> Path | None:
@@ -81,6 +96,7 @@ class Job(_Strict):
         base = Path(self.base_model)
         return self.model_copy(update={
             "data": [fix(p) for p in self.data],
+            "pairs": [fix(p) for p in self.pairs],
             "general_eval": fix(self.general_eval),
             "output_dir": fix(self.output_dir) or root / "runs" / self.adapter.name,
             "base_model": str(root / base) if not base.is_absolute() and (root / base).exists() else self.base_model,

@@ -4,6 +4,7 @@ import asyncio
 import gc
 import importlib.metadata
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,10 +18,13 @@ from server.registry.validation import WEIGHTS_FILE
 from server.rollout.evaluation import EvalOptions, EvalSet, Scorer, compare, table
 from server.trainer import data as datamod
 from server.trainer.job import Job
+from server.trainer.model import count_tokens, load_training_model, release_gpu_memory
+from server.trainer.preference import train_dpo
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from trl import SFTConfig, SFTTrainer
+
+    from server.registry import Registry
 
 Log = Callable[[str], object]
 
@@ -39,39 +43,6 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return found
-
-
-def count_tokens(tokenizer: "PreTrainedTokenizerBase") -> datamod.TokenCounter:
-    """Token length of a row as it is trained: chat template applied, answer included."""
-    def count(example: Example) -> int:
-        return len(tokenizer.apply_chat_template(example.conversation(), tokenize=True, return_dict=False))
-
-    return count
-
-
-def _release_gpu_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _compute_dtype():
-    import torch
-
-    # CPUs here have no fast bfloat16 path, and float32 matches what the CPU engine serves.
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-def load_training_model(job: Job) -> "PreTrainedModel":
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    dtype = _compute_dtype()
-    if job.quantization == "nf4":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
-        return AutoModelForCausalLM.from_pretrained(job.base_model, quantization_config=quant, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(job.base_model, dtype=dtype)
 
 
 def sft_config(job: Job) -> "SFTConfig":
@@ -145,13 +116,14 @@ def train(job: Job, resume: bool, log: Log = print) -> tuple[Path, datamod.Datas
              "data": {"files": data.files, "counts": data.counts}}
     del trainer
     gc.collect()
-    _release_gpu_memory()  # the evaluation engine that follows needs it
+    release_gpu_memory()  # the evaluation engine that follows needs it
     return adapter_dir, data, facts
 
 
-def evaluate(job: Job, adapter_dir: Path, data: datamod.Dataset, settings: Settings, log: Log = print) -> dict:
-    """The adapter against the base as they will be served: through a vLLM engine of the job's own, with the code
-    `loraplex eval` uses."""
+def evaluate(job: Job, adapter_dir: Path, data: datamod.Dataset, settings: Settings, log: Log = print,
+             against: tuple[str, Path] | None = None) -> dict:
+    """The adapter against the base, or against a registered version (`against`: its key and files), as they will be
+    served: through a vLLM engine of the job's own, with the code `loraplex eval` uses."""
     options = EvalOptions(max_seq_len=job.max_seq_len, generations=job.eval_generations,
                           max_new_tokens=job.max_new_tokens, max_forgetting=job.max_forgetting)
     evalset = EvalSet(data.eval, job.general_eval.read_text() if job.general_eval else None, options)
@@ -160,15 +132,30 @@ def evaluate(job: Job, adapter_dir: Path, data: datamod.Dataset, settings: Setti
                                         "max_lora_rank": max(settings.max_lora_rank, job.lora.r)})
     candidate = f"{job.adapter.name}@candidate"
 
+    adapters = {candidate: adapter_dir, **dict([against] if against else [])}
+
     async def run_eval() -> dict:
-        async with private_engine(local, job.base_model, {candidate: adapter_dir},
-                                  job.output_dir / "eval-engine.log") as engine:
-            return await compare(Scorer(engine.call), candidate, settings.model_name, evalset)
+        async with private_engine(local, job.base_model, adapters, job.output_dir / "eval-engine.log") as engine:
+            return await compare(Scorer(engine.call), candidate, against[0] if against else settings.model_name,
+                                 evalset)
 
     log(f"evaluating through vLLM (its log: {job.output_dir / 'eval-engine.log'})")
     metrics = asyncio.run(run_eval())
     log(table(metrics))
     return metrics
+
+
+def _start(registry: "Registry", job: Job) -> Path:
+    """The version a dpo job starts from, fetched into the job's output folder."""
+    return _fetched(registry, job.start_from, job.output_dir / "start")[1]
+
+
+def _fetched(registry: "Registry", ref: str, folder: Path) -> tuple[str, Path]:
+    """A registered version's key and a folder holding its files."""
+    version = registry.resolve(ref)
+    folder.mkdir(parents=True, exist_ok=True)
+    registry.fetch(version, folder)
+    return version.key, folder
 
 
 def snapshots(paths: list[Path]) -> list[dict]:
@@ -184,16 +171,23 @@ def snapshots(paths: list[Path]) -> list[dict]:
 
 
 def run(job: Job, job_file: Path, registry_root: str | Path, settings: Settings, resume: bool = False,
-        log: Log = print, audit: Callable[..., None] = lambda *args, **detail: None) -> Version:
-    """Train, evaluate, register as the next version, and move `stable` if the job asks and the adapter earns it;
-    `audit(action, adapter, version, sha256, **detail)` records the registration and the promotion decision."""
+        log: Log = print, audit: Callable[..., None] = lambda *args, **detail: None,
+        against: str | None = None) -> Version:
+    """Train, evaluate (against the base, or the registered version `against` names, whose evaluation is then kept
+    beside the new version for the rollout gate), register as the next version, and move `stable` if the job asks
+    and the adapter earns it; `audit(action, adapter, version, sha256, **detail)` records the registration and the
+    promotion decision."""
     base = basemodel.load(job.base_model)  # fails fast on a wrong base, before any training
-    adapter_dir, data, facts = train(job, resume, log)
-    metrics = evaluate(job, adapter_dir, data, settings, log)
+    registry = open_registry(registry_root)
+    if job.method == "dpo":
+        adapter_dir, data, facts = train_dpo(job, _start(registry, job), log)
+    else:
+        adapter_dir, data, facts = train(job, resume, log)
+    reference = _fetched(registry, against, job.output_dir / "reference") if against else None
+    metrics = evaluate(job, adapter_dir, data, settings, log, reference)
     samples = {side: metrics[side].pop("samples")[:5] for side in ("reference", "candidate")}
     for b, a in zip(samples["reference"], samples["candidate"]):
         log(f"\nQ: {b['question']}\n  expected: {b['reference']}\n  base:     {b['answer']}\n  adapter:  {a['answer']}")
-    registry = open_registry(registry_root)
     version = registry.register(
         job.adapter.name, adapter_dir, base=base, max_rank=settings.max_lora_rank,
         tenant=job.adapter.tenant, public=job.adapter.public, origin=f"train:{job_file}",
@@ -201,6 +195,8 @@ def run(job: Job, job_file: Path, registry_root: str | Path, settings: Settings,
                "job": job.model_dump(mode="json"), "libraries": _versions(), "snapshots": snapshots(job.data)},
     )
     log(f"registered {version.key} in {registry_root}")
+    if reference:
+        registry.record_evaluation(version.name, version.version, {**metrics, "time": time.time()})
     sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
     audit("train_register", job.adapter.name, version.version, sha, tenant=job.adapter.tenant, job=str(job_file))
     if job.promote == "auto":

@@ -46,7 +46,8 @@ def test_gateways_and_engines_share_no_volume_and_read_the_registry_from_object_
     assert not by_kind("PersistentVolumeClaim")
     secrets = {s["metadata"]["name"]: s for s in by_kind("Secret")}
     assert secrets["loraplex-s3"]["stringData"]["LORAPLEX_REGISTRY"].startswith("s3://")
-    for workload in by_kind("Deployment") + by_kind("StatefulSet") + by_kind("Job"):
+    cron = [c["spec"]["jobTemplate"] for c in by_kind("CronJob")]
+    for workload in by_kind("Deployment") + by_kind("StatefulSet") + by_kind("Job") + cron:
         pod = workload["spec"]["template"]["spec"]
         assert all("persistentVolumeClaim" not in v for v in pod.get("volumes", []))
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -71,3 +72,10 @@ def test_engines_run_loraplex_engine_behind_a_headless_service_the_gateways_reso
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     [job] = by_kind("Job")
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["loraplex", "train"]
+
+
+def test_a_cron_job_refreshes_an_adapter_from_its_stored_completions_one_run_at_a_time():
+    [cron] = by_kind("CronJob")
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["loraplex", "refresh"] and "--since" in container["command"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
