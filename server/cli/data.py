@@ -142,6 +142,9 @@ def refresh(
     max_down_increase: float = typer.Option(0.05, help="The feedback gate: the candidate's share of down ratings "
                                                        "may exceed stable's by this much."),
     min_feedback: int = typer.Option(10, help="Ratings each side needs per window before the feedback gate decides."),
+    min_requests: int = typer.Option(20, help="Requests each side needs per window before any decision."),
+    latency_tolerance: float = typer.Option(0.25, help="The candidate's p95 latency may exceed stable's by this "
+                                                       "fraction."),
     work: Path = typer.Option(Path("refresh"), help="Folder for the export and the training run."),
 ) -> None:
     """Export → train (the stable version's own job) → evaluate against stable → canary behind the error, latency,
@@ -163,7 +166,9 @@ def refresh(
     if rows == 0 or (method == "dpo" and pairs == 0):
         fail(f"{name}: nothing to train on since {since} ({rows} rows, {pairs} preference pairs)")
     version = _train_refresh(settings, stable, _refresh_job(stable, job, method, run_dir), method)
-    spec = _rollout_spec(version.version, steps, interval, max_down_increase, min_feedback)
+    spec = _rollout_spec(version.version, steps, interval,
+                         {"max_down_increase": max_down_increase, "min_feedback": min_feedback,
+                          "min_requests": min_requests, "latency_tolerance": latency_tolerance})
     record = _canary(settings, registry, name, spec)
     AuditLog(settings.state_dir, settings.registry).record(actor(), "refresh", name, version.version,
                                                            tenant=stable.manifest["tenant"], snapshot=snap,
@@ -214,15 +219,14 @@ def _train_refresh(settings: Settings, stable: "Version", job: tuple["Job", Path
         fail(str(e))
 
 
-def _rollout_spec(version: int, steps: str, interval: float, max_down_increase: float,
-                  min_feedback: int) -> "RolloutSpec":
+def _rollout_spec(version: int, steps: str, interval: float, bounds: dict) -> "RolloutSpec":
     from pydantic import ValidationError
 
     from server.rollout.rollouts import RolloutSpec
 
     try:
         return RolloutSpec(to=version, steps=[float(s) for s in steps.split(",")], interval=interval,
-                           max_down_increase=max_down_increase, min_feedback=min_feedback, require_evaluation=True)
+                           require_evaluation=True, **bounds)
     except (ValidationError, ValueError) as e:
         fail(f"--steps/--interval/--max-down-increase: {e}".splitlines()[0])
 
