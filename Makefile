@@ -45,8 +45,9 @@ bench-train: $(STAMP) $(MODEL)/config.json
 bench: $(STAMP)
 	$(PY) -m loadtest.bench
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) $(MODEL)/config.json
 	$(PY) -m loadtest.bench --quick
+	$(PY) -m loadtest.capture_bench
 
 # Compositions named per request: the first request of a new recipe, and later ones against a plain adapter.
 bench-compose: $(STAMP) $(MODEL)/config.json

@@ -150,16 +150,13 @@ def refresh(
     """Export → train (the stable version's own job) → evaluate against stable → canary behind the error, latency,
     evaluation and feedback gates."""
     from server.observability.audit import AuditLog
-    from server.registry import RegistryError, open_registry
+    from server.registry import open_registry
 
     settings = load_settings()
     if method not in ("sft", "dpo"):
         fail(f"--method {method!r}: sft or dpo")
     registry = open_registry(settings.registry)
-    try:
-        stable = registry.resolve(f"{name}@stable")
-    except RegistryError as e:
-        fail(f"{name}@stable: {e}")
+    stable = _stable(registry, name)
     run_dir = work / f"{name}-{int(time.time())}"
     rows, pairs, snap = export(settings, stable.manifest["tenant"], name, _since(since), run_dir / "export",
                                since_text=since)
@@ -175,6 +172,15 @@ def refresh(
                                                            method=method, rows=rows, pairs=pairs)
     typer.echo(f"{version.key} trained on {rows} rows ({pairs} pairs) of snapshot {snap}; canary at "
                f"{record['weight']}% of {name}@stable")
+
+
+def _stable(registry: "Registry", name: str) -> "Version":
+    from server.registry import RegistryError
+
+    try:
+        return registry.resolve(f"{name}@stable")
+    except RegistryError as e:
+        fail(f"{name}@stable: {e}")
 
 
 def _refresh_job(stable: "Version", job_path: Path | None, method: str, run_dir: Path) -> tuple["Job", Path]:

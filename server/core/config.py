@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
-from server.core.durations import duration
+from server.core.durations import positive_duration
 
 # Read by server/vllm_plugins/lora_ops.py inside the vLLM engine, which has no Settings of its own.
 LORA_OPS_ENV = "LORAPLEX_LORA_OPS"
@@ -180,10 +180,7 @@ class Settings(BaseSettings):
     @field_validator("ledger_retention")
     @classmethod
     def _a_duration(cls, v: str) -> str:
-        seconds = duration(v)
-        if seconds is None or seconds <= 0:
-            raise ValueError("a positive duration such as 12h or 7d")
-        return v
+        return positive_duration(v)
 
     @field_validator("max_lora_rank")
     @classmethod

@@ -27,3 +27,11 @@ def parse_since(text: str, now: float | None = None) -> float:
     except ValueError:
         raise ValueError(f"{text!r} is neither an ISO 8601 time nor an age such as 30m, 12h or 7d") from None
     return (when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)).timestamp()
+
+
+def positive_duration(text: str) -> str:
+    """`text` if it is a positive duration (12h, 30d); else ValueError, for a validator to report."""
+    seconds = duration(text)
+    if seconds is None or seconds <= 0:
+        raise ValueError("a positive duration such as 12h or 30d")
+    return text

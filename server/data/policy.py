@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.core.durations import duration
+from server.core.durations import duration, positive_duration
 from server.core.periodic import every
 from server.data.redaction import PATTERNS
 from server.store.documents import Document
@@ -31,10 +31,7 @@ class DataPolicy(BaseModel):
     @field_validator("retention")
     @classmethod
     def _duration(cls, value: str) -> str:
-        seconds = duration(value)
-        if seconds is None or seconds <= 0:
-            raise ValueError("a positive duration such as 12h or 30d")
-        return value
+        return positive_duration(value)
 
     @property
     def retention_seconds(self) -> float:

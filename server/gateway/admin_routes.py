@@ -203,27 +203,27 @@ async def upload(
     tenant = _upload_tenant(caller, tenant)
     # Eval data is checked before anything is stored, so that a bad file registers nothing.
     evalset = await _arrival_eval_set(eval_data, general_text, promote, max_forgetting)
-    if (file is None) == (source is None):
-        raise APIError(400, "file or source: give one, the adapter's archive or its hf:// repository",
-                       param="file", code="missing_required_parameter")
-    if file is not None and (revision or subfolder or hub_token):
-        raise APIError(400, "revision, subfolder and X-Hub-Token go with source, not file", param="revision",
-                       code="invalid_value")
+    hub = _hub_fetch(file, source, revision, subfolder, hub_token)
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loraplex-upload-"))
     try:
-        if source is None:
+        if hub is None:
             files, origin, extra = await _unpack(admin, file, work), f"upload:{(file.filename or '')[:200]}", {}
         else:
-            files, origin, extra = await _from_hub(admin, caller, HubFetch(source, revision, subfolder, hub_token),
-                                                   work)
+            files, origin, extra = await _from_hub(admin, caller, hub, work)
         version = await asyncio.to_thread(_register, admin, files, name, tenant, public, origin, extra)
         await admin.serve_now(name)
     except InvalidAdapter as e:
         raise APIError(400, str(e), param="file" if source is None else "source", code="invalid_adapter") from None
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
-    sha = version.manifest["files"][WEIGHTS_FILE]["sha256"]
-    await audit_change(request, caller, "upload", name, version.version, sha, tenant=tenant)
+    return await _arrived(request, caller, version, alias, evalset, promote)
+
+
+async def _arrived(request: Request, caller: Caller, version: Version, alias: str | None, evalset: EvalSet | None,
+                   promote: str) -> dict:
+    """An upload registered: audited, aliased if it asks, evaluated if it brought eval data; its manifest."""
+    sha, tenant = version.manifest["files"][WEIGHTS_FILE]["sha256"], version.manifest["tenant"]
+    await audit_change(request, caller, "upload", version.name, version.version, sha, tenant=tenant)
     if alias:
         await _alias_upload(request, caller, version, alias, sha, tenant)
     if evalset is None:
@@ -317,6 +317,18 @@ class HubFetch:
     revision: str | None
     subfolder: str | None
     token: str | None = field(repr=False)
+
+
+def _hub_fetch(file: UploadFile | None, source: str | None, revision: str | None, subfolder: str | None,
+               token: str | None) -> HubFetch | None:
+    """What an upload names: a file (None), or a Hub source with its revision, folder and token."""
+    if (file is None) == (source is None):
+        raise APIError(400, "file or source: give one, the adapter's archive or its hf:// repository",
+                       param="file", code="missing_required_parameter")
+    if file is not None and (revision or subfolder or token):
+        raise APIError(400, "revision, subfolder and X-Hub-Token go with source, not file", param="revision",
+                       code="invalid_value")
+    return None if source is None else HubFetch(source, revision, subfolder, token)
 
 
 async def _from_hub(admin: Admin, caller: Caller, hub: HubFetch, work: Path) -> tuple[Path, str, dict]:

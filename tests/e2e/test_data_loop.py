@@ -18,7 +18,6 @@ from openai import OpenAI
 from loadtest.adapters import AdapterFactory
 from server.core.examples import parse_row
 from tests.helpers.e2e import ADMIN_AUTH, LOADER, start_gateway
-from tests.helpers.object_store import BUCKET
 from tests.helpers.polling import wait_until
 from tests.helpers.training import DEMO_DATA, write_job
 

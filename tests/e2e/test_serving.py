@@ -1,5 +1,6 @@
 import asyncio
 import json
+import re
 import shutil
 import socket
 import time
@@ -236,12 +237,19 @@ def test_adapter_for_another_base_is_refused(client, server):
     assert r.json()["error"]["code"] == "adapter_incompatible" and "other/model" in r.json()["error"]["message"]
 
 
-def test_a_request_id_names_the_engines_request(client):
-    """The caller's x-request-id comes back, and vLLM ran the request under it (its answer's id carries it)."""
-    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "adapter": "alpha"},
-                    headers={"x-request-id": "e2e-trace-7"})
-    assert r.status_code == 200 and r.headers["x-request-id"] == "e2e-trace-7"
-    assert "e2e-trace-7" in r.json()["id"]
+def test_the_engine_names_its_answer_after_the_gateways_id_never_the_callers(client, server):
+    """The caller's x-request-id comes back; vLLM ran the request under the gateway's own answer id (its answer's
+    id carries it, unique and unguessable), and the access line names both."""
+    ids = []
+    for _ in range(2):
+        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "adapter": "alpha"},
+                        headers={"x-request-id": "e2e-trace-7"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "e2e-trace-7"
+        assert re.fullmatch(r"cmpl-[0-9a-f]{31}", r.json()["id"]), r.json()["id"]
+        ids.append(r.json()["id"])
+    assert ids[0] != ids[1]
+    assert wait_until(lambda: f"request_id=e2e-trace-7 answer_id={ids[1].removeprefix('cmpl-')}"
+                      in server.log.read_text(), 5)
 
 
 def test_an_idle_connection_outlives_the_clients_keep_alive(server):

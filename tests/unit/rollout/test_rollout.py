@@ -60,7 +60,9 @@ async def test_an_equal_candidate_is_rolled_out_to_everyone(tmp_path, base, adap
         async with gateway_over([engine.url], str(base.path), tmp_path, registry_poll=0.1) as client:
             assert await wait_for(lambda: ready(client), 30)
             await adapter_versions(client, adapter_factory, 2)
-            spec = {"to": 2, "steps": [20, 50, 100], "interval": 0.5, "min_requests": 10}
+            # 20 requests a side: a p95 over fewer is one slow request on a busy machine (the full suite rolled back
+            # an equal candidate so).
+            spec = {"to": 2, "steps": [20, 50, 100], "interval": 0.5, "min_requests": 20}
             r = await client.post("/admin/adapters/bot/aliases/stable/rollout", headers=ADMIN, json=spec,
                                   params={"reason": "new data"})
             assert r.status_code == 201 and r.json()["weight"] == 20, r.text
@@ -78,7 +80,7 @@ async def test_an_equal_candidate_is_rolled_out_to_everyone(tmp_path, base, adap
     assert record["status"] == "promoted", record
     assert 'adapter="bot@1"' in metrics and 'adapter="bot@2"' in metrics  # versions under rollout apart
     assert [d["decision"] for d in record["decisions"]] == ["step", "promote"]
-    assert all(d["figures"]["candidate"]["requests"] >= 10 for d in record["decisions"])
+    assert all(d["figures"]["candidate"]["requests"] >= 20 for d in record["decisions"])
     assert aliases["aliases"]["stable"] == 2 and aliases["canaries"] == {}
     assert set(seen) == {"bot@1", "bot@2"}, seen
     steps = [(e["action"], e["weight"]) for e in audit if e["action"].startswith("rollout_")]
