@@ -47,6 +47,13 @@ def ask(api: OpenAI, text: str, **extra) -> tuple[str, str]:
     return answer.id, answer.choices[0].message.content
 
 
+def policy_seen(url: str, tenant: str, capture: str) -> None:
+    """Waits until the gateway at `url` applies a policy set with the CLI (gateways read policies every
+    LORAPLEX_REGISTRY_POLL seconds; this reading makes it read now)."""
+    assert wait_until(lambda: httpx.get(f"{url}/admin/tenants/{tenant}/data-policy",
+                                        headers=ADMIN_AUTH).json().get("capture") == capture, 10)
+
+
 def listed(api: OpenAI, **filters) -> list:
     return list(api.chat.completions.list(**filters))
 
@@ -82,6 +89,7 @@ def test_stored_completions_on_the_directory_store_with_the_official_client(gate
     keys = {"k1": new_key(env, "acme"), "k2": new_key(env, "acme"), "admin": new_key(env, "acme", "tenant-admin"),
             "globex": new_key(env, "globex")}
     assert cli(env, "tenants", "policy", "acme", "--capture", "opt-in", "--redact", "email").returncode == 0
+    policy_seen(url, "acme", "opt-in")
     api = {name: OpenAI(base_url=f"{url}/v1", api_key=key) for name, key in keys.items()}
     stored, _ = ask(api["k1"], f"Reset password for {EMAIL}", store=True, metadata={"topic": "billing"})
     streamed, text = ask(api["k1"], "Where is my order?", store=True, stream=True)
@@ -119,6 +127,8 @@ def test_two_replicas_share_stored_completions_on_the_object_store(server, tmp_p
     replicas = [start_gateway(server, tmp_path / side, LORAPLEX_REGISTRY=s3_url, **object_store.env)
                 for side in ("a", "b")]
     try:
+        for _, url in replicas:
+            policy_seen(url, "acme", "on")
         a, b = (OpenAI(base_url=f"{url}/v1", api_key=key) for _, url in replicas)
         b_admin = OpenAI(base_url=f"{replicas[1][1]}/v1", api_key=admin)
         kept, _ = ask(a, f"Call me on +1 415 555 0133 or {EMAIL}", metadata={"team": "west"}, user="maria")
@@ -183,6 +193,7 @@ def test_feedback_trains_candidates_the_feedback_gate_promotes_or_rolls_back(gat
                      headers=ADMIN_AUTH).status_code == 200
     key = new_key(env, "nimbus")
     assert cli(env, "tenants", "policy", "nimbus", "--capture", "on").returncode == 0
+    policy_seen(url, "nimbus", "on")
     api = OpenAI(base_url=f"{url}/v1", api_key=key)
     lines = (DEMO_DATA / "support.jsonl").read_text().splitlines()[:12]
     for i, example in enumerate(parse_row(json.loads(line), f"support.jsonl:{i + 1}") for i, line in enumerate(lines)):
