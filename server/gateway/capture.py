@@ -36,18 +36,19 @@ class Answer:
         self.streamed = False
         self.first: float | None = None
         self.complete = False
+        self.total = self.created = 0.0  # set by finish
 
     def whole(self, content: bytes) -> None:
-        if self.policy:
+        if self.stored:
             self.parts.append(content)
         self.complete = True
 
     def chunk(self, data: bytes) -> None:
-        """A piece of a large non-streamed document, or of a stream's events."""
+        """A piece of a stored answer: of a large non-streamed document, or of a stream's events (the relays show
+        pieces of stored answers only)."""
         if self.first is None:
             self.first = time.perf_counter()
-        if self.policy:
-            self.parts.append(data)
+        self.parts.append(data)
 
     def ended(self, streamed: bool) -> None:
         """The engine's answer ended normally (a stream with [DONE])."""

@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from server.core.protocol import OpenAIRequest
+from server.data.records import new_answer_id
 from server.engine.routing import Backend
 from server.gateway.relay import Tap, Usage
 from server.observability.metrics import RequestTimer
-from server.data.records import new_answer_id
 from server.registry.view import Target
 
 
