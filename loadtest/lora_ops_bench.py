@@ -51,7 +51,7 @@ def main() -> None:
         y1, y2 = torch.zeros(tokens, RANK), torch.zeros(tokens, RANK)
         vllm_ops.sgmv_shrink(x, a, y1, *meta, 0.5)
         lora_ops.sgmv_shrink(x, a, y2, *meta, 0.5)
-        torch.testing.assert_close(y1[lora], y2[lora], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y1[lora], y2[lora], rtol=1e-4, atol=1e-4)
         o1, o2 = torch.zeros(tokens, OUT + 100), torch.zeros(tokens, OUT + 100)
         vllm_ops.sgmv_expand_slice(xr, b, o1, *meta, 50, OUT, True)
         lora_ops.sgmv_expand_slice(xr, b, o2, *meta, 50, OUT, True)
@@ -62,7 +62,7 @@ def main() -> None:
                   _ms(lambda: lora_ops.sgmv_shrink(x, a, y2, *meta, 1.0)))
         expand = (_ms(lambda: vllm_ops.sgmv_expand_slice(xr, b, o1, *meta, 50, OUT, True)),
                   _ms(lambda: lora_ops.sgmv_expand_slice(xr, b, o2, *meta, 50, OUT, True)))
-        planning = _ms(lambda: lora_ops.plan(token_slots))
+        planning = _ms(lambda: lora_ops.plan(token_slots, SLOTS))
         print(f"| {tokens} | {adapters} | {shrink[0]:.2f} / {shrink[1]:.2f} | {expand[0]:.2f} / {expand[1]:.2f} "
               f"| {planning:.2f} |")
 

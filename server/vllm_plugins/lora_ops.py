@@ -1,9 +1,9 @@
 """Grouped LoRA ops for vLLM's CPU backend, installed into the engine as a vLLM general plugin.
 
 vLLM's CPU ops copy every token's adapter matrices before an einsum; at 64 adapters that copy was 42% of the
-engine's time (BENCHMARKS.md). These group the batch's tokens by adapter slot once per step and read each
-slot's weights once per group. Same signatures as `vllm.lora.ops.torch_ops.sgmv_*`; slot -1 means no LoRA,
-as vLLM documents.
+engine's time (BENCHMARKS.md). These sort the batch's tokens by adapter slot once per step and hand the
+stacked slot weights, uncopied, to one grouped matmul per call. Same signatures as
+`vllm.lora.ops.torch_ops.sgmv_*`; slot -1 means no LoRA, as vLLM documents.
 """
 
 import os
@@ -13,39 +13,22 @@ import torch
 
 from server.core.config import LORA_OPS_ENV
 
-# Groups of at most this many tokens (decode steps) share one padded bmm; longer ones (prefill) get an mm each,
-# so that one long prefill does not pad every decode token's group to its length.
-SHORT = 8
-
 
 class Plan(NamedTuple):
-    """The LoRA tokens grouped by slot, and how each group is computed."""
+    """The LoRA tokens grouped by slot."""
 
     order: torch.Tensor  # token rows, grouped by slot; tokens without LoRA left out
-    short_rows: torch.Tensor  # positions in `order` of the tokens in short groups
-    short_tokens: torch.Tensor  # the same tokens' rows in the batch (order[short_rows])
-    short_slots: torch.Tensor  # slot of each short group
-    short_group: torch.Tensor  # short group of each of those tokens
-    short_pos: torch.Tensor  # position of each of those tokens within its group
-    short_longest: int
-    long: list[tuple[int, int, int]]  # (start, end) in `order` and slot of each long group
+    offs: torch.Tensor  # int32 end of each slot's group in `order`, for every slot (empty groups included)
+    single: int | None  # the slot, when every LoRA token uses the same one
 
 
-def plan(token_slots: torch.Tensor) -> Plan:
+def plan(token_slots: torch.Tensor, slots: int) -> Plan:
     order = torch.argsort(token_slots, stable=True)
     order = order[token_slots[order] >= 0]
-    slots, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    short = counts <= SHORT
-    short_counts = counts[short]
-    short_rows = torch.repeat_interleave(short, counts).nonzero().squeeze(1)
-    group = torch.repeat_interleave(torch.arange(short_counts.numel()), short_counts)
-    pos = torch.arange(short_rows.numel()) - torch.repeat_interleave(torch.cumsum(short_counts, 0) - short_counts,
-                                                                     short_counts)
-    long = [(st, st + n, slot) for st, n, slot, s in
-            zip(starts.tolist(), counts.tolist(), slots.tolist(), short.tolist()) if not s]
-    longest = int(short_counts.max()) if short_counts.numel() else 0
-    return Plan(order, short_rows, order[short_rows], slots[short], group, pos, longest, long)
+    counts = torch.bincount(token_slots[order], minlength=slots)
+    present = counts.nonzero()
+    single = int(present[0]) if present.numel() == 1 else None
+    return Plan(order, torch.cumsum(counts, 0, dtype=torch.int32), single)
 
 
 class _StepCache:
@@ -54,29 +37,34 @@ class _StepCache:
     def __init__(self):
         self.key, self.plan = None, None
 
-    def get(self, seq_lens: torch.Tensor, slots: torch.Tensor, batches: int, token_nums: int) -> Plan:
+    def get(self, seq_lens: torch.Tensor, slots: torch.Tensor, batches: int, token_nums: int, n_slots: int) -> Plan:
         # vLLM refills these buffers in place each step, which bumps their version counters.
-        key = (slots.data_ptr(), slots._version, seq_lens.data_ptr(), seq_lens._version, batches, token_nums)
+        key = (slots.data_ptr(), slots._version, seq_lens.data_ptr(), seq_lens._version, batches, token_nums,
+               n_slots)
         if key != self.key:
-            self.key, self.plan = key, plan(torch.repeat_interleave(slots, seq_lens))
+            self.key, self.plan = key, plan(torch.repeat_interleave(slots, seq_lens), n_slots)
         return self.plan
 
 
 _cache = _StepCache()
 
 
+def _stacked(weights: torch.Tensor) -> torch.Tensor:
+    """vLLM's stacked LoRA weights as (slot, out, in)."""
+    return weights.squeeze(1) if weights.dim() == 4 else weights
+
+
 def _apply(p: Plan, x: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x[t] @ weights[slot(t)].T for the planned tokens, in `order`."""
-    weights = weights.squeeze(1) if weights.dim() == 4 else weights
-    out = x.new_empty(p.order.numel(), weights.shape[1], dtype=dtype)
-    if p.short_longest:
-        padded = x.new_zeros(p.short_slots.numel(), p.short_longest, x.shape[1], dtype=dtype)
-        padded[p.short_group, p.short_pos] = x[p.short_tokens].to(dtype)
-        w = weights[p.short_slots].to(dtype)
-        out[p.short_rows] = torch.bmm(padded, w.transpose(1, 2))[p.short_group, p.short_pos]
-    for start, end, slot in p.long:
-        out[start:end] = x[p.order[start:end]].to(dtype) @ weights[slot].to(dtype).T
-    return out
+    """x[t] @ weights[slot(t)].T for the planned tokens, in `order`, computed in the weights' dtype.
+
+    The grouped matmul reads each slot's weights in place: gathering them first (one copy per group and layer)
+    was most of the LoRA time with many adapters in a batch (BENCHMARKS.md)."""
+    rows = x[p.order].to(weights.dtype)
+    if p.single is not None:
+        out = rows @ weights[p.single].T
+    else:
+        out = torch._grouped_mm(rows, weights.transpose(1, 2), offs=p.offs)
+    return out.to(dtype)
 
 
 def _write(y: torch.Tensor, rows: torch.Tensor, cols: slice, out: torch.Tensor, add: bool) -> None:
@@ -89,18 +77,20 @@ def _write(y: torch.Tensor, rows: torch.Tensor, cols: slice, out: torch.Tensor, 
 def sgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor,
                 b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
                 batches: int, max_seq_length: int, token_nums: int, scaling: float) -> None:
-    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
+    weights = _stacked(lora_a_weights)
+    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums, weights.shape[0])
     if p.order.numel():
-        out = _apply(p, inputs, lora_a_weights, output_tensor.dtype)
+        out = _apply(p, inputs, weights, output_tensor.dtype)
         _write(output_tensor, p.order, slice(0, out.shape[1]), scaling * out, add=False)
 
 
 def sgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
                 b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
                 batches: int, max_seq_length: int, token_nums: int, add_inputs: bool = False) -> None:
-    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
+    weights = _stacked(lora_b_weights)
+    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums, weights.shape[0])
     if p.order.numel():
-        out = _apply(p, inputs, lora_b_weights, output_tensor.dtype)
+        out = _apply(p, inputs, weights, output_tensor.dtype)
         # the adapter and the model may pad the output differently
         common = min(out.shape[1], output_tensor.shape[1])
         _write(output_tensor, p.order, slice(0, common), out[:, :common], add_inputs)
@@ -110,9 +100,10 @@ def sgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output
                       b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
                       batches: int, max_seq_length: int, token_nums: int, slice_offset: int, slice_size: int,
                       add_inputs: bool = False) -> None:
-    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums)
+    weights = _stacked(lora_b_weights)
+    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums, weights.shape[0])
     if p.order.numel():
-        out = _apply(p, inputs, lora_b_weights, output_tensor.dtype)
+        out = _apply(p, inputs, weights, output_tensor.dtype)
         _write(output_tensor, p.order, slice(slice_offset, slice_offset + slice_size), out, add_inputs)
 
 

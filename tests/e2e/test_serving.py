@@ -1,8 +1,8 @@
 import asyncio
+import http.client
 import json
 import re
 import shutil
-import socket
 import time
 
 import httpx
@@ -257,10 +257,15 @@ def test_an_idle_connection_outlives_the_clients_keep_alive(server):
     uvicorn's 5 s keep-alive the server closed it just as a client sent on it (the residency test lost a request
     so, as httpx.ReadError)."""
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(request)
-        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        # whole responses, read by their length: a response may arrive in more than one segment
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() and conn.sock is not None
+        sock = conn.sock
         time.sleep(6)  # the idle time is what is tested
-        conn.sendall(request)
-        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        assert conn.sock is sock, "the request went on a new connection"
+    finally:
+        conn.close()

@@ -16,8 +16,10 @@ def metadata(run_slots: list[int], run_lens: list[int]):
 
 
 # decode (one token per sequence), prefill runs, a repeated slot in separate runs, no LoRA first / between / alone,
-# long prefills (past lora_ops.SHORT) beside decode tokens
+# long prefills beside decode tokens, one slot for every LoRA token (with and without tokens between)
 CASES = [
+    ([3, -1, 3], [4, 2, 1]),
+    ([4], [6]),
     ([5, 0, 3, 5, 1, -1], [20, 1, 1, 1, 12, 9]),
     ([3, 0, 5, 1, 3], [1, 1, 1, 1, 1]),
     ([2, 4], [7, 3]),
@@ -55,6 +57,28 @@ def test_grouped_ops_equal_vllms_on_lora_tokens_and_leave_the_rest(runs):
         vllm_ops.sgmv_expand(xr, b, theirs, *meta, add)
         torch.testing.assert_close(mine[lora], theirs[lora])
         torch.testing.assert_close(mine[~lora], start[~lora], rtol=0, atol=0)
+
+
+def test_torchs_grouped_matmul_reads_slots_in_place_with_empty_groups():
+    """Pins the private `torch._grouped_mm` as the ops use it on CPU: weights as a transposed view of every slot,
+    groups given by their ends, empty groups allowed; a torch upgrade that changes it fails here."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(7, HIDDEN, generator=g), torch.randn(4, RANK, HIDDEN, generator=g)
+    ends = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    out = torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
+    torch.testing.assert_close(out, torch.cat([x[:3] @ w[1].T, x[3:] @ w[3].T]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_into_a_float32_buffer(dtype):
+    """vLLM's CPU wrapper shrinks into a float32 buffer whatever the model's dtype; the ops compute in the weights'."""
+    g = torch.Generator().manual_seed(2)
+    meta = metadata([0, 2, 0, 5], [3, 1, 1, 2])
+    x, a = torch.randn(7, HIDDEN, generator=g).to(dtype), torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g).to(dtype)
+    mine, theirs = torch.zeros(7, RANK), torch.zeros(7, RANK)
+    lora_ops.sgmv_shrink(x, a, mine, *meta, 1.0)
+    vllm_ops.sgmv_shrink(x, a, theirs, *meta, 1.0)
+    torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
 
 
 def test_plan_follows_metadata_refilled_in_place():
