@@ -16,6 +16,7 @@
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -390,7 +391,10 @@ def main() -> int:
         args.overhead_rounds = min(args.overhead_rounds, 2)
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     bench = Bench(args, work)
-    bench.run()
+    try:
+        bench.run()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # 2,000 adapters' sources and registry: about 10 GB
     from loadtest.report import write
 
     write(bench.results, quick=args.quick)
