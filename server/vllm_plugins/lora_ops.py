@@ -18,6 +18,7 @@ class Plan(NamedTuple):
     """The LoRA tokens grouped by slot."""
 
     order: torch.Tensor  # token rows, grouped by slot; tokens without LoRA left out
+    slots: torch.Tensor  # slot of each token in `order`
     offs: torch.Tensor  # int32 end of each slot's group in `order`, for every slot (empty groups included)
     single: int | None  # the slot, when every LoRA token uses the same one
 
@@ -25,10 +26,11 @@ class Plan(NamedTuple):
 def plan(token_slots: torch.Tensor, slots: int) -> Plan:
     order = torch.argsort(token_slots, stable=True)
     order = order[token_slots[order] >= 0]
-    counts = torch.bincount(token_slots[order], minlength=slots)
+    ordered = token_slots[order]
+    counts = torch.bincount(ordered, minlength=slots)
     present = counts.nonzero()
     single = int(present[0]) if present.numel() == 1 else None
-    return Plan(order, torch.cumsum(counts, 0, dtype=torch.int32), single)
+    return Plan(order, ordered, torch.cumsum(counts, 0, dtype=torch.int32), single)
 
 
 class _StepCache:
@@ -62,9 +64,19 @@ def _apply(p: Plan, x: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) 
     rows = x[p.order].to(weights.dtype)
     if p.single is not None:
         out = rows @ weights[p.single].T
-    else:
+    elif weights.shape[2] * weights.element_size() % 16 == 0:
         out = torch._grouped_mm(rows, weights.transpose(1, 2), offs=p.offs)
+    else:  # the grouped matmul wants rows of 16-byte multiples: rank 1, or an odd width in half precision
+        out = torch.bmm(rows.unsqueeze(1), weights[p.slots].transpose(1, 2)).squeeze(1)
     return out.to(dtype)
+
+
+def _grouped(inputs: torch.Tensor, stacked: torch.Tensor, seq_lens: torch.Tensor, slots: torch.Tensor, batches: int,
+             token_nums: int, dtype: torch.dtype) -> tuple[Plan, torch.Tensor] | None:
+    """The step's plan and the LoRA tokens' products in its order; None when no token uses LoRA."""
+    weights = _stacked(stacked)
+    p = _cache.get(seq_lens, slots, batches, token_nums, weights.shape[0])
+    return (p, _apply(p, inputs, weights, dtype)) if p.order.numel() else None
 
 
 def _write(y: torch.Tensor, rows: torch.Tensor, cols: slice, out: torch.Tensor, add: bool) -> None:
@@ -77,20 +89,20 @@ def _write(y: torch.Tensor, rows: torch.Tensor, cols: slice, out: torch.Tensor, 
 def sgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor,
                 b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
                 batches: int, max_seq_length: int, token_nums: int, scaling: float) -> None:
-    weights = _stacked(lora_a_weights)
-    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums, weights.shape[0])
-    if p.order.numel():
-        out = _apply(p, inputs, weights, output_tensor.dtype)
+    done = _grouped(inputs, lora_a_weights, seq_len_tensor, lora_indices_tensor, batches, token_nums,
+                    output_tensor.dtype)
+    if done:
+        p, out = done
         _write(output_tensor, p.order, slice(0, out.shape[1]), scaling * out, add=False)
 
 
 def sgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
                 b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
                 batches: int, max_seq_length: int, token_nums: int, add_inputs: bool = False) -> None:
-    weights = _stacked(lora_b_weights)
-    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums, weights.shape[0])
-    if p.order.numel():
-        out = _apply(p, inputs, weights, output_tensor.dtype)
+    done = _grouped(inputs, lora_b_weights, seq_len_tensor, lora_indices_tensor, batches, token_nums,
+                    output_tensor.dtype)
+    if done:
+        p, out = done
         # the adapter and the model may pad the output differently
         common = min(out.shape[1], output_tensor.shape[1])
         _write(output_tensor, p.order, slice(0, common), out[:, :common], add_inputs)
@@ -100,10 +112,10 @@ def sgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output
                       b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
                       batches: int, max_seq_length: int, token_nums: int, slice_offset: int, slice_size: int,
                       add_inputs: bool = False) -> None:
-    weights = _stacked(lora_b_weights)
-    p = _cache.get(seq_len_tensor, lora_indices_tensor, batches, token_nums, weights.shape[0])
-    if p.order.numel():
-        out = _apply(p, inputs, weights, output_tensor.dtype)
+    done = _grouped(inputs, lora_b_weights, seq_len_tensor, lora_indices_tensor, batches, token_nums,
+                    output_tensor.dtype)
+    if done:
+        p, out = done
         _write(output_tensor, p.order, slice(slice_offset, slice_offset + slice_size), out, add_inputs)
 
 

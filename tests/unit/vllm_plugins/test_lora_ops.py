@@ -59,6 +59,17 @@ def test_grouped_ops_equal_vllms_on_lora_tokens_and_leave_the_rest(runs):
         torch.testing.assert_close(mine[~lora], start[~lora], rtol=0, atol=0)
 
 
+def test_rank_one_slots_equal_vllms():
+    """Rank 1 (a --max-lora-rank vLLM allows) makes 4-byte rows, which torch's grouped matmul refuses."""
+    g = torch.Generator().manual_seed(3)
+    meta = metadata([0, 2, 0, 5], [3, 1, 1, 2])
+    xr, b = torch.randn(7, 1, generator=g), torch.randn(SLOTS, 1, OUT, 1, generator=g)
+    mine, theirs = torch.zeros(7, OUT), torch.zeros(7, OUT)
+    lora_ops.sgmv_expand(xr, b, mine, *meta, False)
+    vllm_ops.sgmv_expand(xr, b, theirs, *meta, False)
+    torch.testing.assert_close(mine, theirs)
+
+
 def test_torchs_grouped_matmul_reads_slots_in_place_with_empty_groups():
     """Pins the private `torch._grouped_mm` as the ops use it on CPU: weights as a transposed view of every slot,
     groups given by their ends, empty groups allowed; a torch upgrade that changes it fails here."""
@@ -71,7 +82,8 @@ def test_torchs_grouped_matmul_reads_slots_in_place_with_empty_groups():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_weights_into_a_float32_buffer(dtype):
-    """vLLM's CPU wrapper shrinks into a float32 buffer whatever the model's dtype; the ops compute in the weights'."""
+    """vLLM's CPU wrapper shrinks into a float32 buffer whatever the model's dtype, and expands from it; the ops
+    compute in the weights' dtype."""
     g = torch.Generator().manual_seed(2)
     meta = metadata([0, 2, 0, 5], [3, 1, 1, 2])
     x, a = torch.randn(7, HIDDEN, generator=g).to(dtype), torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g).to(dtype)
@@ -79,6 +91,12 @@ def test_half_precision_weights_into_a_float32_buffer(dtype):
     lora_ops.sgmv_shrink(x, a, mine, *meta, 1.0)
     vllm_ops.sgmv_shrink(x, a, theirs, *meta, 1.0)
     torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
+    # and back: the float32 buffer expanded through the model's weights into its output
+    b, start = torch.randn(SLOTS, 1, OUT, RANK, generator=g).to(dtype), torch.randn(7, OUT, generator=g).to(dtype)
+    mine_out, theirs_out = start.clone(), start.clone()
+    lora_ops.sgmv_expand(mine, b, mine_out, *meta, True)
+    vllm_ops.sgmv_expand(theirs, b, theirs_out, *meta, True)
+    torch.testing.assert_close(mine_out, theirs_out, rtol=5e-2, atol=5e-2)
 
 
 def test_plan_follows_metadata_refilled_in_place():
