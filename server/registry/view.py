@@ -42,8 +42,13 @@ def decide(ref: Ref, entry: Entry, sticky: str | None, tenant: str | None) -> Ta
 
 
 def _gone(before: dict[str, Entry], after: dict[str, Entry]) -> list[str]:
-    return [f"{name}@{v}" for name, entry in before.items()
-            for v in entry.versions.keys() - after.get(name, Entry()).versions.keys()]
+    """The versions in `before` that `after` lacks; an adapter whose reading was kept (the same entry) is skipped."""
+    gone = []
+    for name, entry in before.items():
+        now = after.get(name)
+        if now is not entry:
+            gone += [f"{name}@{v}" for v in entry.versions.keys() - (now.versions.keys() if now else set())]
+    return gone
 
 
 class RegistryView:

@@ -139,3 +139,38 @@ def test_a_directory_reads_again_only_the_adapters_that_changed(tmp_path, base, 
     assert sorted(reg.read_all()) == ["a", "b"] and reads.calls == []
     reg.delete_version("b", 1)
     assert sorted(reg.read_all()) == ["a"] and reads.calls == ["entry"]
+
+
+def test_an_unchanged_directory_is_not_listed_again(tmp_path, base, adapter_factory, monkeypatch):
+    """Every write through the registry, from any process, moves its change mark; while the mark stays put (and
+    settled), a reading of the whole registry opens no adapter's folder."""
+    from server.registry import directory
+
+    reg = directory.DirectoryRegistry(tmp_path / "reg")
+    register(reg, base, adapter_factory(), name="a")
+    monkeypatch.setattr(directory, "SETTLED_NS", 0)
+    scans = count_calls(monkeypatch, directory.os, "scandir")
+    assert sorted(reg.read_all()) == ["a"] and scans.calls
+    scans.calls.clear()
+    assert sorted(reg.read_all()) == ["a"] and scans.calls == []
+    other = directory.DirectoryRegistry(tmp_path / "reg")  # another process's writes
+    register(other, base, adapter_factory(), name="b")
+    assert sorted(reg.read_all()) == ["a", "b"] and scans.calls
+    other.set_alias("b", "stable", 1)
+    assert reg.read_all()["b"].state["aliases"] == {"stable": 1}
+    other.delete_version("a", 1)
+    assert sorted(reg.read_all()) == ["b"]
+
+
+def test_a_directory_without_a_change_mark_is_listed_every_time(tmp_path, base, adapter_factory, monkeypatch):
+    """A registry last written by an older loraplex has no mark: every reading looks at every folder, as before."""
+    from server.registry import directory
+
+    reg = directory.DirectoryRegistry(tmp_path / "reg")
+    register(reg, base, adapter_factory(), name="a")
+    (tmp_path / "reg" / directory.CHANGES_FILE).unlink()
+    monkeypatch.setattr(directory, "SETTLED_NS", 0)
+    scans = count_calls(monkeypatch, directory.os, "scandir")
+    reg.read_all()
+    reg.read_all()
+    assert scans.calls.count("scandir") >= 2
