@@ -243,9 +243,9 @@ def latency_table(old: Side, new: Side) -> list[str]:
                     f"{statistics.median(side.direct_ms):.2f} |")
     added, (low, high) = (statistics.median(new.added_ms), statistics.median(old.added_ms)), median_ci(new.added_ms)
     ratio = f"{added[0] / added[1]:.2f}" if added[1] > 0 else "n/a"
-    verdict = ("below" if high <= 1.5 else "above" if low > 1.5 else "spans") + " the 1.5 ms target"
+    verdict = ("is below" if high <= 1.5 else "is above" if low > 1.5 else "spans") + " the 1.5 ms target"
     return rows + ["", f"Added latency new/old: {ratio} (new {added[0]:.2f} ms, old {added[1]:.2f} ms); the new "
-                       f"side's 95% interval ({low:.2f} to {high:.2f} ms) is {verdict}."]
+                       f"side's 95% interval ({low:.2f} to {high:.2f} ms) {verdict}."]
 
 
 def cpu_table(old: Side, new: Side) -> list[str]:
