@@ -4,7 +4,9 @@ both in front of one vLLM engine, measured in one run.
 1. Added latency: non-streamed completions of 24 tokens, each naming one of a few adapters in turn, sent one at a
    time through a gateway and straight to the engine (as `name@version`) back to back; the added latency is the
    median of these paired differences. Pairing, with the order flipped every other pair, cancels the engine's drift,
-   which on a shared 2-core machine is larger than the difference measured.
+   which on a shared 2-core machine is larger than the difference measured. A bare relay (`loadtest.bare_relay`:
+   uvicorn and aiohttp, no work of the gateway's) is paired the same way in the same run: the floor that any Python
+   relay in front of this engine starts from.
 2. Gateway CPU per request: each gateway in turn runs a round of a fixed number of requests (completions and chats,
    streamed and not, naming adapters) at a fixed concurrency, the order flipped every round so that drift in the
    machine's speed hits both alike; CPU seconds (user + system) of the gateway's own process, per request.
@@ -34,7 +36,7 @@ import httpx
 import psutil
 
 from loadtest.adapters import ALL_LINEAR, AdapterFactory
-from loadtest.servers import Engine, Gateway
+from loadtest.servers import BareRelay, Engine, Gateway
 from server.engine.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,12 +53,15 @@ Adapter = tuple[str, str]  # (name, the engine's name for its version: name@vers
 
 @dataclass
 class Side:
-    """One gateway under test: its label, the revision it is, and the tree `import server` resolves to for it."""
+    """One gateway under test (or the bare relay): its label, the revision it is, the tree `import server` resolves
+    to for it, and its URL once started. The bare relay resolves nothing, so it is sent the engine's names."""
 
     label: str
     rev: str
     root: Path
     gateway: Gateway | None = None
+    url: str = ""
+    relay: bool = False
     added_ms: list[float] = field(default_factory=list)
     gateway_ms: list[float] = field(default_factory=list)
     direct_ms: list[float] = field(default_factory=list)
@@ -124,8 +129,16 @@ def start(sides: list[Side], work: Path, base: Path, stack: ExitStack) -> Engine
         side.gateway = Gateway({**common_env(work, base), "LORAPLEX_ENGINE_URLS": engine.url,
                                 "LORAPLEX_STATE_DIR": str(work / "state"), "PYTHONPATH": str(side.root)},
                                work / f"gateway-{side.label}.log", timeout=120)
+        side.url = side.gateway.url
         stack.callback(side.gateway.stop)
     return engine
+
+
+def bare_relay(engine_url: str, work: Path, stack: ExitStack, name: str = "relay") -> Side:
+    """The bare relay in front of the engine at `engine_url`, stopped by `stack`."""
+    relay = BareRelay(engine_url, ENGINE_KEY, work / f"bare-{name}.log")
+    stack.callback(relay.stop)
+    return Side("bare relay", "loadtest/bare_relay.py", ROOT, url=relay.url, relay=True)
 
 
 def timed(client: httpx.Client, url: str, body: dict, headers: dict[str, str]) -> tuple[float, int]:
@@ -147,13 +160,13 @@ def latency(sides: list[Side], engine_url: str, adapters: list[Adapter], pairs: 
             name, key = adapters[i % len(adapters)]
             body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
             for side in sides if i % 2 == 0 else sides[::-1]:
-                legs = [(side.gateway.url, name, {}), (engine_url, key, ENGINE_AUTH)]
+                legs = [(side.url, key if side.relay else name, {}), (engine_url, key, ENGINE_AUTH)]
                 took = {}
                 for url, model, headers in legs if (i // 2) % 2 == 0 else legs[::-1]:
                     took[url], made = timed(client, url, {**body, "model": model}, headers)
                     tokens.append(made)
                 if i >= 0:
-                    side.gateway_ms.append(1000 * took[side.gateway.url])
+                    side.gateway_ms.append(1000 * took[side.url])
                     side.direct_ms.append(1000 * took[engine_url])
                     side.added_ms.append(side.gateway_ms[-1] - side.direct_ms[-1])
     return tokens
@@ -165,7 +178,7 @@ def stub_latency(sides: list[Side], work: Path, base: Path, adapters: list[Adapt
     port = free_port()
     stub = subprocess.Popen([sys.executable, "-m", "loadtest.stub_engine", "--port", str(port), "--tokens",
                              str(TOKENS), "--gap", "0", "--serves", ",".join(key for _, key in adapters)], cwd=ROOT)
-    url, measured = f"http://127.0.0.1:{port}", [Side(s.label, s.rev, s.root) for s in sides]
+    url, measured = f"http://127.0.0.1:{port}", [Side(s.label, s.rev, s.root) for s in sides if not s.relay]
     with ExitStack() as stack:
         stack.callback(stub.wait, 10)
         stack.callback(stub.terminate)
@@ -173,7 +186,9 @@ def stub_latency(sides: list[Side], work: Path, base: Path, adapters: list[Adapt
             side.gateway = Gateway({**common_env(work, base), "LORAPLEX_ENGINE_URLS": url,
                                     "LORAPLEX_STATE_DIR": str(work / "state"), "PYTHONPATH": str(side.root)},
                                    work / f"gateway-stub-{side.label}.log", timeout=120)
+            side.url = side.gateway.url
             stack.callback(side.gateway.stop)
+        measured.append(bare_relay(url, work, stack, "stub"))
         latency(measured, url, adapters, pairs)
     return measured
 
@@ -232,11 +247,11 @@ def median_ci(values: list[float]) -> tuple[float, float]:
     return ordered[k], ordered[n - 1 - k]
 
 
-def latency_table(old: Side, new: Side) -> list[str]:
-    """The added latency of both sides, and the new side's against the 1.5 ms target."""
-    rows = ["| gateway | pairs | added p50 ms | 95% CI of p50 ms | added p25 to p75 ms | through gateway p50 ms "
+def latency_table(old: Side, new: Side, relay: Side) -> list[str]:
+    """The added latency of both gateways and of the bare relay, and the new side's against the 1.5 ms target."""
+    rows = ["| in front | pairs | added p50 ms | 95% CI of p50 ms | added p25 to p75 ms | through it p50 ms "
             "| direct p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for side in (old, new):
+    for side in (old, new, relay):
         added, (low, high) = side.added_ms, median_ci(side.added_ms)
         rows.append(f"| {side.label} ({side.rev}) | {len(added)} | {statistics.median(added):.2f} | "
                     f"{low:.2f} to {high:.2f} | {quartiles(added)} | {statistics.median(side.gateway_ms):.2f} | "
@@ -244,8 +259,11 @@ def latency_table(old: Side, new: Side) -> list[str]:
     added, (low, high) = (statistics.median(new.added_ms), statistics.median(old.added_ms)), median_ci(new.added_ms)
     ratio = f"{added[0] / added[1]:.2f}" if added[1] > 0 else "n/a"
     verdict = ("is below" if high <= 1.5 else "is above" if low > 1.5 else "spans") + " the 1.5 ms target"
+    floor, (floor_low, floor_high) = statistics.median(relay.added_ms), median_ci(relay.added_ms)
     return rows + ["", f"Added latency new/old: {ratio} (new {added[0]:.2f} ms, old {added[1]:.2f} ms); the new "
-                       f"side's 95% interval ({low:.2f} to {high:.2f} ms) {verdict}."]
+                       f"side's 95% interval ({low:.2f} to {high:.2f} ms) {verdict}. The bare relay, which does none "
+                       f"of the gateway's work, adds {floor:.2f} ms ({floor_low:.2f} to {floor_high:.2f}): the new "
+                       f"gateway's own work costs {added[0] - floor:.2f} ms above that floor."]
 
 
 def cpu_table(old: Side, new: Side) -> list[str]:
@@ -263,18 +281,20 @@ def cpu_table(old: Side, new: Side) -> list[str]:
 def report(sides: list[Side], stubbed: list[Side], args: argparse.Namespace, tokens: list[int], adapters: int,
            seconds: float) -> str:
     """The results as markdown."""
-    old, new = sides
+    old, new, relay = sides
     exact = sum(t == TOKENS for t in tokens)
     return "\n".join([
         f"# Gateway before and after: {old.rev} (old) and {new.rev} (new)", "",
         f"Base model `{args.base_model}` on vLLM (CPU, {os.cpu_count()} cores, {platform.machine()}), one engine "
         f"behind both gateways; {adapters} rank-8 adapters on all projections, named in turn. "
-        f"{exact} of {len(tokens)} direct and gateway answers made exactly {TOKENS} tokens (`ignore_eos`). "
+        f"{exact} of {len(tokens)} direct, gateway and relay answers made exactly {TOKENS} tokens (`ignore_eos`). "
         f"Whole run {seconds / 60:.1f} min.", "",
         f"## Added latency: non-streamed /v1/completions, {TOKENS} tokens, one request at a time", "",
         "Each gateway request is paired with the same body sent straight to the engine (model `name@version`) "
-        "right before or after it; added = gateway − direct, per pair.", "",
-        *latency_table(old, new), "",
+        "right before or after it; added = gateway − direct, per pair. The bare relay (`loadtest/bare_relay.py`: "
+        "uvicorn and aiohttp relaying the bytes, no validation, routing, admission, metrics or usage) is paired the "
+        "same way in the same run, sent the engine's names.", "",
+        *latency_table(old, new, relay), "",
         "The same pairs over a stand-in engine (`loadtest.stub_engine`, answering at once with 24 tokens of text): "
         "the gateway's own added latency, without the engine's jitter.", "",
         *latency_table(*stubbed), "",
@@ -293,13 +313,14 @@ def run(args: argparse.Namespace, work: Path, stack: ExitStack) -> str:
     base = Path(args.base_model).resolve()
     adapters = register(sides[0], work, base, args.adapters)
     engine = start(sides, work, base, stack)
-    print(f"latency: {args.pairs} pairs per gateway, one request at a time", flush=True)
-    tokens = latency(sides, engine.url, adapters, args.pairs)
+    print(f"latency: {args.pairs} pairs per gateway and the bare relay, one request at a time", flush=True)
+    relay = bare_relay(engine.url, work, stack)
+    tokens = latency([*sides, relay], engine.url, adapters, args.pairs)
     print(f"latency over a stand-in engine: {args.stub_pairs} pairs per gateway", flush=True)
     stubbed = stub_latency(sides, work, base, adapters, args.stub_pairs)
     print(f"gateway CPU: {args.rounds} rounds of {args.requests} requests at {args.concurrency} clients", flush=True)
     cpu(sides, adapters, args)
-    return report(sides, stubbed, args, tokens, len(adapters), time.monotonic() - t0)
+    return report([*sides, relay], stubbed, args, tokens, len(adapters), time.monotonic() - t0)
 
 
 def main() -> int:

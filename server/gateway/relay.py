@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import NamedTuple, Protocol
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.gateway.client_watch import ClientLeft, ClientWatch
@@ -64,6 +64,21 @@ class EngineStream(StreamingResponse):
             # connection closed, which is what makes vLLM abort the request. Nothing in the stack waits on I/O, so a
             # cancellation cannot cut it short.
             await self.stack.aclose()
+
+
+class WholeAnswer(Response):
+    """A small engine answer read whole; the request's bookkeeping (its stack: timer, ledger, admission, upstream
+    connection) runs once the bytes are sent, so the caller does not wait for it."""
+
+    def __init__(self, content: bytes, stack: AsyncExitStack, headers: dict):
+        super().__init__(content, status_code=200, headers=headers)
+        self.stack = stack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stack.aclose()  # as in EngineStream: also when the send failed
 
 
 def event_too_large(limit: int) -> bytes:

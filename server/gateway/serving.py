@@ -21,7 +21,7 @@ from server.gateway.compositions import Caller as Composer
 from server.gateway.compositions import Compositions
 from server.gateway.context import RequestContext
 from server.gateway.errors import registry_error
-from server.gateway.relay import WHOLE_BYTES, EngineStream, relay_body, relay_events, whole_usage
+from server.gateway.relay import WHOLE_BYTES, EngineStream, WholeAnswer, relay_body, relay_events, whole_usage
 from server.observability.metrics import Metrics, RequestTimer
 from server.observability.tracing import Tracer
 from server.registry import InvalidReference, NotFound, Unavailable
@@ -126,7 +126,7 @@ class Serving:
     def _copy_to_shadow(self, ctx: RequestContext, response: Response) -> None:
         """Sends a copy to the alias's shadow version: only a complete answer, read whole, is compared."""
         shadow = ctx.target.shadow if ctx.target else None
-        if shadow is not None and not ctx.body.stream and type(response) is Response:
+        if shadow is not None and isinstance(response, WholeAnswer):
             self.shadows.copy(shadow[0], ctx.path, payload(self, ctx), shadow[1], response.body, ctx.request_id)
 
     async def send(self, ctx: RequestContext) -> Response:
@@ -172,7 +172,7 @@ class Serving:
                     ctx.answer.whole(content)
                     stack.callback(ctx.answer.finish)
                     stack.callback(timer.done, 200)
-                    return Response(content, headers=headers)
+                    return WholeAnswer(content, stack.pop_all(), headers=headers)
             stack.callback(ctx.answer.finish)
             stack.callback(timer.done, 200)
             chunks = upstream.chunks()

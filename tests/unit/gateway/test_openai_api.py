@@ -222,12 +222,49 @@ def held(closed: asyncio.Event, stream: bool):
     return handler
 
 
+async def deliver(response: Response, to_client=None) -> list[dict]:
+    """Sends `response` to a client that stays; returns the messages it got."""
+    sent = []
+
+    async def collect(message: dict) -> None:
+        sent.append(message)
+
+    await response({"type": "http"}, Caller().receive, to_client or collect)
+    return sent
+
+
 async def test_send_retries_once_on_another_engine_when_one_cannot_be_reached(engines):
     gw, t = await engines(REFUSED, answers), timer()
     response = await send(gw, t)
     assert json.loads(response.body)["choices"][0]["text"] == "ok"  # a small answer, read whole
+    await deliver(response)
     assert [b.up for b in gw.router.backends] == [False, True]
     assert t.m.prompt_tokens.labels("(base)")._value.get() == 3 and gw.router.backends[1].in_flight == 0
+
+
+async def test_a_whole_answer_reaches_the_client_before_its_bookkeeping(engines):
+    """The request's metrics, ledger and admission are settled once the bytes are out, not before they leave."""
+    gw, t, seen = await engines(answers), timer(), []
+    requests = t.m.requests.labels("completions", "(base)", "200")
+
+    async def to_client(message: dict) -> None:
+        seen.append((message["type"], requests._value.get(), gw.router.backends[0].in_flight))
+
+    await deliver(await send(gw, t), to_client)
+    assert seen == [("http.response.start", 0, 1), ("http.response.body", 0, 1)]
+    assert requests._value.get() == 1 and gw.router.backends[0].in_flight == 0
+
+
+async def test_a_whole_answer_that_cannot_be_sent_still_releases_its_admission(engines):
+    gw, t = await engines(answers), timer()
+
+    async def gone(message: dict) -> None:
+        raise OSError("the client's connection broke")
+
+    with pytest.raises(OSError):
+        await deliver(await send(gw, t), gone)
+    assert gw.router.backends[0].in_flight == 0
+    assert t.m.requests.labels("completions", "(base)", "200")._value.get() == 1
 
 
 async def test_send_gives_up_after_the_second_unreachable_engine(engines):
