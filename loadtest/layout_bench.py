@@ -63,7 +63,7 @@ class Side:
     url: str = ""
     relay: bool = False
     added_ms: list[float] = field(default_factory=list)
-    gateway_ms: list[float] = field(default_factory=list)
+    through_ms: list[float] = field(default_factory=list)
     direct_ms: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
 
@@ -166,9 +166,9 @@ def latency(sides: list[Side], engine_url: str, adapters: list[Adapter], pairs: 
                     took[url], made = timed(client, url, {**body, "model": model}, headers)
                     tokens.append(made)
                 if i >= 0:
-                    side.gateway_ms.append(1000 * took[side.url])
+                    side.through_ms.append(1000 * took[side.url])
                     side.direct_ms.append(1000 * took[engine_url])
-                    side.added_ms.append(side.gateway_ms[-1] - side.direct_ms[-1])
+                    side.added_ms.append(side.through_ms[-1] - side.direct_ms[-1])
     return tokens
 
 
@@ -254,7 +254,7 @@ def latency_table(old: Side, new: Side, relay: Side) -> list[str]:
     for side in (old, new, relay):
         added, (low, high) = side.added_ms, median_ci(side.added_ms)
         rows.append(f"| {side.label} ({side.rev}) | {len(added)} | {statistics.median(added):.2f} | "
-                    f"{low:.2f} to {high:.2f} | {quartiles(added)} | {statistics.median(side.gateway_ms):.2f} | "
+                    f"{low:.2f} to {high:.2f} | {quartiles(added)} | {statistics.median(side.through_ms):.2f} | "
                     f"{statistics.median(side.direct_ms):.2f} |")
     added, (low, high) = (statistics.median(new.added_ms), statistics.median(old.added_ms)), median_ci(new.added_ms)
     ratio = f"{added[0] / added[1]:.2f}" if added[1] > 0 else "n/a"
